@@ -1,0 +1,163 @@
+"""Typed, validated params: one pydantic model per `params.yaml` group.
+
+Each stage declares the groups it reads in `dvc.yaml` and loads exactly those here, so no code reads a
+key DVC does not track. Unknown keys, wrong types and out-of-range values stop the stage with a message
+naming the key, the value and what is allowed. The defaults below are the demo preset; `conf/` holds the
+presets that compose `params.yaml` (see README).
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lanskap.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(Group):
+    base: str = "builtin:tiny-sd2"  # hub id, local diffusers folder, or builtin:tiny-sd2
+    revision: str | None = None  # pinned hub revision (commit hash); required for hub ids
+
+
+class IngestParams(Group):
+    source: str = "builtin:procedural"  # builtin:procedural, a folder, or a .csv/.jsonl manifest
+    num_images: int = Field(60, ge=2, le=100_000)  # builtin:procedural only
+    image_size: int = Field(256, ge=64, le=4096)  # builtin:procedural only
+    min_size: int = Field(64, ge=1)  # shorter side below this is rejected
+    seed: int = 0
+
+
+class CaptionParams(Group):
+    method: Literal["keep", "template"] = "keep"
+    template: str = "a fantasy landscape"  # used by method=template
+    prefix: str = ""  # e.g. a trigger word: "lnskp style, "
+    suffix: str = ""
+
+
+class SplitParams(Group):
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class PreprocessParams(Group):
+    resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
+    preview_samples: int = Field(6, ge=1, le=32)
+    seed: int = 0
+
+
+class AugmentParams(Group):
+    """The paper's augmentation, applied on the fly by train_lora (previewed by preprocess)."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area fraction
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect ratio
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    brightness: float = Field(0.1, ge=0.0, le=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    saturation: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered_ranges(self):
+        for key in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, key)
+            if not 0 < low <= high:
+                raise ValueError(f"{key} must be [low, high] with 0 < low <= high, got {[low, high]}")
+        if self.crop_scale[1] > 1.0:
+            raise ValueError(f"crop_scale high must be <= 1.0, got {self.crop_scale[1]}")
+        return self
+
+
+class LoraParams(Group):
+    rank: int = Field(4, ge=1, le=1024)
+    alpha: float = Field(4.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+
+
+class TrainParams(Group):
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1.0e-4, gt=0.0, le=1.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_weight_decay: float = Field(1.0e-2, ge=0.0)
+    adam_epsilon: float = Field(1.0e-8, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class GenerateParams(Group):
+    scheduler: Literal["dpm++", "ddim", "euler"] = "dpm++"
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    negative_prompt: str = ""
+    images_per_prompt: int = Field(1, ge=1)
+    resolution: int | None = Field(None, ge=32, multiple_of=8)  # None: the model's native size
+    batch_size: int = Field(4, ge=1)
+    lora_scale: float = 1.0
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 0
+
+
+class EvaluateParams(Group):
+    clip_model: str = "builtin:tiny-clip"  # or openai/clip-vit-large-patch14-336 / a local folder
+    clip_revision: str | None = None
+    inception_weights: str = "builtin:tiny-inception"  # or a path to inception-2015-12-05.pt
+    kid_subsets: int = Field(100, ge=1)
+    resamples: int = Field(200, ge=10)
+    permutations: int = Field(200, ge=10)
+    seed: int = 0
+
+
+GROUPS: dict[str, type[Group]] = {
+    "model": ModelParams,
+    "ingest": IngestParams,
+    "caption": CaptionParams,
+    "split": SplitParams,
+    "preprocess": PreprocessParams,
+    "augment": AugmentParams,
+    "lora": LoraParams,
+    "train": TrainParams,
+    "generate": GenerateParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def validate_group(name: str, values: dict, source: str = PARAMS_FILE) -> Group:
+    """Validate one group; a bad value raises UserError naming `group.key`, the value and the rule."""
+    try:
+        return GROUPS[name].model_validate(values)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join([name, *map(str, item["loc"])])
+            problems.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+        raise UserError(f"invalid params in {source}:\n" + "\n".join(problems)) from None
+
+
+def load_params(*groups: str, path: str | Path = PARAMS_FILE) -> dict[str, Group]:
+    """Read `path` and return the named groups, validated. Missing groups and keys take the defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: run from the project root, where params.yaml lives")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {error}") from None
+    loaded = {}
+    for name in groups:
+        values = document.get(name) or {}
+        if not isinstance(values, dict):
+            raise UserError(f"invalid params in {path}: '{name}' must be a mapping, got {values!r}")
+        loaded[name] = validate_group(name, values, str(path))
+    return loaded

@@ -1,0 +1,71 @@
+"""Paired generation: every test caption with the base model and with base + LoRA, same seed per pair,
+so every difference between the two images is the LoRA's."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lanskap.params import GenerateParams
+
+SCHEDULERS = {  # name -> (diffusers class name, extra config)
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_index: int
+    sample: int  # which of images_per_prompt
+    caption: str
+    seed: int
+
+
+def plan_jobs(captions: list[str], params: GenerateParams) -> list[Job]:
+    """One job per (caption, sample); the seed depends only on their position and generate.seed."""
+    return [Job(i, k, caption, params.seed + i * params.images_per_prompt + k)
+            for i, caption in enumerate(captions) for k in range(params.images_per_prompt)]
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def load_pipeline(model_dir: Path, params: GenerateParams, device: torch.device):
+    import diffusers
+
+    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
+        model_dir, torch_dtype=inference_dtype(params.dtype, device), safety_checker=None, requires_safety_checker=False)
+    scheduler_class, extra = SCHEDULERS[params.scheduler]
+    pipeline.scheduler = getattr(diffusers, scheduler_class).from_config(pipeline.scheduler.config, **extra)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def native_resolution(pipeline) -> int:
+    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+
+
+def generate_images(pipeline, jobs: list[Job], params: GenerateParams, out_dir: Path, label: str) -> list[Path]:
+    """Run the jobs in batches; each image gets its own seeded generator, so batching never changes it."""
+    resolution = params.resolution or native_resolution(pipeline)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for start in tqdm(range(0, len(jobs), params.batch_size), desc=f"generate {label}", unit="batch"):
+        batch = jobs[start:start + params.batch_size]
+        generators = [torch.Generator(pipeline.device).manual_seed(job.seed) for job in batch]
+        images = pipeline(
+            [job.caption for job in batch], negative_prompt=[params.negative_prompt] * len(batch),
+            num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
+            height=resolution, width=resolution, generator=generators,
+        ).images
+        for job, image in zip(batch, images):
+            path = out_dir / f"{job.prompt_index:04d}_{job.sample:02d}.png"
+            image.save(path)
+            paths.append(path)
+    return paths

@@ -1,0 +1,77 @@
+"""generate: images for every test caption from the base model and from base + LoRA, paired by seed.
+
+Inputs:  PROCESSED/test.csv (captions and reference images), LORA/pytorch_lora_weights.safetensors
+Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same seed per pair
+         OUT/index.csv                   prompt_index, sample, caption, seed, model, path, reference_path
+         REPORTS/comparison.png          reference | base | LoRA per test caption (the paper's Figures 6-7)
+Params:  model, generate
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from lanskap.data import read_table
+from lanskap.errors import run_stage
+from lanskap.io import atomic_dir, write_csv
+from lanskap.params import load_params
+from lanskap.report import image_grid, save_png
+
+GRID_ROWS = 10  # captions shown in the git-tracked comparison grid
+
+
+def index_rows(jobs, paths, model: str, test: pd.DataFrame, out: Path, staging: Path) -> list[dict]:
+    return [{"prompt_index": job.prompt_index, "sample": job.sample, "caption": job.caption, "seed": job.seed,
+             "model": model, "path": (out / path.relative_to(staging)).as_posix(),
+             "reference_path": test["path"][job.prompt_index]} for job, path in zip(jobs, paths)]
+
+
+def comparison_grid(index: pd.DataFrame, staging: Path, out: Path) -> Image.Image:
+    first = index[(index["sample"] == 0) & (index["prompt_index"] < GRID_ROWS)]
+    rows = []
+    for prompt_index, pair in first.groupby("prompt_index"):
+        by_model = pair.set_index("model")["path"]
+        local = {m: staging / Path(p).relative_to(out) for m, p in by_model.items()}
+        rows.append([Image.open(pair["reference_path"].iloc[0]), Image.open(local["base"]), Image.open(local["lora"])])
+    return image_grid(rows, ["reference", "base", "LoRA"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--lora", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reports", type=Path, required=True)
+    args = parser.parse_args(argv)
+    loaded = load_params("model", "generate")
+    params = loaded["generate"]
+
+    import torch
+
+    from lanskap.lora import load_lora_into_pipeline
+    from lanskap.models import resolve_base_model
+    from lanskap.sampling import generate_images, load_pipeline, plan_jobs
+
+    test = read_table(args.data / "test.csv", ["path", "caption"])
+    model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = load_pipeline(model.path, params, device)
+    jobs = plan_jobs(test["caption"].tolist(), params)
+    with atomic_dir(args.out) as staging:
+        rows = index_rows(jobs, generate_images(pipeline, jobs, params, staging / "base", "base"), "base",
+                          test, args.out, staging)
+        load_lora_into_pipeline(pipeline, args.lora, params.lora_scale)
+        rows += index_rows(jobs, generate_images(pipeline, jobs, params, staging / "lora", "lora"), "lora",
+                           test, args.out, staging)
+        index = pd.DataFrame(rows)
+        write_csv(staging / "index.csv", index)
+        with atomic_dir(args.reports) as reports:
+            save_png(comparison_grid(index, staging, args.out), reports / "comparison.png")
+    print(f"generate: {len(jobs)} base + {len(jobs)} LoRA images ({params.scheduler}, {params.steps} steps, "
+          f"guidance {params.guidance_scale}, LoRA scale {params.lora_scale}) -> {args.out}; grid -> {args.reports}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
