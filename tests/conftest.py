@@ -1,0 +1,56 @@
+"""Shared fixtures: the real params.yaml, shrunk; a private cache for the built-in models."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# Built-in models are built once per test session into a private cache, never the user's.
+os.environ.setdefault("LANSKAP_CACHE", tempfile.mkdtemp(prefix="lanskap-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays as the project ships it
+    "ingest": {"num_images": 12, "image_size": 64},
+    "preprocess": {"resolution": 32, "preview_samples": 2},
+    "train": {"steps": 4, "batch_size": 2, "log_every": 2},
+    "generate": {"steps": 2, "batch_size": 4},
+    "evaluate": {"kid_subsets": 10, "resamples": 20, "permutations": 20},
+}
+
+
+def shrink(params: dict) -> dict:
+    shrunk = {group: dict(values) for group, values in params.items() if isinstance(values, dict)}
+    for group, values in TINY_OVERRIDES.items():
+        shrunk[group].update(values)
+    return {**params, **shrunk}
+
+
+@pytest.fixture
+def project_params() -> dict:
+    """The project's params.yaml, shrunk for speed."""
+    return shrink(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+@pytest.fixture
+def workdir(tmp_path, project_params, monkeypatch):
+    """A temporary project root holding the shrunk params.yaml; stages run with it as cwd."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(project_params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def copy_project(destination: Path) -> Path:
+    """The project's tracked files (no caches, no outputs), as a fresh clone would have them."""
+    ignore = shutil.ignore_patterns(".venv", ".tools", ".git", "__pycache__", "*.egg-info", ".pytest_cache",
+                                    "data", "models", "metrics", "reports", "dvclive", "dvc.lock")
+    shutil.copytree(ROOT, destination, ignore=ignore)
+    shutil.copytree(ROOT / "data" / "raw", destination / "data" / "raw")
+    return destination

