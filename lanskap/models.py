@@ -106,16 +106,16 @@ def resolve_base_model(base: str, revision: str | None) -> ResolvedModel:
         if not (local / "model_index.json").is_file():
             raise UserError(f"model.base: {local} is not a diffusers pipeline folder (no model_index.json)")
         return ResolvedModel(local, base, None)
-    return ResolvedModel(*fetch_hub_snapshot(base, revision, PIPELINE_FILES, "model.base"))
+    return ResolvedModel(*fetch_hub_snapshot(base, revision, PIPELINE_FILES, "model.base", "model.revision"))
 
 
-def fetch_hub_snapshot(repo_id: str, revision: str | None, patterns: list[str], key: str):
+def fetch_hub_snapshot(repo_id: str, revision: str | None, patterns: list[str], key: str, revision_key: str):
     """Local snapshot of a hub repo at `revision`: from the HF cache, else downloaded, else a UserError."""
     from huggingface_hub import snapshot_download
 
     if revision is None:
         raise UserError(f"{key}: hub model {repo_id!r} needs a pinned revision (a commit hash); set "
-                        f"{key.rsplit('.', 1)[0]}.revision in params.yaml")
+                        f"{revision_key} in params.yaml")
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
     except Exception:

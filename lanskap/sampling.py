@@ -40,7 +40,7 @@ def load_pipeline(model_dir: Path, params: GenerateParams, device: torch.device)
     import diffusers
 
     pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
-        model_dir, torch_dtype=inference_dtype(params.dtype, device), safety_checker=None, requires_safety_checker=False)
+        model_dir, dtype=inference_dtype(params.dtype, device), safety_checker=None, requires_safety_checker=False)
     scheduler_class, extra = SCHEDULERS[params.scheduler]
     pipeline.scheduler = getattr(diffusers, scheduler_class).from_config(pipeline.scheduler.config, **extra)
     pipeline.set_progress_bar_config(disable=True)

@@ -177,7 +177,8 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     unet, optimizer, lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
     parts.unet = unet
 
-    losses, validation_losses, images_seen = [], {}, 0
+    losses, images_seen = [], 0
+    validation_losses = {0: validation_loss(parts, *held_out, seed=params.seed)}  # the base model's
     start = time.perf_counter()
     batches = endless(loader)
     progress = tqdm(range(1, params.steps + 1), desc="train_lora", unit="step")
@@ -225,12 +226,14 @@ def log_step(live, step, window, validation, learning_rate, images_per_second) -
 
 def summarise(result: TrainResult) -> dict:
     best_step = min(result.validation_losses, key=result.validation_losses.get)
+    last_step = max(result.validation_losses)
     tail = result.losses[-max(1, len(result.losses) // 10):]
     return {
         "steps": len(result.losses),
         "loss_first": result.losses[0],
         "loss_final": sum(tail) / len(tail),
-        "validation_loss_final": result.validation_losses[max(result.validation_losses)],
+        "validation_loss_base": result.validation_losses[0],
+        "validation_loss_final": result.validation_losses[last_step],
         "validation_loss_best": result.validation_losses[best_step],
         "validation_loss_best_step": best_step,
         "seconds": round(result.seconds, 2),

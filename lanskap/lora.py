@@ -1,0 +1,140 @@
+"""LoRA on the UNet: attach a PEFT adapter for training, export it in the two formats users load.
+
+Both files are written from the same PEFT adapter (`get_peft_model_state_dict`, keys
+`<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]; applied scale = alpha / r):
+
+- `pytorch_lora_weights.safetensors`, diffusers format, for `pipe.load_lora_weights(dir)`: keys
+  `unet.<module path>.lora.down.weight` / `.lora.up.weight`. The file holds no alpha tensor; alpha lives only in
+  the adapter metadata (the LoRA config as JSON under `lora_adapter_metadata`), so it is always written with it.
+- `lora_kohya.safetensors`, kohya format, for AUTOMATIC1111 / ComfyUI / Forge: keys
+  `lora_unet_<module path with "." -> "_">.lora_down.weight` / `.lora_up.weight` / `.alpha`, diffusers block names
+  (`down_blocks_0_attentions_0_...`, as kohya uses for SD 1.x/2.x), plus `ss_*` and `modelspec.*` metadata.
+  A text-encoder LoRA would add `lora_te_text_model_<path>` modules through the same `kohya_modules`.
+
+Traps avoided:
+- without the adapter metadata, diffusers assumes alpha = r and a model trained with alpha != r reloads at the
+  wrong strength;
+- `diffusers.utils.convert_state_dict_to_kohya` writes `.alpha = rank` whatever alpha was trained, stores it as
+  int64 and names the text encoder `lora_te1_` (SDXL to AUTOMATIC1111), so the kohya dict is built here directly
+  from the PEFT state dict with the configured alpha as a 0-d float32 tensor;
+- LoRA weights stay float32 on a bf16/fp16 base: fp16 trainable params make the AMP grad scaler fail with
+  "Attempting to unscale FP16 gradients", and bf16 ones lose small updates.
+"""
+
+from pathlib import Path
+
+import peft
+import torch
+
+from lanskap.params import LoraParams
+
+ADAPTER_NAME = "default"  # the name `unet.add_adapter` gives the adapter it trains
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+KOHYA_UNET_PREFIX = "lora_unet_"
+PEFT_TO_KOHYA_WEIGHT = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# modelspec architecture and kohya base version of each SD 2.x prediction type (768-v vs 512-base models).
+SD2_VARIANTS = {
+    "v_prediction": {"modelspec": "v", "architecture": "stable-diffusion-v2-768-v", "ss_base": "sd_v2_v"},
+    "epsilon": {"modelspec": "epsilon", "architecture": "stable-diffusion-v2-512", "ss_base": "sd_v2"},
+}
+
+
+def lora_config(params: LoraParams) -> peft.LoraConfig:
+    # Gaussian A and zero B: the adapter starts as an exact no-op on the base model.
+    return peft.LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                           target_modules=list(params.target_modules), init_lora_weights="gaussian")
+
+
+def add_unet_lora(unet, params: LoraParams) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, attach a LoRA adapter in float32 and return its (trainable) parameters."""
+    from diffusers.training_utils import cast_training_params
+
+    unet.requires_grad_(False)  # only the adapter trains (and only it is upcast below)
+    unet.add_adapter(lora_config(params))
+    # PEFT creates the adapter in the base layer's dtype; train it in float32 whatever the frozen weights are.
+    cast_training_params(unet, dtype=torch.float32)
+    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
+
+
+def unet_lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers format (`<path>.lora.down.weight`/`.lora.up.weight`), as `save_lora_weights`
+    takes it for `unet_lora_layers`; the saved file prefixes every key with `unet.`."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+
+
+def kohya_modules(peft_state_dict: dict[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
+    """PEFT `<path>.lora_A.weight`/`.lora_B.weight` -> kohya `<prefix><path with . -> _>.lora_down.weight`/
+    `.lora_up.weight`, plus one `.alpha` per module: the trained alpha as a 0-d float32 tensor (kohya's loaders
+    scale by alpha / r, and an int64 or rank-valued alpha changes the strength)."""
+    kohya = {}
+    for key, weight in peft_state_dict.items():
+        path, _, tensor_name = key.partition(".lora_")
+        kohya_tensor_name = PEFT_TO_KOHYA_WEIGHT.get(f"lora_{tensor_name}")
+        if kohya_tensor_name is None:
+            raise ValueError(f"kohya export: unsupported adapter tensor {key!r} (only plain LoRA A/B are exported)")
+        module = prefix + path.replace(".", "_")
+        kohya[f"{module}.{kohya_tensor_name}"] = weight.contiguous()
+        kohya[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return kohya
+
+
+def kohya_state_dict(unet, params: LoraParams) -> dict[str, torch.Tensor]:
+    """The UNet adapter in kohya format (`lora_unet_...`), built directly from the PEFT state dict."""
+    peft_state_dict = peft.get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    return kohya_modules(peft_state_dict, KOHYA_UNET_PREFIX, params.alpha)
+
+
+def kohya_metadata(params: LoraParams, base: dict) -> dict[str, str]:
+    """kohya `ss_*` and Stability `modelspec.*` metadata, which UIs read to show and filter LoRAs by base model.
+
+    `base` holds model, revision, prediction_type, resolution, steps, train_images and data_sha256."""
+    if base["prediction_type"] not in SD2_VARIANTS:
+        raise ValueError(f"kohya export: prediction_type {base['prediction_type']!r} is not an SD 2.x one "
+                         f"({', '.join(SD2_VARIANTS)})")
+    variant = SD2_VARIANTS[base["prediction_type"]]
+    resolution = int(base["resolution"])
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(params.rank),
+        "ss_network_alpha": str(float(params.alpha)),
+        "ss_network_dropout": str(float(params.dropout)),
+        "ss_v2": "True",
+        "ss_base_model_version": variant["ss_base"],
+        "ss_resolution": str((resolution, resolution)),  # kohya writes the tuple: "(768, 768)"
+        "ss_sd_model_name": str(base["model"]),
+        "ss_max_train_steps": str(base["steps"]),
+        "ss_num_train_images": str(base["train_images"]),
+        "ss_training_comment": f"base revision {base['revision']}; train.csv sha256 {base['data_sha256']}",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{variant['architecture']}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.prediction_type": variant["modelspec"],
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.title": f"lanskap LoRA for {base['model']}",
+    }
+
+
+def export_lora(unet, out_dir: Path, params: LoraParams, base: dict) -> dict[str, Path]:
+    """Write the UNet adapter as diffusers `pytorch_lora_weights.safetensors` (alpha in the adapter metadata) and
+    kohya `lora_kohya.safetensors`; return both paths."""
+    import safetensors.torch
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, unet_lora_layers=unet_lora_state_dict(unet), weight_name=DIFFUSERS_WEIGHT_NAME,
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+    )
+    safetensors.torch.save_file(kohya_state_dict(unet, params), out_dir / KOHYA_WEIGHT_NAME,
+                                metadata=kohya_metadata(params, base))
+    return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / KOHYA_WEIGHT_NAME}
+
+
+def load_lora_into_pipeline(pipeline, lora_dir: Path, scale: float) -> None:
+    """Load the diffusers-format LoRA from `lora_dir` as adapter "lora" and apply it at `scale` (1.0: as trained;
+    the trained alpha / r comes from the file's adapter metadata)."""
+    pipeline.load_lora_weights(lora_dir, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name="lora")
+    pipeline.set_adapters(["lora"], adapter_weights=[scale])
