@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -47,10 +48,13 @@ def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def copy_project(destination: Path) -> Path:
-    """The project's tracked files (no caches, no outputs), as a fresh clone would have them."""
-    ignore = shutil.ignore_patterns(".venv", ".tools", ".git", "__pycache__", "*.egg-info", ".pytest_cache",
-                                    "data", "models", "metrics", "reports", "dvclive", "dvc.lock")
-    shutil.copytree(ROOT, destination, ignore=ignore)
-    shutil.copytree(ROOT / "data" / "raw", destination / "data" / "raw")
+def copy_project(destination: Path, without: tuple[str, ...] = ("dvc.lock", "metrics/", "dvclive/", "reports/")) -> Path:
+    """The project's files as git sees them (tracked or not ignored), minus the pipeline's recorded results."""
+    listing = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listing:
+        if name.startswith(without) or not (ROOT / name).is_file():
+            continue
+        (destination / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, destination / name)
     return destination
