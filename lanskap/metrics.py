@@ -79,15 +79,23 @@ def cmmd(x: np.ndarray, y: np.ndarray, sigma: float = 10.0, unbiased: bool = Fal
     return CMMD_SCALE * (within - 2 * float(k_xy.mean()))
 
 
+def _psd_eigenvalues_above_rounding(eigenvalues: np.ndarray) -> np.ndarray:
+    # Eigenvalues of a rank-deficient PSD matrix that should be 0 come out as +-rounding noise; their
+    # square roots (~1e-8 each) would add up over a 2048-d null space, so they are set to exactly 0
+    # with numpy.linalg.matrix_rank's default tolerance.
+    tolerance = eigenvalues.size * np.finfo(np.float64).eps * float(np.max(np.abs(eigenvalues)))
+    return np.where(eigenvalues > tolerance, eigenvalues, 0.0)
+
+
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     # tr((S1 S2)^(1/2)) = tr((R S2 R)^(1/2)) with R = S1^(1/2): S1 S2 is similar to the symmetric PSD
-    # matrix R S2 R, so its eigenvalues are real and >= 0 and eigvalsh stays accurate when S1 or S2 is
-    # rank-deficient. Clipping removes rounding-level negative eigenvalues.
+    # matrix R S2 R, so its eigenvalues are real and >= 0 and eigh stays accurate when S1 or S2 is
+    # rank-deficient, where a general sqrtm of S1 S2 is not.
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
-    root1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    root1 = (eigenvectors * np.sqrt(_psd_eigenvalues_above_rounding(eigenvalues))) @ eigenvectors.T
     middle = root1 @ sigma2 @ root1
     product_eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    return float(np.sum(np.sqrt(np.clip(product_eigenvalues, 0, None))))
+    return float(np.sum(np.sqrt(_psd_eigenvalues_above_rounding(product_eigenvalues))))
 
 
 def frechet_distance_from_stats(mu1, s1, mu2, s2) -> float:

@@ -17,6 +17,8 @@ from lanskap.errors import UserError, run_stage
 from lanskap.io import write_json
 from lanskap.params import load_params
 
+MIN_TEST_PROMPTS = 3  # resampling prompts without replacement needs subsets smaller than the whole
+
 
 def extract_features(test, generated, params):
     from lanskap.evaluation import Features
@@ -46,9 +48,9 @@ def main(argv=None):
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
     generated = read_table(args.generated / "index.csv", ["prompt_index", "sample", "model", "path"])
-    if len(test) < 2:
-        raise UserError(f"evaluate: {len(test)} test image(s) in {args.data / 'test.csv'}; the metrics need at least "
-                        "2 (set-vs-set statistics): add images or raise split.test_fraction")
+    if len(test) < MIN_TEST_PROMPTS:
+        raise UserError(f"evaluate: {len(test)} test image(s) in {args.data / 'test.csv'}; the paired statistics "
+                        f"need at least {MIN_TEST_PROMPTS}: add images or raise split.test_fraction")
     features, clip_name = extract_features(test, generated, params)
     results = {**set_comparisons(features, params), **lora_minus_base(features, params)}
     results = {key: float(np.round(value, 6)) for key, value in results.items()}

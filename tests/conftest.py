@@ -15,7 +15,7 @@ os.environ.setdefault("LANSKAP_CACHE", tempfile.mkdtemp(prefix="lanskap-test-cac
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays as the project ships it
-    "ingest": {"num_images": 12, "image_size": 64},
+    "ingest": {"num_images": 20, "image_size": 64},
     "preprocess": {"resolution": 32, "preview_samples": 2},
     "train": {"steps": 4, "batch_size": 2, "log_every": 2},
     "generate": {"steps": 2, "batch_size": 4},

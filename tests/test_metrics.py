@@ -181,7 +181,9 @@ def test_permutation_pvalue_is_deterministic_small_for_an_effect_large_without(r
 def test_permutation_pvalue_of_a_cmmd_gap_as_a_caller_builds_it(rng):
     test = unit_rows(rng, 12, 16)
     lora = metrics.l2_normalise(test + 0.3 * rng.normal(size=test.shape))  # close to its prompt's test image
-    base = unit_rows(rng, 12, 16)
+    drift = np.zeros(16)
+    drift[0] = 1.0
+    base = metrics.l2_normalise(test + drift + 0.3 * rng.normal(size=test.shape))  # off in one common direction
 
     def swapped_gap(swap):
         rows = swap[:, None]

@@ -83,7 +83,7 @@ def test_experiment_reruns_only_the_stages_downstream_of_lora(repo):
     output = run(repo, "dvc", "exp", "run", "-S", "lora.rank=8")
     assert ran_stages(output) == ["train_lora", "generate", "evaluate"]
     assert yaml.safe_load((repo / "params.yaml").read_text())["lora"]["rank"] == 8
-    assert "lora.rank" in run(repo, "dvc", "exp", "show", "--no-pager")
+    assert "lora.rank" in run(repo, "dvc", "exp", "show", "--csv")
     diff = run(repo, "dvc", "metrics", "diff", "HEAD")
     assert "cmmd_test_vs_lora" in diff
     run(repo, "dvc", "plots", "diff", "HEAD", "-o", str(repo / "plots-diff"))
