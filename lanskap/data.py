@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -18,14 +19,17 @@ from lanskap.io import sha256_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 64_000_000  # above this an image is treated as a decompression bomb
-MANIFEST_COLUMNS = ["path", "sha256", "width", "height", "source", "source_caption", "licence", "attribution"]
+MANIFEST_COLUMNS = ["path", "sha256", "width", "height", "source", "source_caption", "licence", "attribution", "phash"]
+
+
+class ItemRejected(Exception):
+    """One offered item cannot be used; the message is the reason written to the rejected report."""
 
 
 @dataclass
 class Candidate:
-    """One image offered by a source, before validation."""
+    """One image offered by a source, before its bytes are read and validated."""
 
-    data: bytes
     source: str  # where it came from, for the report
     caption: str = ""
     licence: str = ""
@@ -38,6 +42,7 @@ class IngestResult:
     rejected: list[dict] = field(default_factory=list)
 
     def reject(self, source: str, reason: str) -> None:
+        """Record a rejected item (returns None, so callers can `return result.reject(...)`)."""
         self.rejected.append({"source": source, "reason": reason})
 
 
@@ -113,9 +118,32 @@ def read_table(path: str | Path, required: list[str]) -> pd.DataFrame:
     return table
 
 
+def perceptual_hash(image: Image.Image) -> int:
+    """64-bit DCT hash (pHash): low frequencies of a 32x32 greyscale thumbnail against their median.
+    Resizing, re-encoding and small edits move few bits; different pictures differ in about half."""
+    from scipy.fft import dctn
+
+    thumbnail = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = dctn(thumbnail, norm="ortho")[:8, :8].ravel()
+    bits = low > np.median(low[1:])  # the DC term only measures brightness
+    return int("".join("1" if bit else "0" for bit in bits), 2)
+
+
+def near_duplicate_pairs(hashes: list[int], max_distance: int) -> list[tuple[int, int, int]]:
+    """(i, j, Hamming distance) for every pair of hashes within max_distance bits, i < j."""
+    values = np.array(hashes, dtype=np.uint64)
+    pairs = []
+    for i in range(len(values) - 1):
+        distances = np.bitwise_count(values[i + 1:] ^ values[i])
+        for offset in np.flatnonzero(distances <= max_distance):
+            pairs.append((i, i + 1 + int(offset), int(distances[offset])))
+    return pairs
+
+
 def image_record(path: Path, image: Image.Image, candidate: Candidate) -> dict:
     return {
         "path": path.as_posix(), "sha256": sha256_file(path), "width": image.width, "height": image.height,
         "source": candidate.source, "source_caption": candidate.caption,
         "licence": candidate.licence, "attribution": candidate.attribution,
+        "phash": f"{perceptual_hash(image):016x}",
     }

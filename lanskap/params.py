@@ -31,6 +31,10 @@ class IngestParams(Group):
     num_images: int = Field(60, ge=2, le=100_000)  # builtin:procedural only
     image_size: int = Field(256, ge=64, le=4096)  # builtin:procedural only
     min_size: int = Field(64, ge=1)  # shorter side below this is rejected
+    near_duplicate_distance: int = Field(4, ge=0, le=64)  # perceptual-hash bits; pairs within it are reported
+    download_timeout: float = Field(30.0, gt=0.0)  # seconds, per connection and per read
+    max_download_mb: float = Field(50.0, gt=0.0)
+    download_retries: int = Field(3, ge=0, le=10)
     seed: int = 0
 
 

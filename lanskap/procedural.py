@@ -142,14 +142,16 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(pixels, "RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
+def generate_item(index: int, size: int, seed: int) -> tuple[Image.Image, str]:
+    """Item ``index``: (image, caption), depending only on ``(index, size, seed)``."""
+    rng = np.random.default_rng([seed, index])
+    scene = sample_scene(rng)
+    return render(scene, size, rng), scene.caption()
+
+
 def generate(n: int, size: int, seed: int) -> list[tuple[Image.Image, str]]:
     """``n`` (image, caption) pairs; item ``i`` depends only on ``(i, size, seed)``."""
-    items = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        scene = sample_scene(rng)
-        items.append((render(scene, size, rng), scene.caption()))
-    return items
+    return [generate_item(i, size, seed) for i in range(n)]
 
 
 def _rgb(colour: tuple[int, int, int]) -> np.ndarray:

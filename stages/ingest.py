@@ -1,11 +1,14 @@
 """ingest: collect images from the configured source, validate them, and write a manifest.
 
 Inputs:  `ingest.source` - `builtin:procedural`, a folder (recursive, sidecar `.txt` captions), or a
-         CSV/JSONL manifest of paths relative to it (columns path, caption, licence, attribution).
+         CSV/JSONL manifest whose `path` column holds paths relative to it or http(s) URLs (optional
+         columns caption, licence, attribution, sha256)
 Outputs: OUT/images/<sha256 prefix><ext>  accepted images, byte-identical copies of the source files
-         OUT/manifest.csv  path, sha256, width, height, source, source_caption, licence, attribution
-         OUT/rejected.csv  source, reason - every item not accepted, with why
+         OUT/manifest.csv         path, sha256, width, height, source, source_caption, licence, attribution, phash
+         OUT/rejected.csv         source, reason - every item not accepted, with why
+         OUT/near_duplicates.csv  pairs of accepted images whose perceptual hashes nearly match (kept, reported)
 Params:  ingest
+The source is only read. Downloads are cached in .lanskap-cache/downloads/, so a rerun resumes.
 """
 
 import argparse
@@ -16,79 +19,112 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from lanskap.data import MANIFEST_COLUMNS, Candidate, IngestResult, folder_candidates, image_record, manifest_rows, validate_image
+from lanskap.data import (MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, folder_candidates, image_record,
+                          manifest_rows, near_duplicate_pairs, validate_image)
+from lanskap.download import DownloadPolicy, download
 from lanskap.errors import UserError, run_stage
 from lanskap.io import atomic_dir, write_csv
 from lanskap.params import IngestParams, load_params
-from lanskap.procedural import generate
+from lanskap.procedural import generate_item
+
+DOWNLOAD_CACHE = Path(".lanskap-cache/downloads")
 
 
 def procedural_candidates(params: IngestParams):
-    for index, (image, caption) in enumerate(generate(params.num_images, params.image_size, params.seed)):
+    for index in range(params.num_images):
+        image, caption = generate_item(index, params.image_size, params.seed)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        yield Candidate(buffer.getvalue(), f"builtin:procedural#{index}", caption)
+        yield (lambda data=buffer.getvalue(): data), Candidate(f"builtin:procedural#{index}", caption)
 
 
-def local_candidates(source: Path):
+def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParams):
+    """A deferred read of one manifest entry: a download for URLs, a file read confined to the folder."""
+    if "://" in reference:
+        policy = DownloadPolicy(params.download_timeout, int(params.max_download_mb * 2**20),
+                                params.download_retries, backoff=0.5)
+        return lambda: download(reference, DOWNLOAD_CACHE, policy, str(row.get("sha256", "") or ""))
+    path = folder / reference
+
+    def read_local() -> bytes:
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ItemRejected(f"path outside the manifest's folder {folder}: {reference}")
+        return path.read_bytes()
+
+    return read_local
+
+
+def local_candidates(source: Path, params: IngestParams):
     if source.is_dir():
         for path, caption in folder_candidates(source):
-            yield lambda p=path: p.read_bytes(), Candidate(b"", path.as_posix(), caption)
+            yield (lambda p=path: p.read_bytes()), Candidate(path.as_posix(), caption)
         return
     for row in manifest_rows(source):
-        path = source.parent / str(row["path"])
-        candidate = Candidate(b"", path.as_posix(), str(row.get("caption", "") or ""),
-                              str(row.get("licence", "") or ""), str(row.get("attribution", "") or ""))
-        yield lambda p=path: p.read_bytes(), candidate
+        reference = str(row["path"])
+        candidate = Candidate(reference, *(str(row.get(key, "") or "") for key in ("caption", "licence", "attribution")))
+        yield manifest_reader(reference, source.parent, row, params), candidate
 
 
 def candidates(params: IngestParams):
-    """(read_bytes, candidate) pairs; reading is deferred so an unreadable file is one rejected item."""
+    """(read_bytes, candidate) pairs; reading is deferred so one bad item is one rejected row."""
     if params.source == "builtin:procedural":
-        for candidate in procedural_candidates(params):
-            yield lambda c=candidate: c.data, candidate
-        return
+        return procedural_candidates(params)
     if params.source.startswith("builtin:"):
         raise UserError(f"ingest.source: unknown built-in {params.source!r}; use builtin:procedural")
     source = Path(params.source)
     if not source.exists():
         raise UserError(f"ingest.source: {source} does not exist; put images (with .txt captions) there, "
                         "or use `builtin:procedural` for the demo data")
-    yield from local_candidates(source)
+    return local_candidates(source, params)
+
+
+def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result: IngestResult):
+    """Validated image and its bytes, or None after recording why the item was rejected."""
+    try:
+        data = read()
+    except ItemRejected as reason:
+        return result.reject(candidate.source, str(reason))
+    except OSError as error:
+        return result.reject(candidate.source, f"unreadable: {error.strerror or error}")
+    image, reason = validate_image(data, params.min_size)
+    if image is None:
+        return result.reject(candidate.source, reason)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in seen:
+        return result.reject(candidate.source, f"exact duplicate of {seen[digest]}")
+    seen[digest] = candidate.source
+    return image, data, digest
 
 
 def ingest(params: IngestParams, out: Path) -> IngestResult:
     result, seen = IngestResult(), {}
     with atomic_dir(out) as staging:
         (staging / "images").mkdir()
-        for read, candidate in tqdm(candidates(params), desc="ingest", unit="img"):
-            try:
-                data = read()
-            except OSError as error:
-                result.reject(candidate.source, f"unreadable: {error.strerror or error}")
+        for read, candidate in tqdm(candidates(params), desc="ingest", unit="img", mininterval=1.0):
+            accepted = accept(read, candidate, params, seen, result)
+            if accepted is None:
                 continue
-            image, reason = validate_image(data, params.min_size)
-            if image is None:
-                result.reject(candidate.source, reason)
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            if digest in seen:
-                result.reject(candidate.source, f"exact duplicate of {seen[digest]}")
-                continue
-            seen[digest] = candidate.source
+            image, data, digest = accepted
             name = f"{digest[:16]}{Path(candidate.source).suffix.lower() or '.png'}"
             (staging / "images" / name).write_bytes(data)
-            record = image_record(staging / "images" / name, image, candidate)
-            record["path"] = (out / "images" / name).as_posix()
-            result.accepted.append(record)
+            result.accepted.append(image_record(staging / "images" / name, image, candidate) |
+                                   {"path": (out / "images" / name).as_posix()})
         write_csv(staging / "manifest.csv", pd.DataFrame(result.accepted, columns=MANIFEST_COLUMNS))
         write_csv(staging / "rejected.csv", pd.DataFrame(result.rejected, columns=["source", "reason"]))
+        write_csv(staging / "near_duplicates.csv", near_duplicates(result.accepted, params.near_duplicate_distance))
         if len(result.accepted) < 2:
             print_rejected(result)
             raise UserError(f"ingest: only {len(result.accepted)} usable image(s) from {params.source}; the split "
                             "needs at least 2. Fix the rejected files listed above, or add images (with .txt "
                             "captions) to the source; data/raw/README.md says what goes there.")
     return result
+
+
+def near_duplicates(accepted: list[dict], max_distance: int) -> pd.DataFrame:
+    hashes = [int(record["phash"], 16) for record in accepted]
+    rows = [{"source_a": accepted[i]["source"], "source_b": accepted[j]["source"], "hash_distance": distance}
+            for i, j, distance in near_duplicate_pairs(hashes, max_distance)]
+    return pd.DataFrame(rows, columns=["source_a", "source_b", "hash_distance"])
 
 
 def print_rejected(result: IngestResult, limit: int = 20) -> None:
@@ -104,7 +140,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     params = load_params("ingest")["ingest"]
     result = ingest(params, args.out)
-    print(f"ingest: {len(result.accepted)} accepted, {len(result.rejected)} rejected -> {args.out}/manifest.csv")
+    near = pd.read_csv(args.out / "near_duplicates.csv")
+    print(f"ingest: {len(result.accepted)} accepted, {len(result.rejected)} rejected, {len(near)} near-duplicate "
+          f"pair(s) reported -> {args.out}/manifest.csv")
     print_rejected(result)
 
 

@@ -1,0 +1,151 @@
+"""ingest from URL and local manifests against a local HTTP server, and image-mode conversions."""
+
+import hashlib
+import http.server
+import io
+import threading
+import time
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stages import ingest
+from tests.conftest import write_params
+from tests.test_data_stages import png_bytes, tree_digest
+
+HITS: dict[str, int] = {}
+
+
+def path_colour(path: str) -> tuple[int, int, int]:
+    """A distinct colour per URL path, so distinct files are not exact duplicates of each other."""
+    digest = hashlib.sha256(path.encode()).digest()
+    return digest[0], digest[1], digest[2]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """good.png, slow.png (stalls), missing.png (404), page.jpg (HTML), huge.png (over the cap),
+    flaky.png (500 once, then fine), to-file.png (redirects to file://)."""
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        HITS[self.path] = HITS.get(self.path, 0) + 1
+        if self.path == "/slow.png":
+            time.sleep(2.0)
+        if self.path == "/missing.png" or (self.path == "/flaky.png" and HITS[self.path] == 1):
+            return self.send_error(404 if self.path == "/missing.png" else 500)
+        if self.path == "/to-file.png":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            return self.end_headers()
+        body = {"/page.jpg": b"<!DOCTYPE html><html>not an image</html>",
+                "/huge.png": png_bytes(size=(64, 64)) + b"\0" * 3_000_000}.get(self.path, png_bytes(colour=path_colour(self.path)))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on purpose (size cap, timeout)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+
+
+def ingest_manifest(workdir, project_params, rows):
+    folder = workdir / "raw"
+    folder.mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    ingest_params = {**project_params["ingest"], "source": str(folder / "manifest.csv"), "min_size": 32,
+                     "download_timeout": 0.5, "max_download_mb": 1.0, "download_retries": 1}
+    write_params(workdir, {**project_params, "ingest": ingest_params})
+    ingest.main(["--out", "data/ingested"])
+    rejected = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"].to_dict()
+    return pd.read_csv(workdir / "data/ingested/manifest.csv", keep_default_na=False), rejected
+
+
+def test_url_manifest_accepts_good_files_and_gives_a_reason_for_each_bad_one(workdir, project_params, server):
+    names = ["good.png", "other.png", "slow.png", "missing.png", "page.jpg", "huge.png", "flaky.png", "to-file.png"]
+    rows = [{"path": f"{server}/{name}", "caption": name, "licence": "CC-BY-4.0", "attribution": "me"} for name in names]
+    rows += [{"path": "ftp://example.org/a.png"}, {"path": "../outside.png"}]
+    manifest, rejected = ingest_manifest(workdir, project_params, rows)
+    assert sorted(manifest["source_caption"]) == ["flaky.png", "good.png", "other.png"]  # flaky: retried
+    assert set(manifest["licence"]) == {"CC-BY-4.0"}
+    reasons = {name: rejected.get(f"{server}/{name}", "") for name in names}
+    assert "timed out" in reasons["slow.png"] or "download failed" in reasons["slow.png"]
+    assert "HTTP 404" in reasons["missing.png"]
+    assert "not an image" in reasons["page.jpg"]
+    assert "too large" in reasons["huge.png"]
+    assert "file:///etc/passwd" in reasons["to-file.png"] and "not allowed" in reasons["to-file.png"]
+    assert "unsupported URL scheme 'ftp'" in rejected["ftp://example.org/a.png"]
+    assert "outside the manifest's folder" in rejected["../outside.png"]
+
+
+def test_downloads_resume_from_the_cache(workdir, project_params, server):
+    rows = [{"path": f"{server}/cached-{i}.png", "caption": "x"} for i in range(3)]
+    ingest_manifest(workdir, project_params, rows)
+    hits_after_first = {path: HITS[path] for path in (f"/cached-{i}.png" for i in range(3))}
+    ingest_manifest(workdir, project_params, rows)
+    assert {path: HITS[path] for path in hits_after_first} == hits_after_first
+
+
+def image_bytes(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_modes_and_orientation_become_upright_rgb(workdir, project_params):
+    folder = workdir / "raw"
+    folder.mkdir()
+    wide = Image.new("RGB", (120, 80), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    files = {
+        "cmyk.jpg": image_bytes(Image.new("CMYK", (96, 96), (0, 255, 255, 0)), "JPEG"),
+        "palette.png": image_bytes(Image.new("P", (96, 96), 3), "PNG"),
+        "alpha.png": image_bytes(Image.new("RGBA", (96, 96), (0, 0, 255, 0)), "PNG"),
+        "deep.png": image_bytes(Image.new("I;16", (96, 96), 40000), "PNG"),
+        "rotated.jpg": image_bytes(wide, "JPEG", exif=exif.tobytes()),
+        "anim.gif": image_bytes(Image.new("P", (96, 96), 1), "GIF", save_all=True,
+                                append_images=[Image.new("P", (96, 96), 2)]),
+        "photo.webp": image_bytes(Image.new("RGB", (96, 96), (1, 2, 3)), "WEBP"),
+        "photo.tiff": image_bytes(Image.new("RGB", (96, 96), (4, 5, 6)), "TIFF"),
+        "photo.bmp": image_bytes(Image.new("RGB", (96, 96), (7, 8, 9)), "BMP"),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    before = tree_digest(folder)
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    ingest.main(["--out", "data/ingested"])
+    manifest = pd.read_csv(workdir / "data/ingested/manifest.csv").set_index("source")
+    assert len(manifest) == len(files) and tree_digest(folder) == before
+    assert tuple(manifest.loc[str(folder / "rotated.jpg"), ["width", "height"]]) == (80, 120)
+    from lanskap.data import open_rgb
+
+    assert open_rgb(workdir / manifest.loc[str(folder / "alpha.png"), "path"]).getpixel((0, 0)) == (255, 255, 255)
+    assert open_rgb(workdir / manifest.loc[str(folder / "deep.png"), "path"]).getpixel((0, 0))[0] == 40000 // 256
+
+
+def test_near_duplicates_are_reported_not_rejected(workdir, project_params):
+    from lanskap.procedural import generate_item
+
+    folder = workdir / "raw"
+    folder.mkdir()
+    image, _ = generate_item(0, 128, 0)
+    (folder / "a.png").write_bytes(image_bytes(image, "PNG"))
+    (folder / "b.jpg").write_bytes(image_bytes(image.resize((120, 120)), "JPEG", quality=85))
+    (folder / "c.png").write_bytes(image_bytes(generate_item(1, 128, 0)[0], "PNG"))
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    ingest.main(["--out", "data/ingested"])
+    near = pd.read_csv(workdir / "data/ingested/near_duplicates.csv")
+    assert len(pd.read_csv(workdir / "data/ingested/manifest.csv")) == 3
+    assert [(a.rsplit("/", 1)[1], b.rsplit("/", 1)[1]) for a, b in zip(near["source_a"], near["source_b"])] == [("a.png", "b.jpg")]
