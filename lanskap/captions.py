@@ -1,5 +1,7 @@
 """Captions: choose each image's training caption and check it fits CLIP's 77-token context."""
 
+from pathlib import Path
+
 import pandas as pd
 
 from lanskap.errors import UserError
@@ -8,19 +10,42 @@ from lanskap.params import CaptionParams
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
 
 
+def read_overrides(manifest: pd.DataFrame, overrides_file: str | None) -> pd.Series:
+    """Per row, the caption from the overrides CSV (matched by `sha256`, or by `file`: the source's file
+    name), or NaN where it has none."""
+    if not overrides_file:
+        return pd.Series(float("nan"), index=manifest.index, dtype=object)
+    path = Path(overrides_file)
+    if not path.is_file():
+        raise UserError(f"caption.overrides: {path} not found; give a CSV with columns (sha256 or file) and caption")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    key = next((column for column in ("sha256", "file") if column in table.columns), None)
+    if key is None or "caption" not in table.columns:
+        raise UserError(f"caption.overrides: {path} needs a caption column and a sha256 or file column; "
+                        f"found {list(table.columns)}")
+    by_key = dict(zip(table[key], table["caption"]))
+    keys = manifest["sha256"] if key == "sha256" else manifest["source"].map(lambda source: Path(source).name)
+    unmatched = set(by_key) - set(keys)
+    if unmatched:
+        print(f"  warning: {len(unmatched)} override(s) in {path} match no image, e.g. {sorted(unmatched)[:3]}")
+    return keys.map(by_key)
+
+
 def choose_captions(manifest: pd.DataFrame, params: CaptionParams) -> pd.Series:
-    """The caption per row: the source's own (method=keep) or the template, with prefix and suffix."""
+    """The caption per row: an override if given, else the source's own (method=keep) or the template;
+    then prefix and suffix (a trigger word applies to overridden captions too)."""
     if params.method == "keep":
-        missing = manifest.loc[manifest["source_caption"].str.strip() == "", "source"].tolist()
-        if missing:
-            raise UserError(
-                f"caption.method=keep but {len(missing)} image(s) have no caption, e.g. {missing[:3]}; "
-                "add sidecar .txt files / a caption column, or set caption.method=template"
-            )
-        base = manifest["source_caption"].str.strip()
+        base = manifest["source_caption"].str.strip().replace("", float("nan"))
     else:
-        base = pd.Series([params.template] * len(manifest), index=manifest.index)
-    return params.prefix + base + params.suffix
+        base = pd.Series(params.template, index=manifest.index)
+    base = read_overrides(manifest, params.overrides).fillna(base)
+    missing = manifest.loc[base.isna(), "source"].tolist()
+    if missing:
+        raise UserError(
+            f"caption.method=keep but {len(missing)} image(s) have no caption, e.g. {missing[:3]}; add sidecar "
+            ".txt files / a caption column / caption.overrides entries, or set caption.method=template"
+        )
+    return params.prefix + base.astype(str) + params.suffix
 
 
 def token_counts(captions: pd.Series) -> pd.Series:

@@ -19,7 +19,8 @@ from lanskap.io import sha256_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 64_000_000  # above this an image is treated as a decompression bomb
-MANIFEST_COLUMNS = ["path", "sha256", "width", "height", "source", "source_caption", "licence", "attribution", "phash"]
+MANIFEST_COLUMNS = ["path", "sha256", "width", "height", "source", "source_caption", "licence", "attribution", "group",
+                    "phash"]
 
 
 class ItemRejected(Exception):
@@ -34,6 +35,7 @@ class Candidate:
     caption: str = ""
     licence: str = ""
     attribution: str = ""
+    group: str = ""  # a category to stratify the split by: the top-level sub-folder, or a manifest column
 
 
 @dataclass
@@ -85,11 +87,13 @@ def validate_image(data: bytes, min_size: int) -> tuple[Image.Image | None, str]
 
 
 def folder_candidates(folder: Path):
-    """Image files below `folder` (sorted, so runs are reproducible), with sidecar `.txt` captions."""
+    """Image files below `folder` (sorted, so runs are reproducible): path, sidecar `.txt` caption, and
+    group (the top-level sub-folder, empty for files directly in `folder`)."""
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         sidecar = path.with_suffix(".txt")
         caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else ""
-        yield path, caption
+        parts = path.relative_to(folder).parts
+        yield path, caption, parts[0] if len(parts) > 1 else ""
 
 
 def manifest_rows(manifest: Path) -> list[dict]:
@@ -144,6 +148,6 @@ def image_record(path: Path, image: Image.Image, candidate: Candidate) -> dict:
     return {
         "path": path.as_posix(), "sha256": sha256_file(path), "width": image.width, "height": image.height,
         "source": candidate.source, "source_caption": candidate.caption,
-        "licence": candidate.licence, "attribution": candidate.attribution,
+        "licence": candidate.licence, "attribution": candidate.attribution, "group": candidate.group,
         "phash": f"{perceptual_hash(image):016x}",
     }

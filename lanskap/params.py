@@ -43,15 +43,18 @@ class CaptionParams(Group):
     template: str = "a fantasy landscape"  # used by method=template
     prefix: str = ""  # e.g. a trigger word: "lnskp style, "
     suffix: str = ""
+    overrides: str | None = None  # CSV (sha256 or file name, caption) whose captions win over the method's
 
 
 class SplitParams(Group):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    stratify: str | None = None  # a caption-table column (e.g. group) whose values keep their share on both sides
     seed: int = 0
 
 
 class PreprocessParams(Group):
     resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
+    center_crop: bool = True  # False: shorter side resized, aspect ratio kept (the random crop squares it)
     preview_samples: int = Field(6, ge=1, le=32)
     seed: int = 0
 

@@ -17,8 +17,23 @@ def test_score(sha256: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_table(table: pd.DataFrame, test_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    is_test = table["sha256"].map(lambda sha: test_score(sha, seed) < test_fraction)
+def stratified_test_mask(table: pd.DataFrame, test_fraction: float, seed: int, column: str) -> pd.Series:
+    """Per value of `column`, the round(fraction x count) images with the lowest scores go to test, so every
+    stratum keeps its share exactly; an added image can move at most one boundary image of its stratum."""
+    if column not in table.columns:
+        raise UserError(f"split.stratify: no column {column!r} in the captions table; columns are {list(table.columns)}")
+    scores = table["sha256"].map(lambda sha: test_score(sha, seed))
+    ranks = scores.groupby(table[column].astype(str)).rank(method="first")
+    sizes = table.groupby(table[column].astype(str))["sha256"].transform("size")
+    return ranks <= (sizes * test_fraction).round()
+
+
+def split_table(table: pd.DataFrame, test_fraction: float, seed: int,
+                stratify: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if stratify:
+        is_test = stratified_test_mask(table, test_fraction, seed, stratify)
+    else:  # a fixed threshold: adding or removing images never moves another one
+        is_test = table["sha256"].map(lambda sha: test_score(sha, seed) < test_fraction)
     train, test = table[~is_test].reset_index(drop=True), table[is_test].reset_index(drop=True)
     if train.empty or test.empty:
         raise UserError(f"split: {len(train)} train / {len(test)} test images from {len(table)}; both sides "

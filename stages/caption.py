@@ -1,6 +1,6 @@
 """caption: give every ingested image its training caption.
 
-Inputs:  INGESTED/manifest.csv (from ingest)
+Inputs:  INGESTED/manifest.csv (from ingest); caption.overrides, a CSV of per-image captions that win
 Outputs: OUT  the manifest plus `caption` and `clip_tokens` columns
 Params:  caption
 Captions longer than 77 CLIP tokens are reported: training truncates them.

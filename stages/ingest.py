@@ -2,9 +2,10 @@
 
 Inputs:  `ingest.source` - `builtin:procedural`, a folder (recursive, sidecar `.txt` captions), or a
          CSV/JSONL manifest whose `path` column holds paths relative to it or http(s) URLs (optional
-         columns caption, licence, attribution, sha256)
+         columns caption, licence, attribution, group, sha256)
 Outputs: OUT/images/<sha256 prefix><ext>  accepted images, byte-identical copies of the source files
-         OUT/manifest.csv         path, sha256, width, height, source, source_caption, licence, attribution, phash
+         OUT/manifest.csv         path, sha256, width, height, source, source_caption, licence, attribution,
+                                  group (sub-folder or manifest column), phash
          OUT/rejected.csv         source, reason - every item not accepted, with why
          OUT/near_duplicates.csv  pairs of accepted images whose perceptual hashes nearly match (kept, reported)
 Params:  ingest
@@ -56,12 +57,12 @@ def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParam
 
 def local_candidates(source: Path, params: IngestParams):
     if source.is_dir():
-        for path, caption in folder_candidates(source):
-            yield (lambda p=path: p.read_bytes()), Candidate(path.as_posix(), caption)
+        for path, caption, group in folder_candidates(source):
+            yield (lambda p=path: p.read_bytes()), Candidate(path.as_posix(), caption, group=group)
         return
     for row in manifest_rows(source):
         reference = str(row["path"])
-        candidate = Candidate(reference, *(str(row.get(key, "") or "") for key in ("caption", "licence", "attribution")))
+        candidate = Candidate(reference, *(str(row.get(key, "") or "") for key in ("caption", "licence", "attribution", "group")))
         yield manifest_reader(reference, source.parent, row, params), candidate
 
 

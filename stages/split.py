@@ -23,7 +23,7 @@ def main(argv=None):
     params = load_params("split")["split"]
 
     table = read_table(args.captions, ["path", "sha256", "caption"])
-    train, test = split_table(table, params.test_fraction, params.seed)
+    train, test = split_table(table, params.test_fraction, params.seed, params.stratify)
     with atomic_dir(args.out) as staging:
         write_csv(staging / "train.csv", train)
         write_csv(staging / "test.csv", test)

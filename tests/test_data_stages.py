@@ -41,7 +41,7 @@ def run_data_stages(workdir):
     ingest.main(["--out", "data/ingested"])
     caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
     split.main(["--captions", "data/captions.csv", "--out", "data/split"])
-    preprocess.main(["--split", "data/split", "--rejected", "data/ingested/rejected.csv",
+    preprocess.main(["--split", "data/split", "--ingested", "data/ingested",
                      "--out", "data/processed", "--reports", "reports/preprocess"])
 
 
@@ -139,3 +139,37 @@ def test_split_is_deterministic_and_stable_when_images_are_added():
 def test_split_refuses_an_empty_side():
     with pytest.raises(UserError, match="both sides"):
         split_table(table_of(2), 0.01, seed=0)
+
+
+def test_stratified_split_keeps_each_groups_share():
+    table = table_of(100).assign(group=["mountains"] * 80 + ["lakes"] * 20)
+    train, test = split_table(table, 0.2, seed=0, stratify="group")
+    assert test["group"].value_counts().to_dict() == {"mountains": 16, "lakes": 4}
+    with pytest.raises(UserError, match="no column 'style'"):
+        split_table(table, 0.2, seed=0, stratify="style")
+
+
+def test_caption_overrides_win_and_keep_the_trigger_word(workdir, project_params):
+    folder = make_folder(workdir)
+    (folder / "sub/img1.txt").unlink()  # no sidecar: the override provides it
+    (workdir / "overrides.csv").write_text("file,caption\nimg1.png,a caption from the overrides file\nnone.png,x\n")
+    caption_params = {**project_params["caption"], "overrides": str(workdir / "overrides.csv"), "prefix": "lnskp, "}
+    write_params(workdir, {**project_params, "caption": caption_params,
+                           "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    ingest.main(["--out", "data/ingested"])
+    caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
+    table = pd.read_csv(workdir / "data/captions.csv").set_index("source")["caption"]
+    assert table[str(folder / "sub/img1.png")] == "lnskp, a caption from the overrides file"
+    assert table[str(folder / "sub/img0.png")] == "lnskp, a landscape number 0"
+
+
+def test_preprocess_without_centre_crop_keeps_the_aspect_ratio(workdir, project_params):
+    folder = make_folder(workdir)  # 96 x 80 images
+    write_params(workdir, {**project_params, "preprocess": {**project_params["preprocess"], "center_crop": False},
+                           "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
+                           "split": {**project_params["split"], "test_fraction": 0.5}})
+    run_data_stages(workdir)
+    resolution = project_params["preprocess"]["resolution"]
+    for path in pd.read_csv(workdir / "data/processed/train.csv")["path"]:
+        with Image.open(workdir / path) as image:
+            assert min(image.size) == resolution and image.width > image.height
