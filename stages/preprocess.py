@@ -29,7 +29,8 @@ def write_canonical(table: pd.DataFrame, params: PreprocessParams, staging: Path
     paths = []
     for row in tqdm(table.itertuples(), total=len(table), desc="preprocess", unit="img"):
         name = f"{row.sha256[:16]}.png"
-        canonical_image(open_rgb(row.path), params.resolution, params.center_crop).save(staging / "images" / name)
+        image = canonical_image(open_rgb(row.path), params.resolution, params.center_crop)
+        image.save(staging / "images" / name, compress_level=1)  # DVC-cached: speed over size
         paths.append((out / "images" / name).as_posix())
     return table.assign(source_path=table["path"], path=paths)
 
