@@ -31,19 +31,54 @@ def read_overrides(manifest: pd.DataFrame, overrides_file: str | None) -> pd.Ser
     return keys.map(by_key)
 
 
+def resolve_captioner(params: CaptionParams) -> Path:
+    """Local folder of the image-to-text model: a folder as given, or a hub snapshot at the pinned revision."""
+    from lanskap.models import fetch_hub_snapshot
+
+    local = Path(params.model).expanduser()
+    if local.exists():
+        return local
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+    return fetch_hub_snapshot(params.model, params.model_revision, patterns, "caption.model", "caption.model_revision")[0]
+
+
+def model_captions(paths: list[str], params: CaptionParams) -> pd.Series:
+    """Captions written by an image-to-text model (BLIP and kin), batched, greedy, so reruns agree."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lanskap.data import open_rgb
+
+    folder = resolve_captioner(params)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    captions = []
+    for start in tqdm(range(0, len(paths), params.batch_size), desc="caption", unit="batch"):
+        images = [open_rgb(path) for path in paths[start:start + params.batch_size]]
+        with torch.inference_mode():
+            ids = model.generate(**processor(images=images, return_tensors="pt"), do_sample=False,
+                                 max_new_tokens=params.max_new_tokens)
+        captions += [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+    return pd.Series(captions)
+
+
 def choose_captions(manifest: pd.DataFrame, params: CaptionParams) -> pd.Series:
-    """The caption per row: an override if given, else the source's own (method=keep) or the template;
-    then prefix and suffix (a trigger word applies to overridden captions too)."""
+    """The caption per row: an override if given, else the source's own (method=keep), the model's
+    (method=model) or the template; then prefix and suffix (a trigger word applies to overrides too)."""
     if params.method == "keep":
-        base = manifest["source_caption"].str.strip().replace("", float("nan"))
+        base = manifest["source_caption"].str.strip()
+    elif params.method == "model":
+        base = model_captions(manifest["path"].tolist(), params).set_axis(manifest.index)
     else:
         base = pd.Series(params.template, index=manifest.index)
+    base = read_overrides(manifest, params.overrides).fillna(base.replace("", float("nan")))
     base = read_overrides(manifest, params.overrides).fillna(base)
     missing = manifest.loc[base.isna(), "source"].tolist()
     if missing:
         raise UserError(
-            f"caption.method=keep but {len(missing)} image(s) have no caption, e.g. {missing[:3]}; add sidecar "
-            ".txt files / a caption column / caption.overrides entries, or set caption.method=template"
+            f"caption.method={params.method}: {len(missing)} image(s) have no caption, e.g. {missing[:3]}; add "
+            "sidecar .txt files / a caption column / caption.overrides entries, or change caption.method"
         )
     return params.prefix + base.astype(str) + params.suffix
 

@@ -39,8 +39,12 @@ class IngestParams(Group):
 
 
 class CaptionParams(Group):
-    method: Literal["keep", "template"] = "keep"
+    method: Literal["keep", "template", "model"] = "keep"
     template: str = "a fantasy landscape"  # used by method=template
+    model: str = "Salesforce/blip-image-captioning-large"  # method=model: hub id or local folder (image-to-text)
+    model_revision: str | None = None  # pinned commit for hub ids
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(40, ge=1, le=77)
     prefix: str = ""  # e.g. a trigger word: "lnskp style, "
     suffix: str = ""
     overrides: str | None = None  # CSV (sha256 or file name, caption) whose captions win over the method's
@@ -100,6 +104,7 @@ class TrainParams(Group):
     max_grad_norm: float = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # steps between resumable checkpoints (outside DVC outputs); 0: off
     seed: int = 0
 
 
