@@ -25,3 +25,28 @@ def save_png(image: Image.Image, path) -> None:
 
     with atomic_file(path) as staging:
         image.save(staging, format="PNG", optimize=True)
+
+
+def save_loss_curves(curves: dict, path, title: str = "loss") -> None:
+    """A small line chart of named (step, loss) tables, saved atomically as PNG for reports in git.
+
+    `curves` maps a label (e.g. "train", "validation") to a DataFrame with `step` and `loss` columns.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: stages run without a display
+    from matplotlib import pyplot
+
+    from lanskap.io import atomic_file
+
+    figure, axes = pyplot.subplots(figsize=(5, 3), dpi=100)
+    for label, table in curves.items():
+        axes.plot(table["step"], table["loss"], label=label, marker="." if len(table) < 30 else None)
+    axes.set(xlabel="step", ylabel="loss", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_file(path) as staging:
+        # No Software metadata: the same curves must give the same bytes, so git sees no change.
+        figure.savefig(staging, format="png", metadata={"Software": None})
+    pyplot.close(figure)

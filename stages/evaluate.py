@@ -1,21 +1,29 @@
 """evaluate: CMMD, FID, KID and CLIP score of test, base and LoRA images, with n and uncertainty.
 
 Inputs:  PROCESSED/test.csv (reference images and captions), GENERATED/index.csv (from generate)
+         TRAINING_LOG/{train,validation}/loss.tsv (dvclive, for the loss curve; optional)
 Outputs: OUT  metrics JSON with flat numeric keys (for `dvc metrics diff`)
+         REPORTS/base_vs_lora.csv  metric, model, value, bar: base and LoRA per metric (`dvc plots` bar chart)
+         REPORTS/report.md, report.html, loss.png  the run's report for a reviewer (links the comparison
+                                                   grid and the data card by relative path)
 Params:  evaluate
 CMMD is the reference's biased estimator x1000 (an `_unbiased` twin beside it); FID is clean-fid's
 "clean" mode; FID below 2048 images per set is flagged (`fid_comparable` = 0).
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from lanskap.data import read_table
 from lanskap.errors import UserError, run_stage
-from lanskap.io import write_json
+from lanskap.eval_report import ReportInputs, base_vs_lora_table, report_html, report_markdown
+from lanskap.io import atomic_dir, write_csv, write_json, write_text
 from lanskap.params import load_params
+from lanskap.report import save_loss_curves
 
 MIN_TEST_PROMPTS = 3  # resampling prompts without replacement needs subsets smaller than the whole
 
@@ -33,7 +41,30 @@ def extract_features(test, generated, params):
     clip_features["text"] = clip.text_embeddings(test["caption"].tolist())
     inception_features = {name: inception.features([Path(p) for p in paths]) for name, paths in image_sets.items()}
     prompt = generated[generated["model"] == "lora"].sort_values(["prompt_index", "sample"])["prompt_index"].to_numpy()
-    return Features(clip_features, inception_features, prompt), clip.name
+    return Features(clip_features, inception_features, prompt), clip.name, inception.name
+
+
+def read_loss_curves(training_log: Path) -> dict[str, pd.DataFrame]:
+    """dvclive's train and validation loss tables that exist (a run may have no validation split)."""
+    tables = {split: training_log / split / "loss.tsv" for split in ("train", "validation")}
+    return {split: pd.read_csv(path, sep="\t") for split, path in tables.items() if path.is_file()}
+
+
+def write_reports(results: dict[str, float], names: tuple[str, str], args) -> None:
+    """The bar-chart table, the loss curve and the report, replacing REPORTS as a whole."""
+    curves = read_loss_curves(args.training_log)
+    with atomic_dir(args.reports) as staging:
+        write_csv(staging / "base_vs_lora.csv", base_vs_lora_table(results))
+        if curves:
+            save_loss_curves(curves, staging / "loss.png", title="LoRA training loss")
+        # Links are relative to the report's final folder, so they work in a browser and on a git host.
+        inputs = ReportInputs(clip_name=names[0], inception_name=names[1],
+                              loss_curve="loss.png" if curves else None,
+                              comparison_grid=os.path.relpath(args.comparison, args.reports),
+                              data_card=os.path.relpath(args.data_card, args.reports))
+        markdown = report_markdown(results, inputs)
+        write_text(staging / "report.md", markdown)
+        write_text(staging / "report.html", report_html(markdown))
 
 
 def main(argv=None):
@@ -41,6 +72,10 @@ def main(argv=None):
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--generated", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reports", type=Path, default=Path("reports/evaluate"))
+    parser.add_argument("--training-log", type=Path, default=Path("dvclive/train/plots/metrics"))
+    parser.add_argument("--comparison", type=Path, default=Path("reports/generate/comparison.png"))
+    parser.add_argument("--data-card", type=Path, default=Path("reports/preprocess/data_card.md"))
     args = parser.parse_args(argv)
     params = load_params("evaluate")["evaluate"]
 
@@ -51,10 +86,11 @@ def main(argv=None):
     if len(test) < MIN_TEST_PROMPTS:
         raise UserError(f"evaluate: {len(test)} test image(s) in {args.data / 'test.csv'}; the paired statistics "
                         f"need at least {MIN_TEST_PROMPTS}: add images or raise split.test_fraction")
-    features, clip_name = extract_features(test, generated, params)
+    features, clip_name, inception_name = extract_features(test, generated, params)
     results = {**set_comparisons(features, params), **lora_minus_base(features, params)}
     results = {key: float(np.round(value, 6)) for key, value in results.items()}
     write_json(args.out, results)
+    write_reports(results, (clip_name, inception_name), args)
 
     print(f"evaluate ({clip_name}; n test={results['n_test']:.0f}, base={results['n_base']:.0f}, lora={results['n_lora']:.0f}):")
     for key in ("cmmd_test_vs_text", "cmmd_lora_vs_text", "cmmd_test_vs_lora", "cmmd_test_vs_base",
@@ -65,7 +101,7 @@ def main(argv=None):
           f"{results[gap + '_ci_high']:.4f}], p = {results[gap + '_pvalue']:.3f}")
     if not results["fid_comparable"]:
         print(f"  note: FID on fewer than {FID_STABLE_N} images per set is biased and not comparable across n")
-    print(f"-> {args.out}")
+    print(f"-> {args.out}; report -> {args.reports / 'report.md'}")
 
 
 if __name__ == "__main__":
