@@ -41,17 +41,26 @@ SD2_VARIANTS = {
 
 
 def lora_config(params: LoraParams) -> peft.LoraConfig:
-    # Gaussian A and zero B: the adapter starts as an exact no-op on the base model.
+    # Gaussian or Kaiming-uniform A and zero B: the adapter starts as an exact no-op on the base model.
     return peft.LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                           target_modules=list(params.target_modules), init_lora_weights="gaussian")
+                           target_modules=list(params.target_modules), use_dora=params.use_dora,
+                           use_rslora=params.use_rslora,
+                           init_lora_weights="gaussian" if params.init_lora_weights == "gaussian" else True)
+
+
+def kohya_alpha(params: LoraParams) -> float:
+    """The alpha that gives kohya's loaders (scale = alpha / rank) the trained scale, also under rsLoRA
+    (scale = alpha / sqrt(rank))."""
+    return params.alpha * params.rank ** 0.5 if params.use_rslora else params.alpha
 
 
 def add_unet_lora(unet, params: LoraParams) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, attach a LoRA adapter in float32 and return its (trainable) parameters."""
+    """Freeze the UNet, attach a LoRA adapter in float32, set train mode and return the trainable parameters."""
     from diffusers.training_utils import cast_training_params
 
     unet.requires_grad_(False)  # only the adapter trains (and only it is upcast below)
     unet.add_adapter(lora_config(params))
+    unet.train()  # from_pretrained returns eval mode, in which lora.dropout does nothing
     # PEFT creates the adapter in the base layer's dtype; train it in float32 whatever the frozen weights are.
     cast_training_params(unet, dtype=torch.float32)
     return [parameter for parameter in unet.parameters() if parameter.requires_grad]
@@ -84,7 +93,7 @@ def kohya_modules(peft_state_dict: dict[str, torch.Tensor], prefix: str, alpha: 
 def kohya_state_dict(unet, params: LoraParams) -> dict[str, torch.Tensor]:
     """The UNet adapter in kohya format (`lora_unet_...`), built directly from the PEFT state dict."""
     peft_state_dict = peft.get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    return kohya_modules(peft_state_dict, KOHYA_UNET_PREFIX, params.alpha)
+    return kohya_modules(peft_state_dict, KOHYA_UNET_PREFIX, kohya_alpha(params))
 
 
 def kohya_metadata(params: LoraParams, base: dict) -> dict[str, str]:
@@ -99,7 +108,7 @@ def kohya_metadata(params: LoraParams, base: dict) -> dict[str, str]:
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(params.rank),
-        "ss_network_alpha": str(float(params.alpha)),
+        "ss_network_alpha": str(float(kohya_alpha(params))),
         "ss_network_dropout": str(float(params.dropout)),
         "ss_v2": "True",
         "ss_base_model_version": variant["ss_base"],
@@ -118,8 +127,8 @@ def kohya_metadata(params: LoraParams, base: dict) -> dict[str, str]:
 
 
 def export_lora(unet, out_dir: Path, params: LoraParams, base: dict) -> dict[str, Path]:
-    """Write the UNet adapter as diffusers `pytorch_lora_weights.safetensors` (alpha in the adapter metadata) and
-    kohya `lora_kohya.safetensors`; return both paths."""
+    """Write the UNet adapter as diffusers `pytorch_lora_weights.safetensors` (alpha in the adapter metadata) and,
+    unless it is a DoRA adapter, kohya `lora_kohya.safetensors`; return the paths written."""
     import safetensors.torch
     from diffusers import StableDiffusionPipeline
 
@@ -128,6 +137,9 @@ def export_lora(unet, out_dir: Path, params: LoraParams, base: dict) -> dict[str
         out_dir, unet_lora_layers=unet_lora_state_dict(unet), weight_name=DIFFUSERS_WEIGHT_NAME,
         unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
     )
+    if params.use_dora:  # kohya's format and loaders have no magnitude vector: a file without it would be wrong
+        print(f"export_lora: lora.use_dora is on; {KOHYA_WEIGHT_NAME} not written (the kohya format has no DoRA)")
+        return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME}
     safetensors.torch.save_file(kohya_state_dict(unet, params), out_dir / KOHYA_WEIGHT_NAME,
                                 metadata=kohya_metadata(params, base))
     return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / KOHYA_WEIGHT_NAME}

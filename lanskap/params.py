@@ -89,6 +89,11 @@ class LoraParams(Group):
     alpha: float = Field(4.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    use_dora: bool = False  # weight-decomposed LoRA; the kohya file is then not written (kohya has no DoRA)
+    use_rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    # Both start the adapter as a no-op (B = 0). PiSSA/OLoRA-style inits are not offered: they rewrite the base
+    # weights, so the exported adapter would be wrong on the stock base model.
+    init_lora_weights: Literal["gaussian", "kaiming"] = "gaussian"
 
 
 class TrainParams(Group):
@@ -105,6 +110,11 @@ class TrainParams(Group):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # steps between resumable checkpoints (outside DVC outputs); 0: off
+    gradient_accumulation_steps: int = Field(1, ge=1)  # global batch = batch_size x this x processes
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = Field(None, gt=0.0)  # min-SNR loss weighting (5.0 is usual); None: off
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0)  # 0.05-0.1 is usual; 0: off
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # probability of training on the empty caption
     seed: int = 0
 
 

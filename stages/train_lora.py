@@ -11,27 +11,42 @@ Params:  model, lora, train, augment
 import argparse
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from PIL import Image
 
 from lanskap.data import read_table
 from lanskap.errors import run_stage
-from lanskap.io import atomic_dir
+from lanskap.io import atomic_dir, sha256_file
 from lanskap.params import load_params
 
+FILE_USE = {"diffusers": "diffusers: `pipe.load_lora_weights(dir)`", "kohya": "AUTOMATIC1111 / ComfyUI"}
+CHECKPOINT_ROOT = Path(".lanskap-cache/checkpoints")  # relative to the project root, outside DVC's outputs
 
-def model_card(base: dict, summary: dict, loaded: dict) -> str:
+
+def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) -> str:
     params = {name: group.model_dump(mode="json") for name, group in loaded.items()}
     return "\n".join([
         f"# LoRA for {base['model']}", "",
         f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
         f"- trained at {base['resolution']} px on {base['train_images']} images; data sha256 `{base['data_sha256']}`",
-        "- files: `pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights(dir)`), "
-        "`lora_kohya.safetensors` (AUTOMATIC1111 / ComfyUI)", "",
+        "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()), "",
         "## Training summary", "", "```json", json.dumps(summary, indent=2), "```", "",
         "## Params", "", "```json", json.dumps(params, indent=2), "```", "",
     ])
+
+
+def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str]) -> Path:
+    """This run's checkpoint folder, keyed by everything that shapes the weights and the logged curves (params,
+    split tables, training image bytes), so a checkpoint is only ever resumed by a run it belongs to."""
+    digest = hashlib.sha256()
+    for name, group in sorted(loaded.items()):
+        exclude = {"checkpoint_every"} if name == "train" else None  # how often to save changes no result
+        digest.update(json.dumps([name, group.model_dump(mode="json", exclude=exclude)], sort_keys=True).encode())
+    for path in [data / "train.csv", data / "test.csv", *train_paths]:
+        digest.update(sha256_file(path).encode())
+    return CHECKPOINT_ROOT / digest.hexdigest()[:16]
 
 
 def main(argv=None):
@@ -52,9 +67,10 @@ def main(argv=None):
     train_table = read_table(args.data / "train.csv", ["path", "caption"])
     test_table = read_table(args.data / "test.csv", ["path", "caption"])
     resolution = Image.open(train_table["path"][0]).width
+    checkpoints = checkpoint_dir(loaded, args.data, train_table["path"].tolist())
     with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         result = train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"],
-                            loaded["augment"], resolution, live)
+                            loaded["augment"], resolution, live, checkpoints)
         summary = summarise(result)
         for key, value in summary.items():
             live.summary[key] = value
@@ -65,8 +81,9 @@ def main(argv=None):
         "data_sha256": hashlib.sha256((args.data / "train.csv").read_bytes()).hexdigest(),
     }
     with atomic_dir(args.out) as staging:
-        export_lora(result.unet, staging, loaded["lora"], base)
-        (staging / "README.md").write_text(model_card(base, summary, loaded))
+        files = export_lora(result.unet, staging, loaded["lora"], base)
+        (staging / "README.md").write_text(model_card(base, summary, loaded, files))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the run is recorded; a forced rerun must train again
     print(f"train_lora: {summary['steps']} steps in {summary['seconds']} s ({summary['images_per_second']} img/s); "
           f"loss {summary['loss_first']:.4f} -> {summary['loss_final']:.4f}; validation loss best "
           f"{summary['validation_loss_best']:.4f} at step {summary['validation_loss_best_step']} -> {args.out}")

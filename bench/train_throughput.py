@@ -1,0 +1,171 @@
+"""Training throughput of lanskap's own LoRA step on a model folder (the full SD 2.1-768 architecture with random
+weights: speed and memory depend on shapes, not values).
+
+Each step is the one `train_lora` runs: augmented images from disk (the paper's transform), VAE encoding, the
+diffusion loss against the scheduler's target, backward into fp32 LoRA parameters, clipping, AdamW; bf16
+autocast. Prints images/s, peak GPU memory and achieved TFLOP/s (5.2 TFLOP per 768 px image forward + backward,
+from reference/anchors.md, scaled by pixel count at other sizes), per batch size; with `--tight-loop`, runs
+shared/bench/tight_loop.py (UNet only, cached inputs) with the same levers and prints the ratio.
+
+    python bench/train_throughput.py /tmp/sd21-random --batch-sizes 1 4 16 --tight-loop ../shared/bench/tight_loop.py
+    python bench/train_throughput.py --build ../shared/bench /tmp/sd21-random     # build the model folder first
+    python bench/train_throughput.py --dry-run                                    # CPU, built-in tiny model
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from lanskap import train
+from lanskap.augment import train_transform
+from lanskap.lora import add_unet_lora
+from lanskap.params import AugmentParams, LoraParams, TrainParams
+
+TFLOP_PER_IMAGE_768 = 5.2  # UNet forward + backward of one 768 px image (anchors.md)
+DATASET_IMAGES = 32
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", type=Path, help="diffusers folder (e.g. from make_random_sd21.py)")
+    parser.add_argument("--build", type=Path, metavar="SHARED_BENCH_DIR",
+                        help="first build MODEL with SHARED_BENCH_DIR/make_random_sd21.py and its tokenizer/")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--resolution", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size")
+    parser.add_argument("--weight-dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="frozen weights' dtype under bf16 autocast (train_lora uses bf16)")
+    parser.add_argument("--regional-compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
+    parser.add_argument("--fused-adamw", action="store_true", help="single-kernel AdamW")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (train_lora uses 0)")
+    parser.add_argument("--tight-loop", type=Path, help="path to shared/bench/tight_loop.py, run for ratios")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="exercise the code path on CPU with the built-in tiny model at 64 px, 2 steps")
+    return parser.parse_args(argv)
+
+
+def write_images(folder: Path, resolution: int, count: int) -> list[str]:
+    """Canonical training images as preprocess writes them (square RGB PNG at the training size)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+        paths.append(str(folder / f"{index:03d}.png"))
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def prepare_unet(parts: train.Components, args) -> list[torch.nn.Parameter]:
+    """Attach the project's LoRA and apply the requested levers; return the trainable parameters."""
+    lora_parameters = add_unet_lora(parts.unet, LoraParams())
+    if args.channels_last:
+        parts.unet.to(memory_format=torch.channels_last)
+        parts.vae.to(memory_format=torch.channels_last)
+    if args.regional_compile:
+        from diffusers.models.attention import BasicTransformerBlock
+
+        for module in parts.unet.modules():
+            if isinstance(module, BasicTransformerBlock):
+                module.compile()
+    return lora_parameters
+
+
+def measure(parts, lora_parameters, paths, batch_size: int, args, accelerator) -> dict:
+    """Seconds per step of train_lora's step at `batch_size`, after warm-up steps (more when compiling)."""
+    params = TrainParams(batch_size=batch_size, steps=10_000, mixed_precision="bf16")
+    optimizer, lr_scheduler = train.make_optimizer(lora_parameters, params, fused=args.fused_adamw or None)
+    caption_states = torch.randn(1, 77, parts.unet.config.cross_attention_dim, device=accelerator.device)
+    dataset = train.CaptionedImages(paths, [0] * len(paths), train_transform(AugmentParams(), args.resolution))
+    batches = iter(DataLoader(dataset, batch_sampler=train.batch_indices(len(paths), batch_size, 0, start=0),
+                              num_workers=args.workers))
+
+    def step():
+        train.accumulate_gradients(parts, batches, caption_states, caption_states, params, accelerator)
+        train.optimizer_step(accelerator, lora_parameters, optimizer, lr_scheduler, params.max_grad_norm)
+
+    for _ in range(5 if args.regional_compile else 2):
+        step()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    images_per_second = batch_size / seconds
+    tflop_per_image = TFLOP_PER_IMAGE_768 * (args.resolution / 768) ** 2
+    return {"batch": batch_size, "s_per_step": seconds, "images_per_second": images_per_second,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+            "tflop_per_s": images_per_second * tflop_per_image}
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def tight_loop_images_per_second(script: Path, model: Path, batch_size: int, args) -> float:
+    """The UNet-only reference with the same levers, from tight_loop.py's printed line."""
+    flags = [flag for flag, on in [("bf16w", args.weight_dtype == "bf16"), ("regional", args.regional_compile),
+                                   ("channels_last", args.channels_last)] if on]
+    output = subprocess.run([sys.executable, str(script), str(model), str(batch_size), str(args.resolution), *flags],
+                            capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"img/s=([\d.]+)", output).group(1))
+
+
+def resolve_model(args) -> Path:
+    if args.dry_run:
+        from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
+
+        return resolve_base_model(BUILTIN_TINY_SD2, None).path
+    if args.model is None:
+        sys.exit("train_throughput: give a model folder (or --dry-run)")
+    if args.build:
+        subprocess.run([sys.executable, str(args.build / "make_random_sd21.py"), str(args.model),
+                        str(args.build / "tokenizer")], check=True)
+    return args.model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        if args.tight_loop:
+            sys.exit("train_throughput: --tight-loop needs a CUDA GPU; leave it out of --dry-run")
+        args.resolution, args.steps, args.batch_sizes = 64, 2, [1, 2]
+    elif not torch.cuda.is_available():
+        sys.exit("train_throughput: needs a CUDA GPU (figures on CPU mean nothing); --dry-run checks the code on CPU")
+    from accelerate import Accelerator
+
+    model = resolve_model(args)
+    accelerator = Accelerator(mixed_precision="bf16")
+    weight_dtype = torch.bfloat16 if args.weight_dtype == "bf16" else torch.float32
+    parts = train.load_components(model, weight_dtype, accelerator.device)
+    lora_parameters = prepare_unet(parts, args)
+    print(f"train_throughput: {model} at {args.resolution} px, weights {args.weight_dtype}, regional_compile="
+          f"{args.regional_compile}, channels_last={args.channels_last}, fused_adamw={args.fused_adamw}, "
+          f"workers={args.workers}, {accelerator.device}")
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_images(Path(folder), args.resolution, max(DATASET_IMAGES, 2 * max(args.batch_sizes)))
+        for batch_size in args.batch_sizes:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            row = measure(parts, lora_parameters, paths, batch_size, args, accelerator)
+            line = (f"TRAIN bs={row['batch']} s/step={row['s_per_step']:.4f} img/s={row['images_per_second']:.2f} "
+                    f"peak_GiB={row['peak_gib']:.2f} TFLOP/s={row['tflop_per_s']:.1f}")
+            if args.tight_loop:
+                tight = tight_loop_images_per_second(args.tight_loop, model, batch_size, args)
+                line += f" tight_loop_img/s={tight:.2f} ratio={row['images_per_second'] / tight:.2f}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

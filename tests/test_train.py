@@ -1,0 +1,177 @@
+"""Contracts of train_lora: deterministic on CPU, learns, stops clearly on a NaN loss."""
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from lanskap import train
+from lanskap.errors import UserError
+from lanskap.lora import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, add_unet_lora, export_lora, kohya_alpha
+from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
+from lanskap.params import LoraParams, TrainParams, validate_group
+from stages import train_lora
+from tests.conftest import write_params
+from tests.test_data_stages import run_data_stages
+
+
+def run_train_stage(out="models/lora") -> dict[str, torch.Tensor]:
+    """Run train_lora as DVC does and return its diffusers-format LoRA tensors."""
+    train_lora.main(["--data", "data/processed", "--out", out, "--live", "dvclive/train"])
+    return safetensors.torch.load_file(f"{out}/{DIFFUSERS_WEIGHT_NAME}")
+
+
+def with_train(workdir, project_params, **values) -> None:
+    write_params(workdir, {**project_params, "train": {**project_params["train"], **values}})
+
+
+def test_same_seed_gives_bit_identical_lora_weights(workdir):
+    run_data_stages(workdir)
+    first = run_train_stage("models/first")
+    second = run_train_stage("models/second")
+    assert first.keys() == second.keys() and first
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_held_out_validation_loss_falls(workdir, project_params):
+    run_data_stages(workdir)
+    with_train(workdir, project_params, steps=20, log_every=10, learning_rate=1.0e-2)
+    run_train_stage()
+    metrics = json.loads((workdir / "dvclive/train/metrics.json").read_text())
+    assert metrics["validation_loss_final"] < metrics["validation_loss_base"]
+
+
+def test_nan_loss_stops_naming_fp16_and_learning_rate_and_writes_nothing(workdir, monkeypatch):
+    run_data_stages(workdir)
+    monkeypatch.setattr(train, "diffusion_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(UserError, match="(?s)fp16.*learning_rate"):
+        run_train_stage()
+    assert not (workdir / "models").exists()
+
+
+def test_interrupted_run_resumes_to_bit_identical_weights(workdir, project_params, monkeypatch):
+    """Kill the run right after its second checkpoint (step 10, mid second epoch), rerun: same weights as a run
+    never interrupted, and no checkpoint left behind once the output is written."""
+    run_data_stages(workdir)
+    with_train(workdir, project_params, steps=12, checkpoint_every=0)
+    uninterrupted = run_train_stage("models/uninterrupted")
+
+    with_train(workdir, project_params, steps=12, checkpoint_every=5)
+    saved_steps, save_checkpoint = [], train.save_checkpoint
+
+    def save_then_die_on_the_second(checkpoint_dir, state, *args):
+        saved_steps.append(save_checkpoint(checkpoint_dir, state, *args).name)
+        if len(saved_steps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_train_stage("models/resumed")
+    assert saved_steps == ["step-00000005", "step-00000010"] and not (workdir / "models/resumed").exists()
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+
+    resumed = run_train_stage("models/resumed")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+    assert not any((workdir / ".lanskap-cache/checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_the_formula(prediction_type):
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler(prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 100, 500, 999])  # SNR from ~10^4 (clipped by gamma) down to ~0 (not clipped)
+    alphas_cumprod = noise_scheduler.alphas_cumprod[timesteps].double()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    gamma = 5.0
+    divisor = snr + 1 if prediction_type == "v_prediction" else snr
+    expected = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / divisor
+    weights = train.min_snr_weights(noise_scheduler, timesteps, gamma)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=0)
+    assert snr[0] > gamma > snr[-1]  # both branches of the min are exercised
+
+
+def test_caption_dropout_replaces_captions_at_the_given_rate():
+    states, empty = torch.ones(20_000, 77, 8), torch.zeros(1, 77, 8)
+    torch.manual_seed(0)
+    dropped = train.drop_captions(states, empty, 0.3)
+    rows_empty = (dropped == 0).all(dim=(1, 2))
+    assert rows_empty.float().mean().item() == pytest.approx(0.3, abs=0.015)
+    assert ((dropped == 1).all(dim=(1, 2)) | rows_empty).all()  # whole captions swapped, never mixed
+    rng = torch.get_rng_state()
+    assert train.drop_captions(states, empty, 0.0) is states and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_global_batch_size_and_trainer_option_validation():
+    assert train.global_batch_size(TrainParams(batch_size=4, gradient_accumulation_steps=3), num_processes=2) == 24
+    for key, value in [("snr_gamma", 0.0), ("gradient_accumulation_steps", 0), ("caption_dropout", 1.0),
+                       ("noise_offset", -0.1)]:
+        with pytest.raises(UserError, match=f"train.{key}"):
+            validate_group("train", {key: value})
+    with pytest.raises(UserError, match="lora.init_lora_weights"):
+        validate_group("lora", {"init_lora_weights": "pissa"})
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(resolve_base_model(BUILTIN_TINY_SD2, None).path, subfolder="unet")
+
+
+def test_dora_adds_magnitude_vectors_and_skips_the_kohya_file(tmp_path, capsys):
+    params = LoraParams(use_dora=True)
+    unet = tiny_unet()
+    add_unet_lora(unet, params)
+    names = [name for name, p in unet.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in name for name in names)
+    base = {"model": "tiny", "revision": "n/a", "prediction_type": "v_prediction", "resolution": 32, "steps": 1,
+            "train_images": 1, "data_sha256": "0" * 64}
+    files = export_lora(unet, tmp_path, params, base)
+    assert set(files) == {"diffusers"} and files["diffusers"].is_file()
+    assert not (tmp_path / KOHYA_WEIGHT_NAME).exists() and "kohya format has no DoRA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("use_rslora, scale", [(False, 8.0 / 4), (True, 8.0 / 2)])
+def test_rslora_scales_by_alpha_over_sqrt_rank_and_kohya_alpha_keeps_that_scale(use_rslora, scale):
+    params = LoraParams(rank=4, alpha=8.0, use_rslora=use_rslora, init_lora_weights="kaiming")
+    unet = tiny_unet()
+    add_unet_lora(unet, params)
+    config = unet.peft_config["default"]
+    assert config.use_rslora is use_rslora and config.init_lora_weights is True
+    layers = [module for module in unet.modules() if hasattr(module, "lora_B") and "default" in module.lora_B]
+    assert layers and all(layer.scaling["default"] == scale for layer in layers)
+    assert all(not layer.lora_B["default"].weight.any() for layer in layers)  # B = 0: starts as the base model
+    assert kohya_alpha(params) / params.rank == scale  # what kohya's loaders apply
+
+
+def test_all_trainer_options_together_train_finitely(workdir, project_params, capsys):
+    run_data_stages(workdir)
+    with_train(workdir, project_params, steps=2, batch_size=1, gradient_accumulation_steps=2,
+               gradient_checkpointing=True, snr_gamma=5.0, noise_offset=0.1, caption_dropout=0.5)
+    write_params(workdir, {**yaml_params(workdir), "lora": {**project_params["lora"], "use_rslora": True}})
+    weights = run_train_stage()
+    assert "global batch 2 = batch_size 1 x gradient_accumulation_steps 2 x processes 1" in capsys.readouterr().out
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    metrics = json.loads((workdir / "dvclive/train/metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["images_per_second"] > 0
+
+
+def test_lora_dropout_acts_and_gradient_checkpointing_changes_no_result(workdir, project_params):
+    """The UNet trains in train mode (from_pretrained leaves it in eval, where dropout is off); checkpointing
+    recomputes the same activations."""
+    run_data_stages(workdir)
+    plain = run_train_stage("models/plain")
+    with_train(workdir, project_params, gradient_checkpointing=True)
+    checkpointed = run_train_stage("models/checkpointed")
+    assert all(torch.allclose(plain[key], checkpointed[key], rtol=0, atol=1e-6) for key in plain)
+    write_params(workdir, {**yaml_params(workdir), "lora": {**project_params["lora"], "dropout": 0.5}})
+    with_dropout = run_train_stage("models/dropout")
+    assert not all(torch.allclose(plain[key], with_dropout[key], atol=1e-6) for key in plain)
+
+
+def yaml_params(workdir) -> dict:
+    import yaml
+
+    return yaml.safe_load((workdir / "params.yaml").read_text())
