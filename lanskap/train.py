@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lanskap.augment import train_transform
+from lanskap.augment import eval_transform, train_transform
 from lanskap.errors import UserError
 from lanskap.io import atomic_dir
 from lanskap.params import AugmentParams, LoraParams, TrainParams
@@ -182,11 +182,9 @@ def make_optimizer(lora_parameters, params: TrainParams, fused: bool | None = No
     return optimizer, lr_scheduler
 
 
-def held_out_batch(table: pd.DataFrame, parts: Components, device):
-    """Test images (canonical, not augmented) and their caption states, for the validation loss."""
-    from torchvision.transforms import v2
-
-    to_tensor = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+def held_out_batch(table: pd.DataFrame, parts: Components, device, resolution: int):
+    """Test images (canonical, centre-cropped, not augmented) and their caption states, for the validation loss."""
+    to_tensor = eval_transform(resolution)
     pixels = torch.stack([to_tensor(Image.open(path).convert("RGB")) for path in table["path"]])
     return pixels.to(device), encode_captions(table["caption"].tolist(), parts, device)
 
@@ -301,7 +299,7 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     paths, caption_index, captions = load_split(train_table)
     caption_states = encode_captions(captions, parts, accelerator.device)  # [n_captions, 77, hidden]
     empty_caption_state = encode_captions([""], parts, accelerator.device)  # for caption dropout
-    held_out = held_out_batch(test_table, parts, accelerator.device)
+    held_out = held_out_batch(test_table, parts, accelerator.device, resolution)
     optimizer, lr_scheduler = make_optimizer(list(lora_parameters.values()), params)
     parts.unet, optimizer, lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
 

@@ -66,7 +66,7 @@ def main(argv=None):
     model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
     train_table = read_table(args.data / "train.csv", ["path", "caption"])
     test_table = read_table(args.data / "test.csv", ["path", "caption"])
-    resolution = Image.open(train_table["path"][0]).width
+    resolution = min(Image.open(train_table["path"][0]).size)  # the shorter side: preprocess.resolution
     checkpoints = checkpoint_dir(loaded, args.data, train_table["path"].tolist())
     with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         result = train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"],
