@@ -1,15 +1,18 @@
-"""LoRA on the UNet: attach a PEFT adapter for training, export it in the two formats users load.
+"""LoRA on the UNet (and optionally the text encoder): attach PEFT adapters for training, export them in the two
+formats users load.
 
-Both files are written from the same PEFT adapter (`get_peft_model_state_dict`, keys
+Both files are written from the same PEFT adapters (`get_peft_model_state_dict`, keys
 `<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]; applied scale = alpha / r):
 
 - `pytorch_lora_weights.safetensors`, diffusers format, for `pipe.load_lora_weights(dir)`: keys
-  `unet.<module path>.lora.down.weight` / `.lora.up.weight`. The file holds no alpha tensor; alpha lives only in
-  the adapter metadata (the LoRA config as JSON under `lora_adapter_metadata`), so it is always written with it.
+  `unet.<module path>.lora.down.weight` / `.lora.up.weight` and `text_encoder.<module path>...`. The file holds no
+  alpha tensor; alpha lives only in the adapter metadata (the LoRA config as JSON under `lora_adapter_metadata`), so
+  it is always written with it.
 - `lora_kohya.safetensors`, kohya format, for AUTOMATIC1111 / ComfyUI / Forge: keys
   `lora_unet_<module path with "." -> "_">.lora_down.weight` / `.lora_up.weight` / `.alpha`, diffusers block names
-  (`down_blocks_0_attentions_0_...`, as kohya uses for SD 1.x/2.x), plus `ss_*` and `modelspec.*` metadata.
-  A text-encoder LoRA would add `lora_te_text_model_<path>` modules through the same `kohya_modules`.
+  (`down_blocks_0_attentions_0_...`, as kohya uses for SD 1.x/2.x), and `lora_te_text_model_encoder_layers_<i>_...`
+  for the text encoder (transformers 5 dropped `text_model.` from the module path; kohya's loaders expect it),
+  plus `ss_*` and `modelspec.*` metadata.
 
 Traps avoided:
 - without the adapter metadata, diffusers assumes alpha = r and a model trained with alpha != r reloads at the
@@ -28,10 +31,11 @@ import torch
 
 from lanskap.params import LoraParams
 
-ADAPTER_NAME = "default"  # the name `unet.add_adapter` gives the adapter it trains
+ADAPTER_NAME = "default"  # the name `add_adapter` gives the adapter it trains
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 KOHYA_UNET_PREFIX = "lora_unet_"
+KOHYA_TEXT_ENCODER_PREFIX = "lora_te_text_model_"  # SD 1.x/2.x; `lora_te1_`/`lora_te2_` would mean SDXL
 PEFT_TO_KOHYA_WEIGHT = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 # modelspec architecture and kohya base version of each SD 2.x prediction type (768-v vs 512-base models).
 SD2_VARIANTS = {
@@ -40,10 +44,10 @@ SD2_VARIANTS = {
 }
 
 
-def lora_config(params: LoraParams) -> peft.LoraConfig:
+def lora_config(params: LoraParams, target_modules: list[str]) -> peft.LoraConfig:
     # Gaussian or Kaiming-uniform A and zero B: the adapter starts as an exact no-op on the base model.
     return peft.LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                           target_modules=list(params.target_modules), use_dora=params.use_dora,
+                           target_modules=list(target_modules), use_dora=params.use_dora,
                            use_rslora=params.use_rslora,
                            init_lora_weights="gaussian" if params.init_lora_weights == "gaussian" else True)
 
@@ -54,24 +58,34 @@ def kohya_alpha(params: LoraParams) -> float:
     return params.alpha * params.rank ** 0.5 if params.use_rslora else params.alpha
 
 
-def add_unet_lora(unet, params: LoraParams) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, attach a LoRA adapter in float32, set train mode and return the trainable parameters."""
+def add_lora(model, params: LoraParams, target_modules: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze `model` (the UNet or the text encoder), attach a LoRA adapter in float32 on `target_modules`, set train
+    mode and return the trainable parameters."""
     from diffusers.training_utils import cast_training_params
 
-    unet.requires_grad_(False)  # only the adapter trains (and only it is upcast below)
-    unet.add_adapter(lora_config(params))
-    unet.train()  # from_pretrained returns eval mode, in which lora.dropout does nothing
+    model.requires_grad_(False)  # only the adapter trains (and only it is upcast below)
+    model.add_adapter(lora_config(params, target_modules))
+    model.train()  # from_pretrained returns eval mode, in which lora.dropout does nothing
     # PEFT creates the adapter in the base layer's dtype; train it in float32 whatever the frozen weights are.
-    cast_training_params(unet, dtype=torch.float32)
-    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    cast_training_params(model, dtype=torch.float32)
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-def unet_lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers format (`<path>.lora.down.weight`/`.lora.up.weight`), as `save_lora_weights`
-    takes it for `unet_lora_layers`; the saved file prefixes every key with `unet.`."""
+def add_unet_lora(unet, params: LoraParams) -> list[torch.nn.Parameter]:
+    return add_lora(unet, params, params.target_modules)
+
+
+def peft_state_dict(model) -> dict[str, torch.Tensor]:
+    # save_embedding_layers=False: the adapters never touch embeddings, and "auto" probes the hub for a config.
+    return peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+
+
+def diffusers_lora_layers(model) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers format (`<path>.lora.down.weight`/`.lora.up.weight`), as `save_lora_weights` takes
+    it for `unet_lora_layers` / `text_encoder_lora_layers`; the file prefixes the keys with `unet.`/`text_encoder.`."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    return convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    return convert_state_dict_to_diffusers(peft_state_dict(model))
 
 
 def kohya_modules(peft_state_dict: dict[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
@@ -90,10 +104,13 @@ def kohya_modules(peft_state_dict: dict[str, torch.Tensor], prefix: str, alpha: 
     return kohya
 
 
-def kohya_state_dict(unet, params: LoraParams) -> dict[str, torch.Tensor]:
-    """The UNet adapter in kohya format (`lora_unet_...`), built directly from the PEFT state dict."""
-    peft_state_dict = peft.get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    return kohya_modules(peft_state_dict, KOHYA_UNET_PREFIX, kohya_alpha(params))
+def kohya_state_dict(unet, params: LoraParams, text_encoder=None) -> dict[str, torch.Tensor]:
+    """The adapters in kohya format (`lora_unet_...`, `lora_te_text_model_...`), built from the PEFT state dicts."""
+    kohya = kohya_modules(peft_state_dict(unet), KOHYA_UNET_PREFIX, kohya_alpha(params))
+    if text_encoder is not None:
+        text_state = {key.removeprefix("text_model."): value for key, value in peft_state_dict(text_encoder).items()}
+        kohya |= kohya_modules(text_state, KOHYA_TEXT_ENCODER_PREFIX, kohya_alpha(params))
+    return kohya
 
 
 def kohya_metadata(params: LoraParams, base: dict) -> dict[str, str]:
@@ -126,21 +143,26 @@ def kohya_metadata(params: LoraParams, base: dict) -> dict[str, str]:
     }
 
 
-def export_lora(unet, out_dir: Path, params: LoraParams, base: dict) -> dict[str, Path]:
-    """Write the UNet adapter as diffusers `pytorch_lora_weights.safetensors` (alpha in the adapter metadata) and,
-    unless it is a DoRA adapter, kohya `lora_kohya.safetensors`; return the paths written."""
+def export_lora(unet, out_dir: Path, params: LoraParams, base: dict, text_encoder=None) -> dict[str, Path]:
+    """Write the UNet adapter (and the text encoder's, if given) as diffusers `pytorch_lora_weights.safetensors`
+    (alpha in the adapter metadata) and, unless it is a DoRA adapter, kohya `lora_kohya.safetensors`; return the
+    paths written."""
     import safetensors.torch
     from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
+    text_encoder_files = {} if text_encoder is None else {
+        "text_encoder_lora_layers": diffusers_lora_layers(text_encoder),
+        "text_encoder_lora_adapter_metadata": text_encoder.peft_config[ADAPTER_NAME].to_dict(),
+    }
     StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=unet_lora_state_dict(unet), weight_name=DIFFUSERS_WEIGHT_NAME,
-        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+        out_dir, unet_lora_layers=diffusers_lora_layers(unet), weight_name=DIFFUSERS_WEIGHT_NAME,
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(), **text_encoder_files,
     )
     if params.use_dora:  # kohya's format and loaders have no magnitude vector: a file without it would be wrong
         print(f"export_lora: lora.use_dora is on; {KOHYA_WEIGHT_NAME} not written (the kohya format has no DoRA)")
         return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME}
-    safetensors.torch.save_file(kohya_state_dict(unet, params), out_dir / KOHYA_WEIGHT_NAME,
+    safetensors.torch.save_file(kohya_state_dict(unet, params, text_encoder), out_dir / KOHYA_WEIGHT_NAME,
                                 metadata=kohya_metadata(params, base))
     return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / KOHYA_WEIGHT_NAME}
 

@@ -88,7 +88,12 @@ class LoraParams(Group):
     rank: int = Field(4, ge=1, le=1024)
     alpha: float = Field(4.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # UNet modules; "wide" adds the transformer blocks' proj_in/proj_out and feed-forward: ["to_q", "to_k", "to_v",
+    # "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    # text-encoder modules, used when train.text_encoder_learning_rate is set (kohya also takes "fc1", "fc2")
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1)
     use_dora: bool = False  # weight-decomposed LoRA; the kohya file is then not written (kohya has no DoRA)
     use_rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     # Both start the adapter as a no-op (B = 0). PiSSA/OLoRA-style inits are not offered: they rewrite the base
@@ -100,6 +105,9 @@ class TrainParams(Group):
     steps: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1.0e-4, gt=0.0, le=1.0)
+    # None: the text encoder stays frozen; a value also trains a text-encoder LoRA, at this learning rate
+    text_encoder_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (and a GPU)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -115,6 +123,11 @@ class TrainParams(Group):
     snr_gamma: float | None = Field(None, gt=0.0)  # min-SNR loss weighting (5.0 is usual); None: off
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)  # 0.05-0.1 is usual; 0: off
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # probability of training on the empty caption
+    # validation images: fixed prompts (empty: the first 4 test captions) and seeds, every this many steps; 0: off
+    images_every: int = Field(0, ge=0)
+    image_prompts: list[str] = Field(default_factory=list)
+    image_inference_steps: int = Field(20, ge=1, le=1000)
+    image_guidance_scale: float = Field(7.5, ge=0.0)
     seed: int = 0
 
 

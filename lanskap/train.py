@@ -5,16 +5,24 @@ One training step, in diffusers vocabulary:
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = noise (epsilon) or noise_scheduler.get_velocity(...) (v_prediction), from the scheduler config
     loss = mse(unet(noisy_latents, timesteps, encoder_hidden_states), target)
-Only the LoRA parameters train (in fp32, whatever the frozen weights' dtype). The frozen text encoder runs
-once per distinct caption, not once per step; augmentation runs on the fly, so latents are not cached.
+Only the LoRA parameters train (in fp32, whatever the frozen weights' dtype): the UNet's, and the text encoder's
+when train.text_encoder_learning_rate is set. A frozen text encoder runs once per distinct caption, not once per
+step; augmentation runs on the fly, so latents are not cached.
+
+Randomness is a function of the seed and the position in the run only: each image's augmentation is seeded by
+its place in the data sequence, and each micro-batch's noise, timesteps and caption dropout are drawn for the
+global batch from a generator seeded by the micro-batch number. A resumed run, and a run split over N processes
+by `accelerate launch`, therefore train on exactly what one uninterrupted process trains on.
 """
 
 import json
 import random
+import resource
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,7 @@ from lanskap.params import AugmentParams, LoraParams, TrainParams
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECKPOINTS_KEPT = 2  # the newest is complete (atomic rename); the one before is a spare
+DEFAULT_IMAGE_PROMPTS = 4  # validation images of the first test captions when train.image_prompts is empty
 
 
 @dataclass
@@ -62,17 +71,72 @@ def load_components(model_dir: Path, weight_dtype: torch.dtype, device: torch.de
     return parts
 
 
-@torch.inference_mode()
-def encode_captions(captions: list[str], parts: Components, device) -> torch.Tensor:
-    """Text-encoder hidden states for each caption: [n_captions, 77, hidden]; computed once per run."""
-    tokens = parts.tokenizer(captions, padding="max_length", truncation=True,
-                             max_length=parts.tokenizer.model_max_length, return_tensors="pt")
-    states = [parts.text_encoder(ids[None].to(device))[0] for ids in tokens.input_ids]
-    return torch.cat(states).clone()  # clone: leave inference mode so autograd can use it as an input
+def tokenize(captions: list[str], tokenizer) -> torch.Tensor:
+    """CLIP token ids [n, 77], padded and truncated as SD 2.x's pipeline does."""
+    return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+class CaptionEncoder:
+    """Caption ids -> encoder_hidden_states [B, 77, hidden]. The last id is the empty caption (caption dropout).
+
+    With a frozen text encoder the states of each distinct caption are computed once, not once per step; with a
+    trained one (text-encoder LoRA) the encoder runs on every batch's tokens."""
+
+    def __init__(self, captions: list[str], parts: Components, device, text_encoder_trains: bool):
+        self.empty_id = len(captions)
+        self.token_ids = tokenize([*captions, ""], parts.tokenizer).to(device)  # [n + 1, 77]
+        self.table = None if text_encoder_trains else self.frozen_states(parts.text_encoder)
+
+    @torch.inference_mode()
+    def frozen_states(self, text_encoder) -> torch.Tensor:
+        states = [text_encoder(ids[None])[0] for ids in self.token_ids]  # one at a time: batch-size independent
+        return torch.cat(states).clone()  # clone: leave inference mode so autograd can use it as an input
+
+    def __call__(self, text_encoder, caption_ids: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[caption_ids]
+        return text_encoder(self.token_ids[caption_ids])[0]
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """This process's rows [start, start + size) of a global micro-batch of `total` images.
+
+    Every random tensor of a step (posterior sample, noise, timesteps, caption dropout) is drawn for the whole
+    global batch from one generator seeded by the micro-batch number, and each process keeps its rows: N processes
+    then compute exactly what one process computes on the global batch."""
+
+    total: int
+    start: int = 0
+    size: int | None = None
+
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[self.start:self.start + (self.size or self.total)]
+
+    def randn(self, sample_shape, generator, dtype) -> torch.Tensor:
+        return self.rows(torch.randn((self.total, *sample_shape), generator=generator, device=generator.device,
+                                     dtype=dtype))
+
+    def rand(self, generator) -> torch.Tensor:
+        return self.rows(torch.rand(self.total, generator=generator, device=generator.device))
+
+    def randint(self, high: int, generator) -> torch.Tensor:
+        return self.rows(torch.randint(0, high, (self.total,), generator=generator, device=generator.device))
+
+
+AUGMENTATION_STREAM, NOISE_STREAM = 0, 1
+
+
+def derived_seed(seed: int, *position: int) -> int:
+    """A seed that depends only on (seed, *position), so per-sample randomness is the same whatever the number of
+    processes, data-loader workers or a resume."""
+    return int(np.random.SeedSequence([seed % 2**63, *position]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class CaptionedImages(Dataset):
-    """Canonical training images, transformed on access; returns (pixels [3, H, W], caption index)."""
+    """Canonical training images, transformed on access. A key is (image index, augmentation seed); an item is
+    (pixels [3, H, W], caption id)."""
 
     def __init__(self, paths: list[str], caption_index: list[int], transform):
         self.paths, self.caption_index, self.transform = paths, caption_index, transform
@@ -80,8 +144,10 @@ class CaptionedImages(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
-        with Image.open(self.paths[index]) as image:
+    def __getitem__(self, key):
+        index, seed = key
+        with Image.open(self.paths[index]) as image, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # torchvision's random transforms draw from the global generator
             return self.transform(image.convert("RGB")), self.caption_index[index]
 
 
@@ -107,21 +173,23 @@ def min_snr_weights(noise_scheduler, timesteps, snr_gamma: float) -> torch.Tenso
     return clipped / snr
 
 
-def diffusion_loss(parts: Components, pixel_values, encoder_hidden_states, generator=None, noise_offset: float = 0.0,
+def diffusion_loss(parts: Components, pixel_values, encoder_hidden_states, generator: torch.Generator,
+                   share: BatchShare | None = None, noise_offset: float = 0.0,
                    snr_gamma: float | None = None) -> torch.Tensor:
     """The denoising loss of one batch: pixels [B, 3, H, W] in [-1, 1], states [B, 77, hidden].
 
+    Random draws come from `generator` for the global batch `share` belongs to (None: this batch is the whole).
     noise_offset adds per-channel constant noise (lets the model shift mean brightness); snr_gamma weights each
     sample by min-SNR. Both default off, as the validation loss uses it."""
+    share = share or BatchShare(pixel_values.shape[0])
     vae_dtype = next(parts.vae.parameters()).dtype
-    latents = parts.vae.encode(pixel_values.to(vae_dtype)).latent_dist.sample(generator)
+    posterior = parts.vae.encode(pixel_values.to(vae_dtype)).latent_dist
+    latents = posterior.mean + posterior.std * share.randn(posterior.mean.shape[1:], generator, posterior.mean.dtype)
     latents = latents * parts.vae.config.scaling_factor  # [B, 4, H/f, W/f]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = share.randn(latents.shape[1:], generator, latents.dtype)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
-                                                   device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=latents.device)
+        noise = noise + noise_offset * share.randn((latents.shape[1], 1, 1), generator, latents.dtype)
+    timesteps = share.randint(parts.noise_scheduler.config.num_train_timesteps, generator)
     noisy_latents = parts.noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(parts.noise_scheduler, latents, noise, timesteps)
     prediction = parts.unet(noisy_latents, timesteps, encoder_hidden_states.to(noisy_latents.dtype)).sample
@@ -131,13 +199,14 @@ def diffusion_loss(parts: Components, pixel_values, encoder_hidden_states, gener
     return (per_sample * min_snr_weights(parts.noise_scheduler, timesteps, snr_gamma)).mean()
 
 
-def drop_captions(encoder_hidden_states, empty_caption_state, probability: float) -> torch.Tensor:
-    """Replace each sample's caption states by the empty caption's with `probability` (teaches the unconditional
-    prediction classifier-free guidance uses). Draws no random numbers when off, so default runs are unchanged."""
+def drop_captions(caption_ids: torch.Tensor, empty_id: int, probability: float, generator,
+                  share: BatchShare) -> torch.Tensor:
+    """Replace each sample's caption by the empty caption with `probability` (teaches the unconditional prediction
+    classifier-free guidance uses). Draws no random numbers when off, so default runs are unchanged."""
     if not probability:
-        return encoder_hidden_states
-    dropped = torch.rand(encoder_hidden_states.shape[0], device=encoder_hidden_states.device) < probability
-    return torch.where(dropped[:, None, None], empty_caption_state, encoder_hidden_states)
+        return caption_ids
+    dropped = share.rand(generator) < probability
+    return torch.where(dropped, torch.full_like(caption_ids, empty_id), caption_ids)
 
 
 def check_finite(loss: torch.Tensor, step: int, params: TrainParams) -> None:
@@ -149,17 +218,61 @@ def check_finite(loss: torch.Tensor, step: int, params: TrainParams) -> None:
         )
 
 
-def validation_loss(parts: Components, pixel_values, encoder_hidden_states, seed: int) -> float:
-    """Loss on held-out images with fixed noise and timesteps, so values are comparable across steps; the UNet
-    is in eval mode meanwhile (no LoRA dropout)."""
-    generator = torch.Generator(pixel_values.device).manual_seed(seed)
-    was_training = parts.unet.training
-    parts.unet.eval()
+@contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Modules in eval mode (no LoRA dropout) for a validation pass, then back to their previous mode."""
+    was_training = [module.training for module in modules]
+    for module in modules:
+        module.eval()
     try:
-        with torch.no_grad():
-            return diffusion_loss(parts, pixel_values, encoder_hidden_states, generator).item()
+        yield
     finally:
-        parts.unet.train(was_training)
+        for module, training in zip(modules, was_training):
+            module.train(training)
+
+
+@dataclass
+class HeldOut:
+    """The test images (canonical, centre-cropped, not augmented) and their captions, for the validation loss."""
+
+    pixel_values: torch.Tensor  # [n_test, 3, H, W]
+    captions: CaptionEncoder
+
+    @classmethod
+    def load(cls, table: pd.DataFrame, parts: Components, device, resolution: int, text_encoder_trains: bool):
+        to_tensor = eval_transform(resolution)
+        pixels = torch.stack([to_tensor(Image.open(path).convert("RGB")) for path in table["path"]])
+        return cls(pixels.to(device), CaptionEncoder(table["caption"].tolist(), parts, device, text_encoder_trains))
+
+    def loss(self, parts: Components, seed: int) -> float:
+        """Loss with fixed noise and timesteps, so values are comparable across steps."""
+        generator = torch.Generator(self.pixel_values.device).manual_seed(seed)
+        with eval_mode(parts.unet, parts.text_encoder), torch.no_grad():
+            states = self.captions(parts.text_encoder, torch.arange(len(self.pixel_values)))
+            return diffusion_loss(parts, self.pixel_values, states, generator).item()
+
+
+def validation_images(parts: Components, prompts: list[str], params: TrainParams, resolution: int) -> Image.Image:
+    """One image per prompt, each from its own fixed seed (train.seed + position), as a labelled row: the same
+    prompts and noise at every interval, so successive rows show what training changed."""
+    import diffusers
+
+    from lanskap.report import image_grid
+    from lanskap.sampling import SCHEDULERS
+
+    scheduler_class, extra = SCHEDULERS["dpm++"]
+    pipeline = diffusers.StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=getattr(diffusers, scheduler_class).from_config(parts.noise_scheduler.config, **extra),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    device = parts.unet.device
+    generators = [torch.Generator(device).manual_seed(params.seed + index) for index in range(len(prompts))]
+    mixed = parts.unet.dtype != torch.float32  # frozen weights in bf16/fp16, LoRA in fp32: autocast as in training
+    with eval_mode(parts.unet, parts.text_encoder), torch.autocast(device.type, parts.unet.dtype, enabled=mixed):
+        images = pipeline(prompts, num_inference_steps=params.image_inference_steps, height=resolution,
+                          width=resolution, guidance_scale=params.image_guidance_scale, generator=generators).images
+    return image_grid([images], column_labels=prompts, cell=max(resolution, 64))
 
 
 def load_split(table: pd.DataFrame) -> tuple[list[str], list[int], list[str]]:
@@ -169,40 +282,56 @@ def load_split(table: pd.DataFrame) -> tuple[list[str], list[int], list[str]]:
     return table["path"].tolist(), [position[c] for c in table["caption"]], captions
 
 
-def make_optimizer(lora_parameters, params: TrainParams, fused: bool | None = None):
-    """AdamW and its lr scheduler; `fused` picks torch's single-kernel AdamW (None: torch's default)."""
+def make_optimizer(parameter_groups: list[dict], params: TrainParams, fused: bool | None = None):
+    """AdamW (torch's, or bitsandbytes' 8-bit one) over parameter groups that may carry their own "lr", and its lr
+    scheduler; `fused` picks torch's single-kernel AdamW (None: torch's default)."""
     from diffusers.optimization import get_scheduler
 
-    optimizer = torch.optim.AdamW(
-        lora_parameters, lr=params.learning_rate, betas=(params.adam_beta1, params.adam_beta2),
-        weight_decay=params.adam_weight_decay, eps=params.adam_epsilon, fused=fused,
-    )
+    settings = {"lr": params.learning_rate, "betas": (params.adam_beta1, params.adam_beta2),
+                "weight_decay": params.adam_weight_decay, "eps": params.adam_epsilon}
+    if params.optimizer == "adamw8bit":
+        optimizer = bitsandbytes_module().optim.AdamW8bit(parameter_groups, **settings)
+    else:
+        optimizer = torch.optim.AdamW(parameter_groups, fused=fused, **settings)
     lr_scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps,
                                  num_training_steps=params.steps)
     return optimizer, lr_scheduler
 
 
-def held_out_batch(table: pd.DataFrame, parts: Components, device, resolution: int):
-    """Test images (canonical, centre-cropped, not augmented) and their caption states, for the validation loss."""
-    to_tensor = eval_transform(resolution)
-    pixels = torch.stack([to_tensor(Image.open(path).convert("RGB")) for path in table["path"]])
-    return pixels.to(device), encode_captions(table["caption"].tolist(), parts, device)
+def bitsandbytes_module():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("train.optimizer=adamw8bit needs bitsandbytes, which is not installed: `uv pip install "
+                        "bitsandbytes` (CUDA machines), or set train.optimizer: adamw") from None
+    return bitsandbytes
 
 
-def batch_indices(num_images: int, batch_size: int, seed: int, start: int) -> Iterator[list[int]]:
-    """Index batches forever, from batch number `start` on; each epoch is a fresh permutation drawn from one seeded
-    generator, so the loader's position is a function of the batch count alone and a resumed run draws the same
-    batches. The last partial batch of an epoch is dropped unless it is the only one."""
-    batches_per_epoch = max(1, num_images // batch_size)
+def global_batches(num_images: int, global_batch: int, seed: int, start: int) -> Iterator[list[tuple[int, int]]]:
+    """Global micro-batches of (image index, augmentation seed) forever, from micro-batch number `start` on.
+
+    Each epoch is a fresh permutation from one seeded generator and each image's augmentation seed depends on its
+    place in the sequence only, so the data a run sees is a function of the micro-batch count: a resumed run, or
+    a run split over N processes, sees the same. The last partial batch of an epoch is dropped."""
+    batches_per_epoch = num_images // global_batch
     epoch, position = divmod(start, batches_per_epoch)
     order_generator = torch.Generator().manual_seed(seed)
     for _ in range(epoch):  # replay the permutations of the epochs already done
         torch.randperm(num_images, generator=order_generator)
+    number = start
     while True:
         order = torch.randperm(num_images, generator=order_generator).tolist()
         for batch in range(position, batches_per_epoch):
-            yield order[batch * batch_size:(batch + 1) * batch_size]
+            indices = order[batch * global_batch:(batch + 1) * global_batch]
+            yield [(index, derived_seed(seed, AUGMENTATION_STREAM, number, k)) for k, index in enumerate(indices)]
+            number += 1
         position = 0
+
+
+def process_batches(batches: Iterator[list], share: BatchShare) -> Iterator[list]:
+    """This process's rows of each global micro-batch."""
+    for batch in batches:
+        yield share.rows(batch)
 
 
 @dataclass
@@ -270,6 +399,7 @@ def load_checkpoint(checkpoint_dir: Path, lora_parameters: dict[str, torch.nn.Pa
 @dataclass
 class TrainResult:
     unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None  # None: the text encoder was frozen
     losses: list[float]
     validation_losses: dict[int, float]
     seconds: float  # this run's, not counting steps restored from a checkpoint
@@ -277,69 +407,138 @@ class TrainResult:
     prediction_type: str
 
 
+@dataclass
+class Trainer:
+    """What the training loop works with: the frozen parts, their distributed wrappers, the LoRA parameters."""
+
+    parts: Components  # the modules themselves: validation, sampling, export
+    wrapped: Components  # the same modules as accelerate prepared them (DDP across processes): training
+    lora_parameters: dict[str, torch.nn.Parameter]  # "unet.<name>" / "text_encoder.<name>"
+    share: BatchShare  # this process's rows of each global micro-batch
+    accelerator: object
+
+
+def attach_adapters(parts: Components, lora: LoraParams, params: TrainParams) -> tuple[dict, list[dict]]:
+    """LoRA on the UNet, and on the text encoder when it trains; return the named LoRA parameters and the
+    optimizer's parameter groups (the text encoder's with its own learning rate)."""
+    from lanskap.lora import add_lora
+
+    unet_parameters = add_lora(parts.unet, lora, lora.target_modules)
+    named = {f"unet.{name}": p for name, p in parts.unet.named_parameters() if p.requires_grad}
+    groups = [{"params": unet_parameters, "lr": params.learning_rate}]
+    if params.text_encoder_learning_rate is not None:
+        text_parameters = add_lora(parts.text_encoder, lora, lora.text_encoder_target_modules)
+        named |= {f"text_encoder.{name}": p for name, p in parts.text_encoder.named_parameters() if p.requires_grad}
+        groups.append({"params": text_parameters, "lr": params.text_encoder_learning_rate})
+    if params.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()  # recompute activations in backward: less memory, ~30% slower
+    return named, groups
+
+
+def make_accelerator(params: TrainParams):
+    """One process, or one of `accelerate launch`'s; on a machine without CUDA the processes train on CPU (gloo)."""
+    import os
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=params.mixed_precision, cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # each process would train alone and write the same outputs
+        raise UserError(f"train_lora: launched as {launched} processes but accelerate set up "
+                        f"{accelerator.num_processes}; launch with `accelerate launch --multi_gpu --num_processes N`")
+    return accelerator
+
+
+def prepare_trainer(model_dir: Path, lora: LoraParams, params: TrainParams) -> tuple[Trainer, object, object]:
+    """Load the base model, attach the adapters, and let accelerate wrap the trained modules and the optimizer."""
+    accelerator = make_accelerator(params)
+    parts = load_components(model_dir, WEIGHT_DTYPES[params.mixed_precision], accelerator.device)
+    lora_parameters, groups = attach_adapters(parts, lora, params)
+    optimizer, lr_scheduler = make_optimizer(groups, params)
+    unet, optimizer, lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
+    text_encoder = parts.text_encoder
+    if params.text_encoder_learning_rate is not None:
+        text_encoder = accelerator.prepare(text_encoder)
+    share = BatchShare(params.batch_size * accelerator.num_processes, accelerator.process_index * params.batch_size,
+                       params.batch_size)
+    trainer = Trainer(parts, replace(parts, unet=unet, text_encoder=text_encoder), lora_parameters, share, accelerator)
+    return trainer, optimizer, lr_scheduler
+
+
 def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFrame, lora: LoraParams,
                params: TrainParams, augment: AugmentParams, resolution: int, live=None,
                checkpoint_dir: Path | None = None) -> TrainResult:
-    """Train a LoRA on the UNet and return the trained UNet (adapter attached) and its loss history.
+    """Train a LoRA on the UNet (and the text encoder if train.text_encoder_learning_rate is set); return the
+    trained modules (adapters attached) and the loss history. Run by each of `accelerate launch`'s processes;
+    only the main one logs, samples and writes checkpoints (pass `live` there only).
 
     With `checkpoint_dir` and `params.checkpoint_every`, the full training state is saved there every that many
     steps, and a run finding a checkpoint there resumes from it, bit-identically to an uninterrupted run."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from lanskap.lora import add_unet_lora
-
-    accelerator = Accelerator(mixed_precision=params.mixed_precision)
     set_seed(params.seed)
-    parts = load_components(model_dir, WEIGHT_DTYPES[params.mixed_precision], accelerator.device)
-    add_unet_lora(parts.unet, lora)
-    if params.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()  # recompute activations in backward: less memory, ~30% slower
-    lora_parameters = {name: p for name, p in parts.unet.named_parameters() if p.requires_grad}
+    trainer, optimizer, lr_scheduler = prepare_trainer(model_dir, lora, params)
+    parts, accelerator, main = trainer.parts, trainer.accelerator, trainer.accelerator.is_main_process
+    text_encoder_trains = params.text_encoder_learning_rate is not None
     paths, caption_index, captions = load_split(train_table)
-    caption_states = encode_captions(captions, parts, accelerator.device)  # [n_captions, 77, hidden]
-    empty_caption_state = encode_captions([""], parts, accelerator.device)  # for caption dropout
-    held_out = held_out_batch(test_table, parts, accelerator.device, resolution)
-    optimizer, lr_scheduler = make_optimizer(list(lora_parameters.values()), params)
-    parts.unet, optimizer, lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
+    check_batch_fits(len(paths), trainer.share.total, accelerator.num_processes)
+    caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains)
+    held_out = HeldOut.load(test_table, parts, accelerator.device, resolution, text_encoder_trains)
+    prompts = params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS]
 
-    state = load_checkpoint(checkpoint_dir, lora_parameters, optimizer, lr_scheduler) if checkpoint_dir else None
+    # Validation images are kept beside the checkpoints so that a resumed run can log them again.
+    image_dir = checkpoint_dir / "images" if checkpoint_dir and params.checkpoint_every else None
+    state = load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler) if checkpoint_dir else None
     if state is None:
-        state = TrainingState(validation_losses={0: validation_loss(parts, *held_out, seed=params.seed)})  # base model
-    for row in state.logged:
-        log_row(live, row)
+        state = TrainingState(validation_losses={0: held_out.loss(parts, params.seed)})  # the base model
+        if main and params.images_every:
+            log_image(live, image_dir, 0, validation_images(parts, prompts, params, resolution))
+    else:
+        replay_log(live, state, image_dir)
     dataset = CaptionedImages(paths, caption_index, train_transform(augment, resolution))
     first_batch = state.step * params.gradient_accumulation_steps
+    sampler = process_batches(global_batches(len(paths), trainer.share.total, params.seed, first_batch), trainer.share)
     # The loader's own generator: creating its iterator would otherwise draw from the global RNG a resume restored.
-    batches = iter(DataLoader(dataset, batch_sampler=batch_indices(len(paths), params.batch_size, params.seed,
-                                                                   start=first_batch),
-                              generator=torch.Generator().manual_seed(params.seed)))
-    print(f"train_lora: global batch {global_batch_size(params, accelerator.num_processes)} = batch_size "
-          f"{params.batch_size} x gradient_accumulation_steps {params.gradient_accumulation_steps} x processes "
-          f"{accelerator.num_processes}")
+    batches = iter(DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed)))
+    if main:
+        print(f"train_lora: global batch {global_batch_size(params, accelerator.num_processes)} = batch_size "
+              f"{params.batch_size} x gradient_accumulation_steps {params.gradient_accumulation_steps} x processes "
+              f"{accelerator.num_processes}")
     images_seen, start = 0, time.perf_counter()
-    progress = tqdm(range(state.step + 1, params.steps + 1), desc="train_lora", unit="step",
-                    initial=state.step, total=params.steps)
+    progress = tqdm(range(state.step + 1, params.steps + 1), desc="train_lora", unit="step", initial=state.step,
+                    total=params.steps, disable=not main)
     for step in progress:
-        loss, images = accumulate_gradients(parts, batches, caption_states, empty_caption_state, params, accelerator)
+        loss, images = accumulate_gradients(trainer, batches, caption_encoder, params, first_micro_batch=
+                                            (step - 1) * params.gradient_accumulation_steps)
         check_finite(loss, step, params)
-        optimizer_step(accelerator, list(lora_parameters.values()), optimizer, lr_scheduler, params.max_grad_norm)
+        optimizer_step(accelerator, list(trainer.lora_parameters.values()), optimizer, lr_scheduler,
+                       params.max_grad_norm)
 
         state.step = step
         state.losses.append(loss.item())
-        images_seen += images
+        images_seen += images * accelerator.num_processes
         images_per_second = images_seen / (time.perf_counter() - start)
         progress.set_postfix(loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}")
-        if step % params.log_every == 0 or step == params.steps:
-            state.validation_losses[step] = validation_loss(parts, *held_out, seed=params.seed)
+        if main and (step % params.log_every == 0 or step == params.steps):
+            state.validation_losses[step] = held_out.loss(parts, params.seed)
             state.logged.append(metrics_row(step, state, params.log_every, lr_scheduler.get_last_lr()[0],
                                             images_per_second))
             log_row(live, state.logged[-1])
-        if checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, state, lora_parameters, optimizer, lr_scheduler)
+        if main and params.images_every and (step % params.images_every == 0 or step == params.steps):
+            log_image(live, image_dir, step, validation_images(parts, prompts, params, resolution))
+        if main and checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
+            save_checkpoint(checkpoint_dir, state, trainer.lora_parameters, optimizer, lr_scheduler)
     seconds = time.perf_counter() - start
-    return TrainResult(accelerator.unwrap_model(parts.unet), state.losses, state.validation_losses, seconds,
-                       images_seen / seconds if images_seen else 0.0, parts.noise_scheduler.config.prediction_type)
+    return TrainResult(parts.unet, parts.text_encoder if text_encoder_trains else None, state.losses,
+                       state.validation_losses, seconds, images_seen / seconds if images_seen else 0.0,
+                       parts.noise_scheduler.config.prediction_type)
+
+
+def check_batch_fits(num_images: int, global_micro_batch: int, num_processes: int) -> None:
+    if global_micro_batch > num_images:
+        raise UserError(f"train_lora: train.batch_size x processes = {global_micro_batch} exceeds the {num_images} "
+                        f"training images ({num_processes} process(es)); lower train.batch_size and raise "
+                        "train.gradient_accumulation_steps to keep the global batch")
 
 
 def global_batch_size(params: TrainParams, num_processes: int) -> int:
@@ -347,21 +546,31 @@ def global_batch_size(params: TrainParams, num_processes: int) -> int:
     return params.batch_size * params.gradient_accumulation_steps * num_processes
 
 
-def accumulate_gradients(parts: Components, batches, caption_states, empty_caption_state, params: TrainParams,
-                         accelerator) -> tuple[torch.Tensor, int]:
-    """Backward over gradient_accumulation_steps batches; return their mean loss (detached) and image count."""
+def accumulate_gradients(trainer: Trainer, batches, captions: CaptionEncoder, params: TrainParams,
+                         first_micro_batch: int) -> tuple[torch.Tensor, int]:
+    """Backward over gradient_accumulation_steps micro-batches, numbered from `first_micro_batch` (which seeds
+    their noise); return their mean loss (detached) and this process's image count. Gradients are averaged across
+    processes once, on the last micro-batch."""
+    accelerator, parts = trainer.accelerator, trainer.wrapped
     losses, images = [], 0
-    for _ in range(params.gradient_accumulation_steps):
+    for micro in range(params.gradient_accumulation_steps):
         pixel_values, caption_ids = next(batches)
-        pixel_values = pixel_values.to(accelerator.device)
-        encoder_hidden_states = drop_captions(caption_states[caption_ids], empty_caption_state, params.caption_dropout)
-        with accelerator.autocast():
-            loss = diffusion_loss(parts, pixel_values, encoder_hidden_states, noise_offset=params.noise_offset,
-                                  snr_gamma=params.snr_gamma)
-        accelerator.backward(loss / params.gradient_accumulation_steps)
+        pixel_values, caption_ids = pixel_values.to(accelerator.device), caption_ids.to(accelerator.device)
+        generator = torch.Generator(accelerator.device).manual_seed(
+            derived_seed(params.seed, NOISE_STREAM, first_micro_batch + micro))
+        caption_ids = drop_captions(caption_ids, captions.empty_id, params.caption_dropout, generator, trainer.share)
+        with ExitStack() as stack:
+            if micro < params.gradient_accumulation_steps - 1:
+                for module in {parts.unet, parts.text_encoder}:
+                    stack.enter_context(accelerator.no_sync(module))
+            with accelerator.autocast():
+                encoder_hidden_states = captions(parts.text_encoder, caption_ids)
+                loss = diffusion_loss(parts, pixel_values, encoder_hidden_states, generator, trainer.share,
+                                      params.noise_offset, params.snr_gamma)
+            accelerator.backward(loss / params.gradient_accumulation_steps)
         losses.append(loss.detach())
         images += pixel_values.shape[0]
-    return torch.stack(losses).mean(), images
+    return accelerator.reduce(torch.stack(losses).mean(), "mean"), images
 
 
 def optimizer_step(accelerator, lora_parameters: list, optimizer, lr_scheduler, max_grad_norm: float) -> None:
@@ -389,6 +598,30 @@ def log_row(live, row: dict) -> None:
     live.next_step()
 
 
+def log_image(live, image_dir: Path | None, step: int, grid: Image.Image) -> None:
+    """Log a validation grid with DVCLive (`plots/images/validation/step-<step>.png`), and keep a copy in
+    `image_dir` when checkpointing."""
+    from lanskap.report import save_png
+
+    name = f"step-{step:06d}.png"
+    if image_dir is not None:
+        save_png(grid, image_dir / name)
+    if live is not None:
+        live.log_image(f"validation/{name}", grid)
+
+
+def replay_log(live, state: TrainingState, image_dir: Path | None) -> None:
+    """Log again what the interrupted run had logged up to its checkpoint: DVC deletes the log before a run."""
+    if live is None:
+        return
+    for row in state.logged:
+        log_row(live, row)
+    for path in sorted(image_dir.glob("step-*.png")) if image_dir else []:
+        if int(path.stem.removeprefix("step-")) <= state.step:
+            with Image.open(path) as grid:
+                live.log_image(f"validation/{path.name}", grid.copy())
+
+
 def summarise(result: TrainResult) -> dict:
     best_step = min(result.validation_losses, key=result.validation_losses.get)
     last_step = max(result.validation_losses)
@@ -404,4 +637,5 @@ def summarise(result: TrainResult) -> dict:
         "seconds": round(result.seconds, 2),
         "images_per_second": round(result.images_per_second, 3),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else 0.0,
+        "peak_process_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # KiB on Linux
     }

@@ -4,8 +4,12 @@ Inputs:  PROCESSED/train.csv, PROCESSED/test.csv and their images (from preproce
 Outputs: OUT/pytorch_lora_weights.safetensors  diffusers/PEFT format, alpha kept in the adapter metadata
          OUT/lora_kohya.safetensors           kohya format for AUTOMATIC1111 / ComfyUI / Forge
          OUT/README.md                        model card: base model, params, data hash, training summary
-         LIVE/                                DVCLive log: per-step loss, validation loss, lr, images/s
+         LIVE/                                DVCLive log: per-step loss, validation loss, lr, images/s,
+                                              validation images
 Params:  model, lora, train, augment
+
+Several GPUs or machines: `accelerate launch --multi_gpu --num_processes N -m stages.train_lora ...` (the global
+batch is batch_size x gradient_accumulation_steps x N; the main process logs and writes the outputs).
 """
 
 import argparse
@@ -49,6 +53,14 @@ def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str]) -> Path:
     return CHECKPOINT_ROOT / digest.hexdigest()[:16]
 
 
+def process_state():
+    """This process's place among `accelerate launch`'s (a single process when run directly)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -63,11 +75,17 @@ def main(argv=None):
     from lanskap.models import resolve_base_model
     from lanskap.train import summarise, train_lora
 
-    model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
+    processes = process_state()
+    with processes.main_process_first():  # one process downloads or builds the base model, the others then read it
+        model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
     train_table = read_table(args.data / "train.csv", ["path", "caption"])
     test_table = read_table(args.data / "test.csv", ["path", "caption"])
     resolution = min(Image.open(train_table["path"][0]).size)  # the shorter side: preprocess.resolution
     checkpoints = checkpoint_dir(loaded, args.data, train_table["path"].tolist())
+    if not processes.is_main_process:  # another of `accelerate launch`'s processes: trains its share, writes nothing
+        train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"], loaded["augment"],
+                   resolution, checkpoint_dir=checkpoints)
+        return
     with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         result = train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"],
                             loaded["augment"], resolution, live, checkpoints)
@@ -81,7 +99,7 @@ def main(argv=None):
         "data_sha256": hashlib.sha256((args.data / "train.csv").read_bytes()).hexdigest(),
     }
     with atomic_dir(args.out) as staging:
-        files = export_lora(result.unet, staging, loaded["lora"], base)
+        files = export_lora(result.unet, staging, loaded["lora"], base, result.text_encoder)
         (staging / "README.md").write_text(model_card(base, summary, loaded, files))
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run is recorded; a forced rerun must train again
     print(f"train_lora: {summary['steps']} steps in {summary['seconds']} s ({summary['images_per_second']} img/s); "

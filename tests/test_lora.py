@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from lanskap.lora import (add_unet_lora, export_lora, kohya_metadata, kohya_state_dict, load_lora_into_pipeline,
-                          unet_lora_state_dict)
+                          diffusers_lora_layers)
 from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.params import LoraParams
 
@@ -89,7 +89,7 @@ def test_diffusers_file_without_adapter_metadata_loads_at_the_wrong_strength(tra
 def test_diffusers_keys_and_adapter_metadata(trained):
     linears = trained["attention_linears"]
     expected = {f"unet.{path}.lora.{kind}.weight" for path in linears for kind in ("down", "up")}
-    assert set(unet_lora_state_dict(trained["unet"])) == {key.removeprefix("unet.") for key in expected}
+    assert set(diffusers_lora_layers(trained["unet"])) == {key.removeprefix("unet.") for key in expected}
     with safetensors.safe_open(trained["files"]["diffusers"], "pt") as file:
         assert set(file.keys()) == expected
         adapter = json.loads(file.metadata()["lora_adapter_metadata"])

@@ -93,15 +93,18 @@ def test_min_snr_weights_match_the_formula(prediction_type):
     assert snr[0] > gamma > snr[-1]  # both branches of the min are exercised
 
 
-def test_caption_dropout_replaces_captions_at_the_given_rate():
-    states, empty = torch.ones(20_000, 77, 8), torch.zeros(1, 77, 8)
-    torch.manual_seed(0)
-    dropped = train.drop_captions(states, empty, 0.3)
-    rows_empty = (dropped == 0).all(dim=(1, 2))
-    assert rows_empty.float().mean().item() == pytest.approx(0.3, abs=0.015)
-    assert ((dropped == 1).all(dim=(1, 2)) | rows_empty).all()  # whole captions swapped, never mixed
-    rng = torch.get_rng_state()
-    assert train.drop_captions(states, empty, 0.0) is states and torch.equal(torch.get_rng_state(), rng)
+def test_caption_dropout_replaces_captions_at_the_given_rate_whatever_the_process_split():
+    ids, empty_id, total = torch.arange(20_000), -1, 20_000
+    whole = train.drop_captions(ids, empty_id, 0.3, torch.Generator().manual_seed(0), train.BatchShare(total))
+    assert (whole == empty_id).float().mean().item() == pytest.approx(0.3, abs=0.015)
+    assert ((whole == ids) | (whole == empty_id)).all()
+    halves = [train.drop_captions(ids[start:start + total // 2], empty_id, 0.3, torch.Generator().manual_seed(0),
+                                  train.BatchShare(total, start, total // 2)) for start in (0, total // 2)]
+    assert torch.equal(torch.cat(halves), whole)  # two processes drop exactly what one process drops
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert train.drop_captions(ids, empty_id, 0.0, generator, train.BatchShare(total)) is ids
+    assert torch.equal(generator.get_state(), state)  # off: no draw, so runs without it are unchanged
 
 
 def test_global_batch_size_and_trainer_option_validation():
