@@ -76,7 +76,7 @@ def load_plain_diffusers(model_dir: Path, dtype: torch.dtype, device: torch.devi
     """The anchor exactly as shared/bench/gen_bench.py loads it."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

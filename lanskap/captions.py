@@ -33,13 +33,15 @@ def read_overrides(manifest: pd.DataFrame, overrides_file: str | None) -> pd.Ser
 
 def resolve_captioner(params: CaptionParams) -> Path:
     """Local folder of the image-to-text model: a folder as given, or a hub snapshot at the pinned revision."""
-    from lanskap.models import fetch_hub_snapshot
+    from lanskap.models import fetch_hub_snapshot, require_safetensors
 
     local = Path(params.model).expanduser()
-    if local.exists():
-        return local
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
-    return fetch_hub_snapshot(params.model, params.model_revision, patterns, "caption.model", "caption.model_revision")[0]
+    if not local.exists():
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+        local = fetch_hub_snapshot(params.model, params.model_revision, patterns, "caption.model",
+                                   "caption.model_revision")[0]
+    require_safetensors(local, "caption.model")
+    return local
 
 
 def model_captions(paths: list[str], params: CaptionParams) -> pd.Series:
@@ -52,7 +54,7 @@ def model_captions(paths: list[str], params: CaptionParams) -> pd.Series:
 
     folder = resolve_captioner(params)
     processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True).eval()
     captions = []
     for start in tqdm(range(0, len(paths), params.batch_size), desc="caption", unit="batch"):
         images = [open_rgb(path) for path in paths[start:start + params.batch_size]]

@@ -86,10 +86,15 @@ def validate_image(data: bytes, min_size: int) -> tuple[Image.Image | None, str]
     return image, ""
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files below `folder`, by suffix, sorted so runs are reproducible."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def folder_candidates(folder: Path):
-    """Image files below `folder` (sorted, so runs are reproducible): path, sidecar `.txt` caption, and
-    group (the top-level sub-folder, empty for files directly in `folder`)."""
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    """Image files below `folder`: path, sidecar `.txt` caption, and group (the top-level sub-folder, empty
+    for files directly in `folder`)."""
+    for path in image_files(folder):
         sidecar = path.with_suffix(".txt")
         caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else ""
         parts = path.relative_to(folder).parts

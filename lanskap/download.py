@@ -94,12 +94,17 @@ def describe(error: Exception, attempts: int) -> str:
     return f"download failed: {reason} (after {attempts} attempt(s))"
 
 
+def cache_path(url: str, cache_dir: Path) -> Path:
+    """Where the URL's bytes are cached: named by the URL's hash, so no URL or server can choose the path."""
+    return cache_dir / hashlib.sha256(url.encode()).hexdigest()
+
+
 def download(url: str, cache_dir: Path, policy: DownloadPolicy, expected_sha256: str = "") -> bytes:
     """The URL's bytes, from the cache when present (and matching `expected_sha256`), else fetched."""
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ALLOWED_SCHEMES:
         raise DownloadError(f"unsupported URL scheme {scheme!r}: only http and https are fetched")
-    cached = cache_dir / hashlib.sha256(url.encode()).hexdigest()
+    cached = cache_path(url, cache_dir)
     if cached.is_file():
         data = cached.read_bytes()
         if not expected_sha256 or hashlib.sha256(data).hexdigest() == expected_sha256:

@@ -22,6 +22,7 @@ Reference preprocessing, reproduced exactly:
 """
 
 import json
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lanskap.errors import UserError
-from lanskap.models import builtin_dir, clip_tokenizer_dir, fetch_hub_snapshot
+from lanskap.models import builtin_dir, clip_tokenizer_dir, fetch_hub_snapshot, require_safetensors
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"
 BUILTIN_TINY_INCEPTION = "builtin:tiny-inception"
@@ -135,7 +136,7 @@ class ClipEmbedder:
 
         self.name = name
         self.device = device or default_device()
-        self.model = CLIPModel.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        self.model = CLIPModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(folder)
         self.image_size = self.model.config.vision_config.image_size
         self.dim = self.model.config.projection_dim
@@ -171,15 +172,11 @@ def resolve_clip_folder(spec: str, revision: str | None) -> tuple[Path, str]:
     if local.exists():
         if not (local / "config.json").is_file():
             raise UserError(f"evaluate.clip_model: {local} is not a CLIP model folder (no config.json)")
+        require_safetensors(local, "evaluate.clip_model")
         return local, str(local)
     folder, repo_id, commit = fetch_hub_snapshot(spec, revision, CLIP_HUB_FILES, "evaluate.clip_model",
                                                   "evaluate.clip_revision")
-    if not any(folder.glob("*.safetensors")):
-        raise UserError(
-            f"evaluate.clip_model: {repo_id!r} at revision {commit!r} has no .safetensors weights (only "
-            "safetensors are loaded). Pin evaluate.clip_revision to a commit that has model.safetensors, or "
-            "save the model with save_pretrained into a folder and set evaluate.clip_model to it."
-        )
+    require_safetensors(folder, "evaluate.clip_model")
     return folder, f"{repo_id}@{commit}"
 
 
@@ -244,8 +241,24 @@ def load_cleanfid_inception(spec: str) -> torch.nn.Module:
         # InceptionV3W takes a folder and opens the file in it by its release name.
         raise UserError(f"evaluate.inception_weights: {weights} must be named {INCEPTION_FILE} "
                         "(clean-fid's loader opens it by that name); rename it or link it under that name")
+    require_torchscript(weights)
     # download=False: clean-fid would otherwise fetch the file whenever it is absent from the folder.
     return InceptionV3W(str(weights.parent), download=False, resize_inside=False)
+
+
+def require_torchscript(weights: Path) -> None:
+    """Refuse a file that is not a TorchScript archive. clean-fid opens the file with `torch.jit.load`, whose
+    loader rebuilds only tensors and TorchScript classes (an arbitrary pickled global is an error) and runs
+    TorchScript code, never Python; a pickled checkpoint (`torch.save`) under the same name is refused here
+    with its reason rather than with a miniz error."""
+    try:
+        with zipfile.ZipFile(weights) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = []
+    if not any("/code/" in f"/{name}" for name in names):  # torch.save archives hold data, no code/
+        raise UserError(f"evaluate.inception_weights: {weights} is not a TorchScript archive (no code/ inside); "
+                        f"use NVIDIA's {INCEPTION_FILE} from {INCEPTION_URL} unchanged")
 
 
 def inception_pixels(image: Image.Image) -> np.ndarray:

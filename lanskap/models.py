@@ -23,6 +23,9 @@ from lanskap.io import atomic_dir
 BUILTIN_TINY_SD2 = "builtin:tiny-sd2"
 # Files a diffusers StableDiffusionPipeline folder needs; other weight formats in a hub repo are skipped.
 PIPELINE_FILES = ["model_index.json", "*/config.json", "*/*.safetensors", "scheduler/*", "tokenizer/*"]
+PIPELINE_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")  # the parts generate and train_lora load weights for
+# Weight files that are Python pickles: opening one can run any code its author put in it.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 TINY_SD2_CONFIG = {
     "unet": dict(
@@ -88,6 +91,20 @@ def builtin_dir(name: str, config: dict, build) -> Path:
     return folder
 
 
+def require_safetensors(folder: Path, key: str) -> None:
+    """Refuse a model folder without .safetensors weights, before a loader falls back to unpickling a
+    .bin (transformers and diffusers do, unless given `use_safetensors=True`)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(path.name for path in folder.glob("*") if path.suffix in PICKLE_WEIGHT_SUFFIXES)
+    found = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else "no weights"
+    raise UserError(
+        f"{key}: {folder} has {found}; only .safetensors weights are read, because a pickle can run code when "
+        "it is opened. Pin a revision that has .safetensors files, or convert once on a machine you trust: "
+        "load the model with from_pretrained and save it with save_pretrained(folder, safe_serialization=True)."
+    )
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path  # a local folder that from_pretrained reads
@@ -96,7 +113,8 @@ class ResolvedModel:
 
 
 def resolve_base_model(base: str, revision: str | None) -> ResolvedModel:
-    """Turn `model.base` into a local diffusers folder, or fail saying what is missing and how to get it."""
+    """Turn `model.base` into a local diffusers folder with safetensors weights, or fail saying what is
+    missing and how to get it."""
     if base == BUILTIN_TINY_SD2:
         return ResolvedModel(builtin_dir("tiny-sd2", TINY_SD2_CONFIG, build_tiny_sd2), base, None)
     if base.startswith("builtin:"):
@@ -105,8 +123,12 @@ def resolve_base_model(base: str, revision: str | None) -> ResolvedModel:
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise UserError(f"model.base: {local} is not a diffusers pipeline folder (no model_index.json)")
-        return ResolvedModel(local, base, None)
-    return ResolvedModel(*fetch_hub_snapshot(base, revision, PIPELINE_FILES, "model.base", "model.revision"))
+        resolved = ResolvedModel(local, base, None)
+    else:
+        resolved = ResolvedModel(*fetch_hub_snapshot(base, revision, PIPELINE_FILES, "model.base", "model.revision"))
+    for part in PIPELINE_WEIGHT_FOLDERS:
+        require_safetensors(resolved.path / part, "model.base")
+    return resolved
 
 
 def fetch_hub_snapshot(repo_id: str, revision: str | None, patterns: list[str], key: str, revision_key: str):

@@ -40,7 +40,8 @@ def load_pipeline(model_dir: Path, params: GenerateParams, device: torch.device)
     import diffusers
 
     pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
-        model_dir, dtype=inference_dtype(params.dtype, device), safety_checker=None, requires_safety_checker=False)
+        model_dir, dtype=inference_dtype(params.dtype, device), safety_checker=None, requires_safety_checker=False,
+        use_safetensors=True)
     scheduler_class, extra = SCHEDULERS[params.scheduler]
     pipeline.scheduler = getattr(diffusers, scheduler_class).from_config(pipeline.scheduler.config, **extra)
     pipeline.set_progress_bar_config(disable=True)
@@ -51,21 +52,38 @@ def native_resolution(pipeline) -> int:
     return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
 
 
+def sample(pipeline, captions: list[str], seeds: list[int], params: GenerateParams, resolution: int, steps: int):
+    """One batch through the pipeline; each image gets its own seeded generator, so batching never changes it."""
+    generators = [torch.Generator(pipeline.device).manual_seed(seed) for seed in seeds]
+    return pipeline(
+        captions, negative_prompt=[params.negative_prompt] * len(captions), num_inference_steps=steps,
+        guidance_scale=params.guidance_scale, height=resolution, width=resolution, generator=generators,
+    ).images
+
+
 def generate_images(pipeline, jobs: list[Job], params: GenerateParams, out_dir: Path, label: str) -> list[Path]:
-    """Run the jobs in batches; each image gets its own seeded generator, so batching never changes it."""
+    """Run the jobs in batches of generate.batch_size and save one PNG per job."""
     resolution = params.resolution or native_resolution(pipeline)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for start in tqdm(range(0, len(jobs), params.batch_size), desc=f"generate {label}", unit="batch"):
         batch = jobs[start:start + params.batch_size]
-        generators = [torch.Generator(pipeline.device).manual_seed(job.seed) for job in batch]
-        images = pipeline(
-            [job.caption for job in batch], negative_prompt=[params.negative_prompt] * len(batch),
-            num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
-            height=resolution, width=resolution, generator=generators,
-        ).images
+        images = sample(pipeline, [job.caption for job in batch], [job.seed for job in batch], params, resolution,
+                        params.steps)
         for job, image in zip(batch, images):
             path = out_dir / f"{job.prompt_index:04d}_{job.sample:02d}.png"
             image.save(path)
             paths.append(path)
     return paths
+
+
+def batch_probe(pipeline, caption: str, params: GenerateParams):
+    """`run_batch` for the GPU preflight: a batch of n through everything a real batch runs (text encoder,
+    a guided UNet step, VAE decode) at generate.resolution, with one step instead of generate.steps: the
+    memory peak does not grow with the number of steps."""
+    resolution = params.resolution or native_resolution(pipeline)
+
+    def run_batch(batch: int) -> None:
+        sample(pipeline, [caption] * batch, list(range(batch)), params, resolution, steps=1)
+
+    return run_batch

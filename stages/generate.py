@@ -17,6 +17,7 @@ from lanskap.data import read_table
 from lanskap.errors import run_stage
 from lanskap.io import atomic_dir, write_csv
 from lanskap.params import load_params
+from lanskap.preflight import generate_bytes, require_batch_fits, require_free_space
 from lanskap.report import image_grid, save_png
 
 GRID_ROWS = 10  # captions shown in the git-tracked comparison grid
@@ -52,13 +53,19 @@ def main(argv=None):
 
     from lanskap.lora import load_lora_into_pipeline
     from lanskap.models import resolve_base_model
-    from lanskap.sampling import generate_images, load_pipeline, plan_jobs
+    from lanskap.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
     model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_pipeline(model.path, params, device)
     jobs = plan_jobs(test["caption"].tolist(), params)
+    planned = generate_bytes(len(test), params.images_per_prompt, params.resolution or native_resolution(pipeline),
+                             min(len(test), GRID_ROWS))
+    require_free_space(args.out, planned, "generate", "generate.images_per_prompt, generate.resolution")
+    require_batch_fits(batch_probe(pipeline, jobs[0].caption, params), min(params.batch_size, len(jobs)),
+                       "generate.batch_size", device,
+                       if_none_fits="lower generate.resolution, or set generate.dtype: bf16 (or fp16)")
     with atomic_dir(args.out) as staging:
         rows = index_rows(jobs, generate_images(pipeline, jobs, params, staging / "base", "base"), "base",
                           test, args.out, staging)

@@ -20,12 +20,13 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from lanskap.data import (MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, folder_candidates, image_record,
-                          manifest_rows, near_duplicate_pairs, validate_image)
-from lanskap.download import DownloadPolicy, download
+from lanskap.data import (IMAGE_SUFFIXES, MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, folder_candidates,
+                          image_files, image_record, manifest_rows, near_duplicate_pairs, validate_image)
+from lanskap.download import DownloadPolicy, cache_path, download, sniff_image_format
 from lanskap.errors import UserError, run_stage
 from lanskap.io import atomic_dir, write_csv
 from lanskap.params import IngestParams, load_params
+from lanskap.preflight import procedural_ingest_bytes, require_free_space, source_ingest_bytes
 from lanskap.procedural import generate_item
 
 DOWNLOAD_CACHE = Path(".lanskap-cache/downloads")
@@ -97,16 +98,43 @@ def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result:
     return image, data, digest
 
 
+def planned_bytes(params: IngestParams) -> int:
+    """Upper bound of the bytes ingest writes (images and download cache), for the disk preflight."""
+    if params.source == "builtin:procedural":
+        return procedural_ingest_bytes(params.num_images, params.image_size)
+    source = Path(params.source)
+    if source.is_dir():
+        return source_ingest_bytes(image_files(source), [], 0)
+    references = [str(row["path"]) for row in manifest_rows(source)]
+    return source_ingest_bytes([source.parent / ref for ref in references if "://" not in ref],
+                               [cache_path(ref, DOWNLOAD_CACHE) for ref in references if "://" in ref],
+                               int(params.max_download_mb * 2**20))
+
+
+def image_suffix(source: str, data: bytes) -> str:
+    """The stored file's extension: the source's if it is an image one, else the one the bytes' format
+    names. Nothing else of the source's name is kept: a URL's can be any length and hold any character."""
+    suffix = Path(source).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return suffix
+    found = sniff_image_format(data)
+    return f".{found}" if found else ""
+
+
 def ingest(params: IngestParams, out: Path) -> IngestResult:
     result, seen = IngestResult(), {}
+    items = candidates(params)  # checks the source exists before it is measured
+    shrink = ("ingest.num_images, ingest.image_size" if params.source == "builtin:procedural"
+              else f"fewer images in {params.source}")
+    require_free_space(out, planned_bytes(params), "ingest", shrink)
     with atomic_dir(out) as staging:
         (staging / "images").mkdir()
-        for read, candidate in tqdm(candidates(params), desc="ingest", unit="img", mininterval=1.0):
+        for read, candidate in tqdm(items, desc="ingest", unit="img", mininterval=1.0):
             accepted = accept(read, candidate, params, seen, result)
             if accepted is None:
                 continue
             image, data, digest = accepted
-            name = f"{digest[:16]}{Path(candidate.source).suffix.lower() or '.png'}"
+            name = f"{digest[:16]}{image_suffix(candidate.source, data)}"
             (staging / "images" / name).write_bytes(data)
             result.accepted.append(image_record(staging / "images" / name, image, candidate) |
                                    {"path": (out / "images" / name).as_posix()})

@@ -21,6 +21,7 @@ from lanskap.data import open_rgb, read_table
 from lanskap.errors import run_stage
 from lanskap.io import atomic_dir, write_csv, write_text
 from lanskap.params import AugmentParams, PreprocessParams, load_params
+from lanskap.preflight import preprocess_bytes, require_free_space
 from lanskap.report import image_grid, save_png
 
 
@@ -88,6 +89,10 @@ def main(argv=None):
 
     columns = ["path", "sha256", "caption", "width", "height", "clip_tokens"]
     train, test = (read_table(args.split / f"{side}.csv", columns) for side in ("train", "test"))
+    both = pd.concat([train, test])
+    planned = preprocess_bytes(zip(both["width"], both["height"]), params.resolution, params.center_crop,
+                               params.preview_samples)
+    require_free_space(args.out, planned, "preprocess", "preprocess.resolution, or fewer images at ingest")
     with atomic_dir(args.out) as staging:
         (staging / "images").mkdir()
         train = write_canonical(train, params, staging, args.out)

@@ -3,8 +3,10 @@
 import hashlib
 import http.server
 import io
+import re
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,6 +17,7 @@ from tests.conftest import write_params
 from tests.test_data_stages import png_bytes, tree_digest
 
 HITS: dict[str, int] = {}
+REDIRECTS = {"/to-file.png": "file:///etc/passwd", "/to-ftp.png": "ftp://127.0.0.1/a.png"}
 
 
 def path_colour(path: str) -> tuple[int, int, int]:
@@ -25,7 +28,7 @@ def path_colour(path: str) -> tuple[int, int, int]:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """good.png, slow.png (stalls), missing.png (404), page.jpg (HTML), huge.png (over the cap),
-    flaky.png (500 once, then fine), to-file.png (redirects to file://)."""
+    flaky.png (500 once, then fine), to-file.png and to-ftp.png (redirect to file:// and ftp://)."""
 
     def do_GET(self):  # noqa: N802 - the http.server API
         HITS[self.path] = HITS.get(self.path, 0) + 1
@@ -33,9 +36,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(2.0)
         if self.path == "/missing.png" or (self.path == "/flaky.png" and HITS[self.path] == 1):
             return self.send_error(404 if self.path == "/missing.png" else 500)
-        if self.path == "/to-file.png":
+        if self.path in REDIRECTS:
             self.send_response(302)
-            self.send_header("Location", "file:///etc/passwd")
+            self.send_header("Location", REDIRECTS[self.path])
             return self.end_headers()
         body = {"/page.jpg": b"<!DOCTYPE html><html>not an image</html>",
                 "/huge.png": png_bytes(size=(64, 64)) + b"\0" * 3_000_000}.get(self.path, png_bytes(colour=path_colour(self.path)))
@@ -73,7 +76,8 @@ def ingest_manifest(workdir, project_params, rows):
 
 
 def test_url_manifest_accepts_good_files_and_gives_a_reason_for_each_bad_one(workdir, project_params, server):
-    names = ["good.png", "other.png", "slow.png", "missing.png", "page.jpg", "huge.png", "flaky.png", "to-file.png"]
+    names = ["good.png", "other.png", "slow.png", "missing.png", "page.jpg", "huge.png", "flaky.png", "to-file.png",
+             "to-ftp.png"]
     rows = [{"path": f"{server}/{name}", "caption": name, "licence": "CC-BY-4.0", "attribution": "me"} for name in names]
     rows += [{"path": "ftp://example.org/a.png"}, {"path": "../outside.png"}]
     manifest, rejected = ingest_manifest(workdir, project_params, rows)
@@ -85,8 +89,22 @@ def test_url_manifest_accepts_good_files_and_gives_a_reason_for_each_bad_one(wor
     assert "not an image" in reasons["page.jpg"]
     assert "too large" in reasons["huge.png"]
     assert "file:///etc/passwd" in reasons["to-file.png"] and "not allowed" in reasons["to-file.png"]
+    assert "redirect to a non-http(s) URL refused: ftp://" in reasons["to-ftp.png"]  # urllib itself follows ftp
     assert "unsupported URL scheme 'ftp'" in rejected["ftp://example.org/a.png"]
     assert "outside the manifest's folder" in rejected["../outside.png"]
+
+
+def test_stored_names_come_from_the_content_hash_whatever_the_url(workdir, project_params, server):
+    """A URL's query or odd name never reaches the file system: a 300-character "suffix" once made the
+    stored name too long to write and stopped the whole ingest."""
+    rows = [{"path": f"{server}/long.png?v={'a' * 300}", "caption": "long"},
+            {"path": f"{server}/..%2F..%2Fescape", "caption": "no suffix"}]
+    manifest, rejected = ingest_manifest(workdir, project_params, rows)
+    assert not rejected and len(manifest) == 2
+    assert [Path(path).parent.as_posix() for path in manifest["path"]] == ["data/ingested/images"] * 2
+    assert all(re.fullmatch(r"[0-9a-f]{16}\.png", Path(path).name) for path in manifest["path"])
+    assert sorted(path.name for path in (workdir / ".lanskap-cache/downloads").iterdir()) == sorted(
+        hashlib.sha256(row["path"].encode()).hexdigest() for row in rows)
 
 
 def test_downloads_resume_from_the_cache(workdir, project_params, server):
