@@ -60,9 +60,9 @@ def load_components(model_dir: Path, weight_dtype: torch.dtype, device: torch.de
 
     parts = Components(
         tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"),
-        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae"),
-        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", use_safetensors=True),
+        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True),
+        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=True),
         noise_scheduler=DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"),
     )
     for module in (parts.text_encoder, parts.vae, parts.unet):
@@ -483,6 +483,7 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     paths, caption_index, captions = load_split(train_table)
     check_batch_fits(len(paths), trainer.share.total, accelerator.num_processes)
     caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains)
+    preflight(trainer, caption_encoder, params, resolution, checkpoint_dir)
     held_out = HeldOut.load(test_table, parts, accelerator.device, resolution, text_encoder_trains)
     prompts = params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS]
 
@@ -532,6 +533,38 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     return TrainResult(parts.unet, parts.text_encoder if text_encoder_trains else None, state.losses,
                        state.validation_losses, seconds, images_seen / seconds if images_seen else 0.0,
                        parts.noise_scheduler.config.prediction_type)
+
+
+def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, resolution: int,
+              checkpoint_dir: Path | None) -> None:
+    """Stop before training, not hours in, when the disk cannot hold the checkpoints and outputs or the GPU cannot
+    hold a step at train.batch_size (the error names the batch that fits)."""
+    from lanskap.preflight import require_batch_fits, require_free_space, train_lora_bytes
+
+    trainable = sum(parameter.numel() for parameter in trainer.lora_parameters.values())
+    require_free_space(checkpoint_dir or Path("."), train_lora_bytes(trainable, CHECKPOINTS_KEPT), "train_lora",
+                       "lora.rank, or train.checkpoint_every: 0")
+    require_batch_fits(lambda batch: probe_step(trainer, captions, params, resolution, batch), params.batch_size,
+                       "train.batch_size", trainer.accelerator.device,
+                       if_none_fits="set train.mixed_precision: bf16 and train.gradient_checkpointing: true, or lower "
+                                    "preprocess.resolution",
+                       accumulation_key="train.gradient_accumulation_steps",
+                       accumulation_steps=params.gradient_accumulation_steps)
+
+
+def probe_step(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, resolution: int, batch: int) -> None:
+    """One forward and backward at `batch` on blank images, on the unwrapped modules (no cross-process sync),
+    leaving no gradient and no random draw behind."""
+    parts, device = trainer.parts, trainer.accelerator.device
+    pixel_values = torch.zeros(batch, 3, resolution, resolution, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with trainer.accelerator.autocast():
+            states = captions(parts.text_encoder, torch.zeros(batch, dtype=torch.long, device=device))
+            loss = diffusion_loss(parts, pixel_values, states, torch.Generator(device).manual_seed(0),
+                                  noise_offset=params.noise_offset, snr_gamma=params.snr_gamma)
+        loss.backward()
+    for parameter in trainer.lora_parameters.values():
+        parameter.grad = None
 
 
 def check_batch_fits(num_images: int, global_micro_batch: int, num_processes: int) -> None:

@@ -8,8 +8,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from lanskap.lora import (add_unet_lora, export_lora, kohya_metadata, kohya_state_dict, load_lora_into_pipeline,
-                          diffusers_lora_layers)
+from lanskap.lora import (add_lora, add_unet_lora, diffusers_lora_layers, export_lora, kohya_metadata,
+                          kohya_state_dict, load_lora_into_pipeline)
 from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.params import LoraParams
 
@@ -33,10 +33,7 @@ def trained(tmp_path_factory):
                          if isinstance(module, torch.nn.Linear) and name.endswith(targets)}
     add_unet_lora(unet, PARAMS)
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    randomise_lora_b(unet, generator)
     inputs = (torch.randn(1, 4, 16, 16, generator=generator), torch.tensor([500]),
               torch.randn(1, 8, 32, generator=generator))  # latents, timestep, encoder_hidden_states
     with torch.no_grad():
@@ -142,3 +139,65 @@ def test_lora_params_are_float32_on_a_bf16_unet(trained):
     assert {id(parameter) for parameter in trainable} == {id(parameter) for parameter in lora_parameters}
     assert all(parameter.dtype == torch.float32 and parameter.requires_grad for parameter in trainable)
     assert unet.conv_in.weight.dtype == torch.bfloat16 and not unet.conv_in.weight.requires_grad
+
+
+KOHYA_TEXT_KEY = re.compile(
+    r"^lora_te_text_model_encoder_layers_\d+_(self_attn_[qkv]_proj|self_attn_out_proj)\.(lora_down\.weight|lora_up"
+    r"\.weight|alpha)$")
+
+
+def randomise_lora_b(model, generator) -> None:
+    """Non-zero B matrices: the init leaves B = 0, a no-op that every format would round-trip."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def trained_text_encoder(trained, tmp_path_factory):
+    """The trained UNet plus a text encoder with a non-trivial LoRA, exported together, and text-encoder outputs."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(trained["model_dir"], subfolder="text_encoder")
+    token_ids = torch.tensor([[49406, 320, 1215, 49407] + [49407] * 73])  # "<start> a photo <end>" padded to 77
+    add_lora(text_encoder, PARAMS, PARAMS.text_encoder_target_modules)
+    randomise_lora_b(text_encoder, torch.Generator().manual_seed(1))
+    text_encoder.eval()
+    with torch.no_grad():
+        lora_states = text_encoder(token_ids)[0]
+    files = export_lora(trained["unet"], tmp_path_factory.mktemp("lora-te"), PARAMS, BASE, text_encoder)
+    return dict(text_encoder=text_encoder, token_ids=token_ids, lora_states=lora_states, files=files)
+
+
+def text_states(pipeline, token_ids) -> torch.Tensor:
+    with torch.no_grad():
+        return pipeline.text_encoder(token_ids)[0]
+
+
+def test_text_encoder_adapter_changes_its_output(trained, trained_text_encoder):
+    base_states = text_states(fresh_pipeline(trained), trained_text_encoder["token_ids"])
+    assert not torch.allclose(base_states, trained_text_encoder["lora_states"], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "kohya"])
+def test_text_encoder_lora_reloads_identically_in_diffusers(trained, trained_text_encoder, kind):
+    path = trained_text_encoder["files"][kind]
+    pipeline = fresh_pipeline(trained)
+    pipeline.load_lora_weights(path.parent, weight_name=path.name)
+    assert torch.equal(text_states(pipeline, trained_text_encoder["token_ids"]), trained_text_encoder["lora_states"])
+    assert torch.equal(unet_output(pipeline, trained), trained["lora_output"])
+
+
+def test_text_encoder_golden_keys(trained, trained_text_encoder):
+    layers = trained_text_encoder["text_encoder"].config.num_hidden_layers
+    with safetensors.safe_open(trained_text_encoder["files"]["diffusers"], "pt") as file:
+        text_keys = [key for key in file.keys() if key.startswith("text_encoder.")]
+        adapter = json.loads(file.metadata()["lora_adapter_metadata"])
+    assert len(text_keys) == 2 * 4 * layers  # (down, up) x (q, k, v, out) x layers
+    assert (adapter["text_encoder.r"], adapter["text_encoder.lora_alpha"]) == (4, 8.0)
+    kohya = safetensors.torch.load_file(trained_text_encoder["files"]["kohya"])
+    text_kohya = [key for key in kohya if key.startswith("lora_te")]
+    assert len(text_kohya) == 3 * 4 * layers and all(KOHYA_TEXT_KEY.match(key) for key in text_kohya), text_kohya
+    assert len(kohya) - len(text_kohya) == 3 * TINY_UNET_ATTENTION_LINEARS
+    assert all(kohya[key].item() == 8.0 for key in text_kohya if key.endswith(".alpha"))

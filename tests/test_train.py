@@ -1,5 +1,6 @@
 """Contracts of train_lora: deterministic on CPU, learns, stops clearly on a NaN loss."""
 
+import importlib.util
 import json
 
 import pytest
@@ -51,13 +52,14 @@ def test_nan_loss_stops_naming_fp16_and_learning_rate_and_writes_nothing(workdir
 
 
 def test_interrupted_run_resumes_to_bit_identical_weights(workdir, project_params, monkeypatch):
-    """Kill the run right after its second checkpoint (step 10, mid second epoch), rerun: same weights as a run
-    never interrupted, and no checkpoint left behind once the output is written."""
+    """Kill the run right after its second checkpoint (step 10, mid second epoch), rerun: same weights, validation
+    losses and validation images as a run never interrupted, and no checkpoint left once the output is written."""
     run_data_stages(workdir)
-    with_train(workdir, project_params, steps=12, checkpoint_every=0)
+    with_train(workdir, project_params, steps=12, checkpoint_every=0, images_every=5)
     uninterrupted = run_train_stage("models/uninterrupted")
+    uninterrupted_log = training_log(workdir)
 
-    with_train(workdir, project_params, steps=12, checkpoint_every=5)
+    with_train(workdir, project_params, steps=12, checkpoint_every=5, images_every=5)
     saved_steps, save_checkpoint = [], train.save_checkpoint
 
     def save_then_die_on_the_second(checkpoint_dir, state, *args):
@@ -74,7 +76,16 @@ def test_interrupted_run_resumes_to_bit_identical_weights(workdir, project_param
     resumed = run_train_stage("models/resumed")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+    assert training_log(workdir) == uninterrupted_log
+    assert sorted(uninterrupted_log["images"]) == [f"step-{step:06d}.png" for step in (0, 5, 10, 12)]
     assert not any((workdir / ".lanskap-cache/checkpoints").iterdir())
+
+
+def training_log(workdir) -> dict:
+    """The DVCLive log's validation-loss rows and validation images (bytes), which must not depend on timing."""
+    plots = workdir / "dvclive/train/plots"
+    return {"validation_loss": (plots / "metrics/validation/loss.tsv").read_text(),
+            "images": {path.name: path.read_bytes() for path in (plots / "images/validation").glob("*.png")}}
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -105,6 +116,34 @@ def test_caption_dropout_replaces_captions_at_the_given_rate_whatever_the_proces
     state = generator.get_state()
     assert train.drop_captions(ids, empty_id, 0.0, generator, train.BatchShare(total)) is ids
     assert torch.equal(generator.get_state(), state)  # off: no draw, so runs without it are unchanged
+
+
+def test_text_encoder_lora_trains_at_its_own_learning_rate_and_is_exported(workdir, project_params):
+    run_data_stages(workdir)
+    with_train(workdir, project_params, steps=2, text_encoder_learning_rate=1.0e-2)
+    weights = run_train_stage()
+    text_up = [key for key in weights if key.startswith("text_encoder.") and ".up." in key]
+    assert text_up and all(weights[key].abs().max() > 0 for key in text_up)  # B moved off its zero init
+    kohya = safetensors.torch.load_file(f"models/lora/{KOHYA_WEIGHT_NAME}")
+    assert any(key.startswith("lora_te_text_model_encoder_layers_") for key in kohya)
+    with_train(workdir, project_params, steps=2)
+    frozen = run_train_stage("models/frozen")
+    assert not any(key.startswith("text_encoder.") for key in frozen)
+
+
+def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandbytes():
+    unet_weight, text_weight = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    params = TrainParams(learning_rate=1.0e-4, text_encoder_learning_rate=5.0e-5, lr_scheduler="linear",
+                         warmup_steps=10, steps=100)
+    optimizer, lr_scheduler = train.make_optimizer(
+        [{"params": [unet_weight], "lr": 1.0e-4}, {"params": [text_weight], "lr": 5.0e-5}], params)
+    for _ in range(5):
+        optimizer.step()
+        lr_scheduler.step()
+    assert lr_scheduler.get_last_lr() == pytest.approx([0.5e-4, 2.5e-5])  # half-way through the warm-up, each
+    if importlib.util.find_spec("bitsandbytes") is None:  # not a dependency: the option says what to install
+        with pytest.raises(UserError, match="adamw8bit needs bitsandbytes"):
+            train.make_optimizer([{"params": [unet_weight]}], TrainParams(optimizer="adamw8bit"))
 
 
 def test_global_batch_size_and_trainer_option_validation():
@@ -178,3 +217,30 @@ def yaml_params(workdir) -> dict:
     import yaml
 
     return yaml.safe_load((workdir / "params.yaml").read_text())
+
+
+def test_gpu_preflight_names_the_batch_that_fits_and_the_probe_leaves_no_trace(workdir, project_params, monkeypatch):
+    """A pretend GPU on which only a batch of 1 fits: the stage stops before training, suggesting batch 1 with
+    accumulation; the real probe step (run for batch 1) leaves no gradient and draws nothing from the RNG."""
+    from lanskap import preflight
+
+    run_data_stages(workdir)
+    with_train(workdir, project_params, batch_size=2)
+    probed, real_probe = [], train.probe_step
+
+    def probe_on_a_small_gpu(trainer, captions, params, resolution, batch):
+        probed.append(batch)
+        if batch > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
+        rng = torch.get_rng_state()
+        real_probe(trainer, captions, params, resolution, batch)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(parameter.grad is None for parameter in trainer.lora_parameters.values())
+
+    monkeypatch.setattr(preflight, "is_cuda", lambda device: True)
+    monkeypatch.setattr(preflight, "gpu_memory", lambda device: (24 * 2**30, 20 * 2**30))
+    monkeypatch.setattr(train, "probe_step", probe_on_a_small_gpu)
+    with pytest.raises(UserError, match="train.batch_size=2 does not fit .* batch 1 fits: set train.batch_size: 1 "
+                                        "and train.gradient_accumulation_steps: 2 to keep the global batch of 2"):
+        run_train_stage()
+    assert probed == [2, 1] and not (workdir / "models").exists()

@@ -1,0 +1,59 @@
+"""`accelerate launch` with two CPU processes trains the same LoRA as one process at the same global batch.
+
+Both runs see the same images, augmentations, noise and timesteps (all seeded by position in the run, not by
+process); what may differ is the order of float reductions (DDP's all-reduce of two half-batch gradients against
+one full-batch backward), so the weights agree to a stated tolerance rather than bit for bit.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+from lanskap.lora import DIFFUSERS_WEIGHT_NAME
+from tests.conftest import ROOT, write_params
+from tests.test_data_stages import run_data_stages
+
+# Relative to the largest weight change; float32 reduction-order noise after a few AdamW steps sits near 1e-6.
+TOLERANCE = 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train(workdir, out: str, launcher: list[str]) -> dict[str, torch.Tensor]:
+    stage = ["-m", "stages.train_lora", "--data", "data/processed", "--out", out, "--live", f"dvclive/{out}"]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run([*launcher, *stage], cwd=workdir, env=environment, capture_output=True, text=True,
+                              timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert "global batch 4 = batch_size" in finished.stdout
+    return safetensors.torch.load_file(workdir / out / DIFFUSERS_WEIGHT_NAME)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_at_the_same_global_batch(workdir, project_params):
+    run_data_stages(workdir)
+    one_process = {"steps": 3, "batch_size": 4, "images_every": 0, "caption_dropout": 0.2}
+    write_params(workdir, {**project_params, "train": {**project_params["train"], **one_process}})
+    single = train(workdir, "models/one", [sys.executable])
+
+    write_params(workdir, {**project_params, "train": {**project_params["train"], **one_process, "batch_size": 2}})
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(free_port())]
+    double = train(workdir, "models/two", accelerate)
+
+    assert double.keys() == single.keys()
+    largest_change = max(single[key].abs().max().item() for key in single if ".up." in key)
+    assert largest_change > 0  # the runs trained (B starts at zero)
+    for key in single:
+        difference = (double[key] - single[key]).abs().max().item()
+        assert difference <= TOLERANCE * max(largest_change, single[key].abs().max().item()), (key, difference)
