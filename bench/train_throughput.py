@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader
 
 from lanskap import train
 from lanskap.augment import train_transform
-from lanskap.lora import add_unet_lora
 from lanskap.params import AugmentParams, LoraParams, TrainParams
 
 TFLOP_PER_IMAGE_768 = 5.2  # UNet forward + backward of one 768 px image (anchors.md)
@@ -65,9 +64,10 @@ def write_images(folder: Path, resolution: int, count: int) -> list[str]:
     return paths
 
 
-def prepare_unet(parts: train.Components, args) -> list[torch.nn.Parameter]:
-    """Attach the project's LoRA and apply the requested levers; return the trainable parameters."""
-    lora_parameters = add_unet_lora(parts.unet, LoraParams())
+def prepare_unet(parts: train.Components, args) -> tuple[dict, list[dict]]:
+    """Attach the project's LoRA and apply the requested levers; return the named LoRA parameters and the
+    optimizer's parameter groups."""
+    lora_parameters, groups = train.attach_adapters(parts, LoraParams(), TrainParams(mixed_precision="bf16"))
     if args.channels_last:
         parts.unet.to(memory_format=torch.channels_last)
         parts.vae.to(memory_format=torch.channels_last)
@@ -77,21 +77,26 @@ def prepare_unet(parts: train.Components, args) -> list[torch.nn.Parameter]:
         for module in parts.unet.modules():
             if isinstance(module, BasicTransformerBlock):
                 module.compile()
-    return lora_parameters
+    return lora_parameters, groups
 
 
-def measure(parts, lora_parameters, paths, batch_size: int, args, accelerator) -> dict:
+def measure(parts, lora_parameters: dict, groups: list[dict], paths, batch_size: int, args, accelerator) -> dict:
     """Seconds per step of train_lora's step at `batch_size`, after warm-up steps (more when compiling)."""
     params = TrainParams(batch_size=batch_size, steps=10_000, mixed_precision="bf16")
-    optimizer, lr_scheduler = train.make_optimizer(lora_parameters, params, fused=args.fused_adamw or None)
-    caption_states = torch.randn(1, 77, parts.unet.config.cross_attention_dim, device=accelerator.device)
+    optimizer, lr_scheduler = train.make_optimizer(groups, params, fused=args.fused_adamw or None)
+    trainer = train.Trainer(parts, parts, lora_parameters, train.BatchShare(batch_size), accelerator)
+    captions = train.CaptionEncoder(["a fantasy landscape"], parts, accelerator.device, text_encoder_trains=False)
     dataset = train.CaptionedImages(paths, [0] * len(paths), train_transform(AugmentParams(), args.resolution))
-    batches = iter(DataLoader(dataset, batch_sampler=train.batch_indices(len(paths), batch_size, 0, start=0),
+    batches = iter(DataLoader(dataset, batch_sampler=train.global_batches(len(paths), batch_size, 0, start=0),
                               num_workers=args.workers))
+    steps_done = 0
 
     def step():
-        train.accumulate_gradients(parts, batches, caption_states, caption_states, params, accelerator)
-        train.optimizer_step(accelerator, lora_parameters, optimizer, lr_scheduler, params.max_grad_norm)
+        nonlocal steps_done
+        train.accumulate_gradients(trainer, batches, captions, params, first_micro_batch=steps_done)
+        train.optimizer_step(accelerator, list(lora_parameters.values()), optimizer, lr_scheduler,
+                             params.max_grad_norm)
+        steps_done += 1
 
     for _ in range(5 if args.regional_compile else 2):
         step()
@@ -149,7 +154,7 @@ def main(argv=None):
     accelerator = Accelerator(mixed_precision="bf16")
     weight_dtype = torch.bfloat16 if args.weight_dtype == "bf16" else torch.float32
     parts = train.load_components(model, weight_dtype, accelerator.device)
-    lora_parameters = prepare_unet(parts, args)
+    lora_parameters, groups = prepare_unet(parts, args)
     print(f"train_throughput: {model} at {args.resolution} px, weights {args.weight_dtype}, regional_compile="
           f"{args.regional_compile}, channels_last={args.channels_last}, fused_adamw={args.fused_adamw}, "
           f"workers={args.workers}, {accelerator.device}")
@@ -158,7 +163,7 @@ def main(argv=None):
         for batch_size in args.batch_sizes:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            row = measure(parts, lora_parameters, paths, batch_size, args, accelerator)
+            row = measure(parts, lora_parameters, groups, paths, batch_size, args, accelerator)
             line = (f"TRAIN bs={row['batch']} s/step={row['s_per_step']:.4f} img/s={row['images_per_second']:.2f} "
                     f"peak_GiB={row['peak_gib']:.2f} TFLOP/s={row['tflop_per_s']:.1f}")
             if args.tight_loop:

@@ -58,16 +58,17 @@ def load_components(model_dir: Path, weight_dtype: torch.dtype, device: torch.de
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    weights = {"use_safetensors": True, "dtype": weight_dtype}  # never unpickle; load in the dtype they train in
     parts = Components(
         tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", use_safetensors=True),
-        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True),
-        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=True),
+        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **weights),
+        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **weights),
+        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **weights),
         noise_scheduler=DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"),
     )
     for module in (parts.text_encoder, parts.vae, parts.unet):
         module.requires_grad_(False)
-        module.to(device, dtype=weight_dtype)
+        module.to(device)
     return parts
 
 
