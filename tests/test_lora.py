@@ -201,3 +201,23 @@ def test_text_encoder_golden_keys(trained, trained_text_encoder):
     assert len(text_kohya) == 3 * 4 * layers and all(KOHYA_TEXT_KEY.match(key) for key in text_kohya), text_kohya
     assert len(kohya) - len(text_kohya) == 3 * TINY_UNET_ATTENTION_LINEARS
     assert all(kohya[key].item() == 8.0 for key in text_kohya if key.endswith(".alpha"))
+
+
+def test_dora_diffusers_file_reloads_identically(trained, tmp_path):
+    """DoRA has no kohya form (the file is skipped), so its diffusers file must carry everything, magnitudes too."""
+    from diffusers import UNet2DConditionModel
+
+    params = LoraParams(rank=4, alpha=8.0, use_dora=True)
+    unet = UNet2DConditionModel.from_pretrained(trained["model_dir"], subfolder="unet")
+    add_unet_lora(unet, params)
+    generator = torch.Generator().manual_seed(2)
+    randomise_lora_b(unet, generator)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
+        expected = unet.eval()(*trained["inputs"]).sample
+    export_lora(unet, tmp_path, params, BASE)
+    pipeline = fresh_pipeline(trained)
+    load_lora_into_pipeline(pipeline, tmp_path, scale=1.0)
+    assert torch.equal(unet_output(pipeline, trained), expected)
