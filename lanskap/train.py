@@ -450,8 +450,22 @@ def make_accelerator(params: TrainParams):
     return accelerator
 
 
+def check_mixed_precision(model_dir: Path, params: TrainParams) -> None:
+    """Refuse fp16 for a UNet whose config asks for fp32 attention scores (SD 2.1-768's `upcast_attention`): its
+    attention overflows in fp16, and the SDPA attention diffusers uses does not honour the upcast, so training
+    ends in NaN losses hours in."""
+    if params.mixed_precision != "fp16":
+        return
+    config = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
+    if config.get("upcast_attention"):
+        raise UserError(f"train.mixed_precision=fp16 with {model_dir}: its UNet sets upcast_attention (as SD 2.1-768 "
+                        "does) because its attention overflows in fp16. Set train.mixed_precision: bf16 (or 'no' on "
+                        "a GPU without bf16)")
+
+
 def prepare_trainer(model_dir: Path, lora: LoraParams, params: TrainParams) -> tuple[Trainer, object, object]:
     """Load the base model, attach the adapters, and let accelerate wrap the trained modules and the optimizer."""
+    check_mixed_precision(model_dir, params)
     accelerator = make_accelerator(params)
     parts = load_components(model_dir, WEIGHT_DTYPES[params.mixed_precision], accelerator.device)
     lora_parameters, groups = attach_adapters(parts, lora, params)

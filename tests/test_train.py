@@ -244,3 +244,11 @@ def test_gpu_preflight_names_the_batch_that_fits_and_the_probe_leaves_no_trace(w
                                         "and train.gradient_accumulation_steps: 2 to keep the global batch of 2"):
         run_train_stage()
     assert probed == [2, 1] and not (workdir / "models").exists()
+
+
+def test_fp16_is_refused_for_a_unet_whose_attention_overflows_in_fp16(workdir, project_params):
+    run_data_stages(workdir)
+    with_train(workdir, project_params, mixed_precision="fp16")
+    with pytest.raises(UserError, match="train.mixed_precision=fp16 .* upcast_attention .* bf16"):
+        run_train_stage()
+    assert not (workdir / "models").exists()
