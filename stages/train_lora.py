@@ -35,6 +35,7 @@ def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) 
         f"# LoRA for {base['model']}", "",
         f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
         f"- trained at {base['resolution']} px on {base['train_images']} images; data sha256 `{base['data_sha256']}`",
+        f"- adapters: {base['adapters']}",
         "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()), "",
         "## Training summary", "", "```json", json.dumps(summary, indent=2), "```", "",
         "## Params", "", "```json", json.dumps(params, indent=2), "```", "",
@@ -95,6 +96,7 @@ def main(argv=None):
     base = {
         "model": model.spec, "revision": model.revision or "n/a", "resolution": resolution,
         "prediction_type": result.prediction_type,
+        "adapters": "UNet" if result.text_encoder is None else "UNet and text encoder",
         "train_images": len(train_table), "steps": loaded["train"].steps,
         "data_sha256": hashlib.sha256((args.data / "train.csv").read_bytes()).hexdigest(),
     }
