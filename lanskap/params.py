@@ -116,7 +116,7 @@ class TrainParams(Group):
     adam_epsilon: float = Field(1.0e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    log_every: int = Field(10, ge=1)
+    validation_every: int = Field(10, ge=1)  # held-out validation loss every this many steps
     checkpoint_every: int = Field(0, ge=0)  # steps between resumable checkpoints (outside DVC outputs); 0: off
     gradient_accumulation_steps: int = Field(1, ge=1)  # global batch = batch_size x this x processes
     gradient_checkpointing: bool = False

@@ -3,6 +3,7 @@
 from PIL import Image, ImageDraw
 
 LABEL_HEIGHT = 14
+SMOOTH_FROM = 40  # points in a loss series from which it is drawn with a moving mean
 
 
 def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: int = 128) -> Image.Image:
@@ -30,7 +31,9 @@ def save_png(image: Image.Image, path) -> None:
 def save_loss_curves(curves: dict, path, title: str = "loss") -> None:
     """A small line chart of named (step, loss) tables, saved atomically as PNG for reports in git.
 
-    `curves` maps a label (e.g. "train", "validation") to a DataFrame with `step` and `loss` columns.
+    `curves` maps a label (e.g. "train", "validation") to a DataFrame with `step` and `loss` columns. A long
+    per-step series (the diffusion loss is noisy: each step draws new timesteps) is drawn faint, under its
+    moving average.
     """
     import matplotlib
 
@@ -41,7 +44,13 @@ def save_loss_curves(curves: dict, path, title: str = "loss") -> None:
 
     figure, axes = pyplot.subplots(figsize=(5, 3), dpi=100)
     for label, table in curves.items():
-        axes.plot(table["step"], table["loss"], label=label, marker="." if len(table) < 30 else None)
+        if len(table) < SMOOTH_FROM:
+            axes.plot(table["step"], table["loss"], label=label, marker=".")
+            continue
+        (raw,) = axes.plot(table["step"], table["loss"], alpha=0.25, linewidth=0.8)
+        window = len(table) // 20
+        axes.plot(table["step"], table["loss"].rolling(window, min_periods=1).mean(), color=raw.get_color(),
+                  label=f"{label} (moving mean of {window})")
     axes.set(xlabel="step", ylabel="loss", title=title)
     axes.grid(alpha=0.3)
     axes.legend()

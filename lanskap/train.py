@@ -506,7 +506,9 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     image_dir = checkpoint_dir / "images" if checkpoint_dir and params.checkpoint_every else None
     state = load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler) if checkpoint_dir else None
     if state is None:
-        state = TrainingState(validation_losses={0: held_out.loss(parts, params.seed)})  # the base model
+        base_loss = held_out.loss(parts, params.seed)  # the base model's, at step 0
+        state = TrainingState(validation_losses={0: base_loss}, logged=[{"step": 0, "validation/loss": base_loss}])
+        log_row(live, state.logged[0])
         if main and params.images_every:
             log_image(live, image_dir, 0, validation_images(parts, prompts, params, resolution))
     else:
@@ -535,11 +537,13 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
         images_seen += images * accelerator.num_processes
         images_per_second = images_seen / (time.perf_counter() - start)
         progress.set_postfix(loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}")
-        if main and (step % params.log_every == 0 or step == params.steps):
-            state.validation_losses[step] = held_out.loss(parts, params.seed)
-            state.logged.append(metrics_row(step, state, params.log_every, lr_scheduler.get_last_lr()[0],
-                                            images_per_second))
-            log_row(live, state.logged[-1])
+        row = {"step": step, "train/loss": state.losses[-1], "learning_rate": lr_scheduler.get_last_lr()[0],
+               "images_per_second": images_per_second}
+        if main and (step % params.validation_every == 0 or step == params.steps):
+            state.validation_losses[step] = row["validation/loss"] = held_out.loss(parts, params.seed)
+        if main:
+            state.logged.append(row)
+            log_row(live, row)
         if main and params.images_every and (step % params.images_every == 0 or step == params.steps):
             log_image(live, image_dir, step, validation_images(parts, prompts, params, resolution))
         if main and checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
@@ -626,14 +630,6 @@ def optimizer_step(accelerator, lora_parameters: list, optimizer, lr_scheduler, 
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def metrics_row(step: int, state: TrainingState, log_every: int, learning_rate: float,
-                images_per_second: float) -> dict:
-    """One DVCLive row; the training loss is averaged over the steps since the last log (a smoother curve)."""
-    window = state.losses[-log_every:]
-    return {"step": step, "train/loss": sum(window) / len(window), "validation/loss": state.validation_losses[step],
-            "learning_rate": learning_rate, "images_per_second": images_per_second}
 
 
 def log_row(live, row: dict) -> None:

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays as the project ships it
     "ingest": {"num_images": 20, "image_size": 64},
     "preprocess": {"resolution": 32, "preview_samples": 2},
-    "train": {"steps": 4, "batch_size": 2, "log_every": 2},
+    "train": {"steps": 4, "batch_size": 2, "validation_every": 2},
     "generate": {"steps": 2, "batch_size": 4},
     "evaluate": {"kid_subsets": 10, "resamples": 20, "permutations": 20},
 }

@@ -37,7 +37,7 @@ def test_same_seed_gives_bit_identical_lora_weights(workdir):
 
 def test_held_out_validation_loss_falls(workdir, project_params):
     run_data_stages(workdir)
-    with_train(workdir, project_params, steps=20, log_every=10, learning_rate=1.0e-2)
+    with_train(workdir, project_params, steps=20, validation_every=10, learning_rate=1.0e-2)
     run_train_stage()
     metrics = json.loads((workdir / "dvclive/train/metrics.json").read_text())
     assert metrics["validation_loss_final"] < metrics["validation_loss_base"]
