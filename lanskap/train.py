@@ -480,6 +480,63 @@ def prepare_trainer(model_dir: Path, lora: LoraParams, params: TrainParams) -> t
     return trainer, optimizer, lr_scheduler
 
 
+@dataclass
+class Monitor:
+    """What the main process records: DVCLive rows (loss, lr, images/s every step; the held-out loss every
+    validation_every steps and at step 0), validation images every images_every steps. Other processes record
+    nothing; `image_dir` keeps copies of the images beside the checkpoints, for a resumed run to log again."""
+
+    live: object
+    held_out: HeldOut
+    prompts: list[str]
+    resolution: int
+    params: TrainParams
+    image_dir: Path | None
+    main: bool
+
+    def start(self, parts: Components, resumed: "TrainingState | None") -> "TrainingState":
+        """The resumed state with its log replayed, or a fresh one with the base model's loss and images."""
+        if resumed is not None:
+            replay_log(self.live, resumed, self.image_dir)
+            return resumed
+        base_loss = self.held_out.loss(parts, self.params.seed)
+        state = TrainingState(validation_losses={0: base_loss}, logged=[{"step": 0, "validation/loss": base_loss}])
+        log_row(self.live, state.logged[0])
+        self.images(parts, 0)
+        return state
+
+    def record(self, parts: Components, state: "TrainingState", learning_rate: float, images_per_second: float):
+        if not self.main:
+            return
+        step, last = state.step, state.step == self.params.steps
+        row = {"step": step, "train/loss": state.losses[-1], "learning_rate": learning_rate,
+               "images_per_second": images_per_second}
+        if step % self.params.validation_every == 0 or last:
+            state.validation_losses[step] = row["validation/loss"] = self.held_out.loss(parts, self.params.seed)
+        state.logged.append(row)
+        log_row(self.live, row)
+        if self.params.images_every and (step % self.params.images_every == 0 or last):
+            self.images(parts, step)
+
+    def images(self, parts: Components, step: int) -> None:
+        if self.main and self.params.images_every:
+            grid = validation_images(parts, self.prompts, self.params, self.resolution)
+            log_image(self.live, self.image_dir, step, grid)
+
+
+def training_batches(train_table: pd.DataFrame, augment: AugmentParams, resolution: int, params: TrainParams,
+                     share: BatchShare, first_batch: int) -> tuple[Iterator, list[str]]:
+    """This process's (pixels [B, 3, H, W], caption ids [B]) micro-batches from micro-batch `first_batch` on, and
+    the distinct captions the ids index."""
+    paths, caption_index, captions = load_split(train_table)
+    check_batch_fits(len(paths), share.total)
+    dataset = CaptionedImages(paths, caption_index, train_transform(augment, resolution))
+    sampler = process_batches(global_batches(len(paths), share.total, params.seed, first_batch), share)
+    # The loader's own generator: creating its iterator would otherwise draw from the global RNG a resume restored.
+    loader = DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed))
+    return iter(loader), captions
+
+
 def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFrame, lora: LoraParams,
                params: TrainParams, augment: AugmentParams, resolution: int, live=None,
                checkpoint_dir: Path | None = None) -> TrainResult:
@@ -493,60 +550,39 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
 
     set_seed(params.seed)
     trainer, optimizer, lr_scheduler = prepare_trainer(model_dir, lora, params)
-    parts, accelerator, main = trainer.parts, trainer.accelerator, trainer.accelerator.is_main_process
+    parts, accelerator = trainer.parts, trainer.accelerator
     text_encoder_trains = params.text_encoder_learning_rate is not None
-    paths, caption_index, captions = load_split(train_table)
-    check_batch_fits(len(paths), trainer.share.total, accelerator.num_processes)
+    resumed = load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler) if checkpoint_dir else None
+    first_step = resumed.step if resumed else 0
+    batches, captions = training_batches(train_table, augment, resolution, params, trainer.share,
+                                         first_batch=first_step * params.gradient_accumulation_steps)
     caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains)
     preflight(trainer, caption_encoder, params, resolution, checkpoint_dir)
-    held_out = HeldOut.load(test_table, parts, accelerator.device, resolution, text_encoder_trains)
-    prompts = params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS]
-
-    # Validation images are kept beside the checkpoints so that a resumed run can log them again.
-    image_dir = checkpoint_dir / "images" if checkpoint_dir and params.checkpoint_every else None
-    state = load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler) if checkpoint_dir else None
-    if state is None:
-        base_loss = held_out.loss(parts, params.seed)  # the base model's, at step 0
-        state = TrainingState(validation_losses={0: base_loss}, logged=[{"step": 0, "validation/loss": base_loss}])
-        log_row(live, state.logged[0])
-        if main and params.images_every:
-            log_image(live, image_dir, 0, validation_images(parts, prompts, params, resolution))
-    else:
-        replay_log(live, state, image_dir)
-    dataset = CaptionedImages(paths, caption_index, train_transform(augment, resolution))
-    first_batch = state.step * params.gradient_accumulation_steps
-    sampler = process_batches(global_batches(len(paths), trainer.share.total, params.seed, first_batch), trainer.share)
-    # The loader's own generator: creating its iterator would otherwise draw from the global RNG a resume restored.
-    batches = iter(DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed)))
-    if main:
+    monitor = Monitor(live, HeldOut.load(test_table, parts, accelerator.device, resolution, text_encoder_trains),
+                      params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS], resolution,
+                      params, checkpoint_dir / "images" if checkpoint_dir and params.checkpoint_every else None,
+                      accelerator.is_main_process)
+    state = monitor.start(parts, resumed)
+    if monitor.main:
         print(f"train_lora: global batch {global_batch_size(params, accelerator.num_processes)} = batch_size "
               f"{params.batch_size} x gradient_accumulation_steps {params.gradient_accumulation_steps} x processes "
               f"{accelerator.num_processes}")
     images_seen, start = 0, time.perf_counter()
-    progress = tqdm(range(state.step + 1, params.steps + 1), desc="train_lora", unit="step", initial=state.step,
-                    total=params.steps, disable=not main)
+    progress = tqdm(range(first_step + 1, params.steps + 1), desc="train_lora", unit="step", initial=first_step,
+                    total=params.steps, disable=not monitor.main)
     for step in progress:
-        loss, images = accumulate_gradients(trainer, batches, caption_encoder, params, first_micro_batch=
-                                            (step - 1) * params.gradient_accumulation_steps)
+        loss, images = accumulate_gradients(trainer, batches, caption_encoder, params,
+                                            first_micro_batch=(step - 1) * params.gradient_accumulation_steps)
         check_finite(loss, step, params)
         optimizer_step(accelerator, list(trainer.lora_parameters.values()), optimizer, lr_scheduler,
                        params.max_grad_norm)
-
         state.step = step
         state.losses.append(loss.item())
         images_seen += images * accelerator.num_processes
         images_per_second = images_seen / (time.perf_counter() - start)
         progress.set_postfix(loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}")
-        row = {"step": step, "train/loss": state.losses[-1], "learning_rate": lr_scheduler.get_last_lr()[0],
-               "images_per_second": images_per_second}
-        if main and (step % params.validation_every == 0 or step == params.steps):
-            state.validation_losses[step] = row["validation/loss"] = held_out.loss(parts, params.seed)
-        if main:
-            state.logged.append(row)
-            log_row(live, row)
-        if main and params.images_every and (step % params.images_every == 0 or step == params.steps):
-            log_image(live, image_dir, step, validation_images(parts, prompts, params, resolution))
-        if main and checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
+        monitor.record(parts, state, lr_scheduler.get_last_lr()[0], images_per_second)
+        if monitor.main and checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, state, trainer.lora_parameters, optimizer, lr_scheduler)
     seconds = time.perf_counter() - start
     return TrainResult(parts.unet, parts.text_encoder if text_encoder_trains else None, state.losses,
@@ -586,11 +622,11 @@ def probe_step(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, 
         parameter.grad = None
 
 
-def check_batch_fits(num_images: int, global_micro_batch: int, num_processes: int) -> None:
+def check_batch_fits(num_images: int, global_micro_batch: int) -> None:
     if global_micro_batch > num_images:
         raise UserError(f"train_lora: train.batch_size x processes = {global_micro_batch} exceeds the {num_images} "
-                        f"training images ({num_processes} process(es)); lower train.batch_size and raise "
-                        "train.gradient_accumulation_steps to keep the global batch")
+                        "training images; lower train.batch_size and raise train.gradient_accumulation_steps to keep "
+                        "the global batch")
 
 
 def global_batch_size(params: TrainParams, num_processes: int) -> int:
