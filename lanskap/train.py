@@ -273,7 +273,7 @@ def validation_images(parts: Components, prompts: list[str], params: TrainParams
     with eval_mode(parts.unet, parts.text_encoder), torch.autocast(device.type, parts.unet.dtype, enabled=mixed):
         images = pipeline(prompts, num_inference_steps=params.image_inference_steps, height=resolution,
                           width=resolution, guidance_scale=params.image_guidance_scale, generator=generators).images
-    return image_grid([images], column_labels=prompts, cell=max(resolution, 64))
+    return image_grid([images], column_labels=prompts, cell=min(max(resolution, 64), 256))
 
 
 def load_split(table: pd.DataFrame) -> tuple[list[str], list[int], list[str]]:
@@ -679,15 +679,15 @@ def log_row(live, row: dict) -> None:
 
 
 def log_image(live, image_dir: Path | None, step: int, grid: Image.Image) -> None:
-    """Log a validation grid with DVCLive (`plots/images/validation/step-<step>.png`), and keep a copy in
-    `image_dir` when checkpointing."""
+    """Log a validation grid with DVCLive as `plots/images/validation/step-<step>.jpg` (JPEG: the log lives in git),
+    and keep a lossless copy in `image_dir` when checkpointing."""
     from lanskap.report import save_png
 
-    name = f"step-{step:06d}.png"
+    name = f"step-{step:06d}"
     if image_dir is not None:
-        save_png(grid, image_dir / name)
+        save_png(grid, image_dir / f"{name}.png")
     if live is not None:
-        live.log_image(f"validation/{name}", grid)
+        live.log_image(f"validation/{name}.jpg", grid)
 
 
 def replay_log(live, state: TrainingState, image_dir: Path | None) -> None:
@@ -699,7 +699,7 @@ def replay_log(live, state: TrainingState, image_dir: Path | None) -> None:
     for path in sorted(image_dir.glob("step-*.png")) if image_dir else []:
         if int(path.stem.removeprefix("step-")) <= state.step:
             with Image.open(path) as grid:
-                live.log_image(f"validation/{path.name}", grid.copy())
+                live.log_image(f"validation/{path.stem}.jpg", grid.convert("RGB"))
 
 
 def summarise(result: TrainResult) -> dict:

@@ -77,7 +77,7 @@ def test_interrupted_run_resumes_to_bit_identical_weights(workdir, project_param
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
     assert training_log(workdir) == uninterrupted_log
-    assert sorted(uninterrupted_log["images"]) == [f"step-{step:06d}.png" for step in (0, 5, 10, 12)]
+    assert sorted(uninterrupted_log["images"]) == [f"step-{step:06d}.jpg" for step in (0, 5, 10, 12)]
     assert not any((workdir / ".lanskap-cache/checkpoints").iterdir())
 
 
@@ -85,7 +85,7 @@ def training_log(workdir) -> dict:
     """The DVCLive log's validation-loss rows and validation images (bytes), which must not depend on timing."""
     plots = workdir / "dvclive/train/plots"
     return {"validation_loss": (plots / "metrics/validation/loss.tsv").read_text(),
-            "images": {path.name: path.read_bytes() for path in (plots / "images/validation").glob("*.png")}}
+            "images": {path.name: path.read_bytes() for path in (plots / "images/validation").glob("*.jpg")}}
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
