@@ -249,7 +249,7 @@ class HeldOut:
         """Loss with fixed noise and timesteps, so values are comparable across steps."""
         generator = torch.Generator(self.pixel_values.device).manual_seed(seed)
         with eval_mode(parts.unet, parts.text_encoder), torch.no_grad():
-            states = self.captions(parts.text_encoder, torch.arange(len(self.pixel_values)))
+            states = self.captions(parts.text_encoder, torch.arange(len(self.pixel_values), device=self.pixel_values.device))
             return diffusion_loss(parts, self.pixel_values, states, generator).item()
 
 
