@@ -2,13 +2,17 @@
 
 DVC records whatever a stage leaves behind, so a stage must never leave a half-written output: every
 file and folder is written under a temporary name beside its target and renamed into place only when
-complete (rename is atomic within one filesystem).
+complete (rename is atomic within one filesystem). A process killed mid-write (kill -9, power loss) leaves
+its temporary name behind, never a partial output; a folder's temporary names carry the writer's pid, and the
+next write of the same folder removes those whose process is gone.
 """
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,19 +21,43 @@ from pathlib import Path
 import pandas as pd
 
 
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def temporary_prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove the staging and trash folders beside `target` left by writers that no longer run (killed mid-write)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-")
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
+        match = pattern.match(path.name)
+        if match and int(match.group(2)) != os.getpid() and not process_exists(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target)
+    staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "tmp"), dir=target.parent))
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        trash = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "old"), dir=target.parent))
         os.replace(target, trash / target.name)
         os.replace(staging, target)
         shutil.rmtree(trash, ignore_errors=True)
