@@ -49,7 +49,7 @@ from tests.test_data_stages import png_bytes, run_data_stages, tree_digest
 
 KILL_SEED = int(os.environ.get("LANSKAP_KILL_SEED", "0"))
 # Checkpoints at steps 4, 8 and 12; one image per generate call, so a kill can land between any two images.
-EXTRA_OVERRIDES = {"train": {"steps": 12, "log_every": 4, "checkpoint_every": 4, "images_every": 0},
+EXTRA_OVERRIDES = {"train": {"steps": 12, "checkpoint_every": 4, "images_every": 0},
                    "generate": {"batch_size": 1}}  # keys this checkout lacks are skipped
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
