@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,12 +58,27 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "old"), dir=target.parent))
-        os.replace(target, trash / target.name)
+        trash = move_aside(target)
         os.replace(staging, target)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` into a fresh trash folder beside it (one atomic step) and return that folder, to delete."""
+    trash = Path(tempfile.mkdtemp(prefix=temporary_prefix(path, "old"), dir=path.parent))
+    os.replace(path, trash / path.name)
+    return trash
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete a folder so that no reader ever finds it half-deleted: a kill during a plain rmtree leaves the folder
+    under its own name with files missing; here it is renamed away first, then deleted."""
+    path = Path(path)
+    if path.exists():
+        remove_stale_temporaries(path)
+        shutil.rmtree(move_aside(path), ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -93,6 +109,21 @@ def write_text(path: str | Path, text: str) -> None:
 def write_csv(path: str | Path, table: pd.DataFrame) -> None:
     with atomic_file(path) as staging:
         table.to_csv(staging, index=False, lineterminator="\n")
+
+
+def canonicalise_safetensors(path: str | Path) -> None:
+    """Rewrite a .safetensors file's JSON header with sorted keys and nothing else changed.
+
+    The safetensors library writes the header (metadata included) in hash-map order, which differs from process to
+    process, so identical tensors would give different bytes and DVC would see a changed output on every run."""
+    path = Path(path)
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to keep the tensor data 8-byte aligned
+    with atomic_file(path) as staging:
+        staging.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
 
 
 def sha256_file(path: str | Path) -> str:

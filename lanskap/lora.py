@@ -29,6 +29,7 @@ from pathlib import Path
 import peft
 import torch
 
+from lanskap.io import canonicalise_safetensors
 from lanskap.params import LoraParams
 
 ADAPTER_NAME = "default"  # the name `add_adapter` gives the adapter it trains
@@ -143,6 +144,12 @@ def kohya_metadata(params: LoraParams, base: dict) -> dict[str, str]:
     }
 
 
+def adapter_metadata(model) -> dict:
+    """The adapter's LoRA config for the diffusers file, sets as sorted lists (a set's order changes per process)."""
+    config = model.peft_config[ADAPTER_NAME].to_dict()
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+
+
 def export_lora(unet, out_dir: Path, params: LoraParams, base: dict, text_encoder=None) -> dict[str, Path]:
     """Write the UNet adapter (and the text encoder's, if given) as diffusers `pytorch_lora_weights.safetensors`
     (alpha in the adapter metadata) and, unless it is a DoRA adapter, kohya `lora_kohya.safetensors`; return the
@@ -153,17 +160,19 @@ def export_lora(unet, out_dir: Path, params: LoraParams, base: dict, text_encode
     out_dir = Path(out_dir)
     text_encoder_files = {} if text_encoder is None else {
         "text_encoder_lora_layers": diffusers_lora_layers(text_encoder),
-        "text_encoder_lora_adapter_metadata": text_encoder.peft_config[ADAPTER_NAME].to_dict(),
+        "text_encoder_lora_adapter_metadata": adapter_metadata(text_encoder),
     }
     StableDiffusionPipeline.save_lora_weights(
         out_dir, unet_lora_layers=diffusers_lora_layers(unet), weight_name=DIFFUSERS_WEIGHT_NAME,
-        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(), **text_encoder_files,
+        unet_lora_adapter_metadata=adapter_metadata(unet), **text_encoder_files,
     )
+    canonicalise_safetensors(out_dir / DIFFUSERS_WEIGHT_NAME)
     if params.use_dora:  # kohya's format and loaders have no magnitude vector: a file without it would be wrong
         print(f"export_lora: lora.use_dora is on; {KOHYA_WEIGHT_NAME} not written (the kohya format has no DoRA)")
         return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME}
     safetensors.torch.save_file(kohya_state_dict(unet, params, text_encoder), out_dir / KOHYA_WEIGHT_NAME,
                                 metadata=kohya_metadata(params, base))
+    canonicalise_safetensors(out_dir / KOHYA_WEIGHT_NAME)
     return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / KOHYA_WEIGHT_NAME}
 
 

@@ -18,7 +18,6 @@ by `accelerate launch`, therefore train on exactly what one uninterrupted proces
 import json
 import random
 import resource
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from lanskap.augment import eval_transform, train_transform
 from lanskap.errors import UserError
-from lanskap.io import atomic_dir
+from lanskap.io import atomic_dir, remove_dir
 from lanskap.params import AugmentParams, LoraParams, TrainParams
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -364,7 +363,7 @@ def save_checkpoint(checkpoint_dir: Path, state: TrainingState, lora_parameters:
             "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
         }))
     for old in sorted(checkpoint_dir.glob("step-*"))[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old)
+        remove_dir(old)  # never half-deleted under its own name, where a resume would pick it
     return target
 
 

@@ -15,22 +15,26 @@ batch is batch_size x gradient_accumulation_steps x N; the main process logs and
 import argparse
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from PIL import Image
 
 from lanskap.data import read_table
 from lanskap.errors import run_stage
-from lanskap.io import atomic_dir, sha256_file
+from lanskap.io import atomic_dir, remove_dir, sha256_file
 from lanskap.params import load_params
 
 FILE_USE = {"diffusers": "diffusers: `pipe.load_lora_weights(dir)`", "kohya": "AUTOMATIC1111 / ComfyUI"}
 CHECKPOINT_ROOT = Path(".lanskap-cache/checkpoints")  # relative to the project root, outside DVC's outputs
 
 
+MACHINE_DEPENDENT = ("seconds", "images_per_second", "peak_gpu_memory_gib", "peak_process_memory_gib")
+
+
 def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) -> str:
+    """The card travels with the weights: timings stay in the training log, so the same run gives the same bytes."""
     params = {name: group.model_dump(mode="json") for name, group in loaded.items()}
+    summary = {key: value for key, value in summary.items() if key not in MACHINE_DEPENDENT}
     return "\n".join([
         f"# LoRA for {base['model']}", "",
         f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
@@ -103,7 +107,7 @@ def main(argv=None):
     with atomic_dir(args.out) as staging:
         files = export_lora(result.unet, staging, loaded["lora"], base, result.text_encoder)
         (staging / "README.md").write_text(model_card(base, summary, loaded, files))
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the run is recorded; a forced rerun must train again
+    remove_dir(checkpoints)  # the run is recorded; a forced rerun must train again
     print(f"train_lora: {summary['steps']} steps in {summary['seconds']} s ({summary['images_per_second']} img/s); "
           f"loss {summary['loss_first']:.4f} -> {summary['loss_final']:.4f}; validation loss best "
           f"{summary['validation_loss_best']:.4f} at step {summary['validation_loss_best_step']} -> {args.out}")

@@ -22,7 +22,6 @@ uninterrupted run, made in-process (to save the stage imports) and recorded with
 import contextlib
 import hashlib
 import http.server
-import json
 import os
 import random
 import re
@@ -38,10 +37,9 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import safetensors
 import yaml
 
-from lanskap.io import atomic_dir
+from lanskap.io import atomic_dir, remove_dir
 from lanskap.presets import compose_params
 from stages import generate, ingest, train_lora
 from tests.conftest import ROOT, TINY_OVERRIDES, copy_project, write_params
@@ -147,7 +145,6 @@ STAGE_ARGS = {  # as dvc.yaml gives them
 }
 OUTPUTS = {"ingest": ["data/ingested"], "train_lora": ["models/lora"],
            "generate": ["data/generated", "reports/generate"]}
-LORA_FILES = ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"]
 
 
 @pytest.fixture
@@ -327,22 +324,6 @@ def loss_curves(repo: Path) -> dict[str, list]:
             .values.tolist() for name in ("train", "validation")}
 
 
-def lora_contents(folder: Path) -> dict:
-    """Each LoRA file's tensor digests and metadata. Not its bytes: they vary from process to process, as safetensors
-    writes the metadata in hash-map order and PEFT's target_modules is a set (serialised in hash-seed order)."""
-    contents = {}
-    for name in LORA_FILES:
-        with safetensors.safe_open(folder / name, "pt") as weights:
-            tensors = {key: hashlib.sha256(weights.get_tensor(key).numpy().tobytes()).hexdigest()
-                       for key in weights.keys()}
-            metadata = weights.metadata()
-        adapter = json.loads(metadata.pop("lora_adapter_metadata", "{}"))
-        adapter = {key: sorted(value) if key.endswith("target_modules") and value else value
-                   for key, value in adapter.items()}
-        contents[name] = {"tensors": tensors, "metadata": metadata, "adapter": adapter}
-    return contents
-
-
 def checkpoints(repo: Path, pattern: str = "step-*") -> list[str]:
     """Complete checkpoints by default (atomic_dir's staging folders start with a dot)."""
     return sorted(path.name for path in (repo / ".lanskap-cache/checkpoints").glob(f"*/{pattern}"))
@@ -351,7 +332,7 @@ def checkpoints(repo: Path, pattern: str = "step-*") -> list[str]:
 @pytest.mark.slow
 def test_dvc_repro_killed_mid_step_and_mid_checkpoint_write_resumes_to_the_same_lora(repo, tmp_path):
     lock, curves = (repo / "dvc.lock").read_text(), loss_curves(repo)
-    reference = lora_contents(repo / "models/lora")
+    reference = tree_digest(repo / "models/lora")  # made in-process: the bytes must not depend on the process
     force = ("dvc", "repro", "--force", "--single-item", "train_lora")
     evict(repo, "train_lora")
 
@@ -377,7 +358,7 @@ def test_dvc_repro_killed_mid_step_and_mid_checkpoint_write_resumes_to_the_same_
     # 3. The next repro resumes from step 4, not from the half-written step 8, and trains to the same LoRA.
     output = run(repo, "dvc", "repro", "train_lora")
     assert re.search(r"resuming from \S*step-00000004 \(step 4\)", output), output[-3000:]
-    assert lora_contents(repo / "models/lora") == reference
+    assert tree_digest(repo / "models/lora") == reference
     assert loss_curves(repo) == curves  # the log of the steps before the checkpoint is replayed
     assert checkpoints(repo, "*") == [] and "up to date" in dvc_status(repo, "train_lora")
 
@@ -397,3 +378,22 @@ def test_dvc_repro_killed_mid_generate_writes_the_same_images_next_time(repo):
     assert digests(repo, *OUTPUTS["generate"]) == reference and "up to date" in dvc_status(repo)
     assert lock_outs(repo, "generate") == lock_outs(lock, "generate")
     assert temporaries(repo, "data/generated") == temporaries(repo, "reports/generate") == []
+
+
+def test_remove_dir_renames_a_folder_away_before_deleting_it(tmp_path, monkeypatch):
+    """A kill during the delete must not leave a half-deleted checkpoint under its own name, where a resume would
+    pick it (load_checkpoint takes the newest `step-*`)."""
+    import lanskap.io
+
+    target = tmp_path / "step-00000004"
+    (target / "inner").mkdir(parents=True)
+    (target / "lora.safetensors").write_bytes(b"x")
+    name_present_while_deleting, real_rmtree = [], shutil.rmtree
+
+    def observing_rmtree(path, *args, **kwargs):
+        name_present_while_deleting.append(target.exists())
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(lanskap.io.shutil, "rmtree", observing_rmtree)
+    remove_dir(target)
+    assert name_present_while_deleting == [False] and list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 import json
 import re
+import struct
 
 import pytest
 import safetensors
@@ -10,6 +11,7 @@ import torch
 
 from lanskap.lora import (add_lora, add_unet_lora, diffusers_lora_layers, export_lora, kohya_metadata,
                           kohya_state_dict, load_lora_into_pipeline)
+from lanskap.io import canonicalise_safetensors
 from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.params import LoraParams
 
@@ -91,6 +93,28 @@ def test_diffusers_keys_and_adapter_metadata(trained):
         assert set(file.keys()) == expected
         adapter = json.loads(file.metadata()["lora_adapter_metadata"])
     assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (4, 8.0)
+    assert adapter["unet.target_modules"] == sorted(PARAMS.target_modules)  # a list in a fixed order, not a set
+
+
+def test_canonical_safetensors_header_is_independent_of_key_order_and_still_loads(trained, tmp_path):
+    """The library writes its header in hash-map order, which changes per process; canonicalised, the same tensors
+    and metadata give the same bytes."""
+    original = trained["files"]["kohya"].read_bytes()
+    (length,) = struct.unpack("<Q", original[:8])
+    header = json.loads(original[8:8 + length])
+    reordered = {key: header[key] for key in reversed(list(header))}
+    reordered["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    text = json.dumps(reordered).encode()
+    copies = {"as_written": original, "reordered": struct.pack("<Q", len(text)) + text + original[8 + length:]}
+    for name, data in copies.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(data)
+        canonicalise_safetensors(tmp_path / f"{name}.safetensors")
+    assert (tmp_path / "as_written.safetensors").read_bytes() == (tmp_path / "reordered.safetensors").read_bytes()
+    loaded = safetensors.torch.load_file(tmp_path / "reordered.safetensors")
+    expected = safetensors.torch.load_file(trained["files"]["kohya"])
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[key], expected[key]) for key in loaded)
+    with safetensors.safe_open(tmp_path / "reordered.safetensors", "pt") as file:
+        assert file.metadata() == header["__metadata__"]
 
 
 def test_kohya_golden_keys(trained):
