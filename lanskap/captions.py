@@ -47,7 +47,7 @@ def resolve_captioner(params: CaptionParams) -> Path:
 def model_captions(paths: list[str], params: CaptionParams) -> pd.Series:
     """Captions written by an image-to-text model (BLIP and kin), batched, greedy, so reruns agree."""
     import torch
-    from tqdm import tqdm
+    from lanskap.console import progress
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lanskap.data import open_rgb
@@ -56,7 +56,7 @@ def model_captions(paths: list[str], params: CaptionParams) -> pd.Series:
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True).eval()
     captions = []
-    for start in tqdm(range(0, len(paths), params.batch_size), desc="caption", unit="batch"):
+    for start in progress(range(0, len(paths), params.batch_size), desc="caption", unit="batch"):
         images = [open_rgb(path) for path in paths[start:start + params.batch_size]]
         with torch.inference_mode():
             ids = model.generate(**processor(images=images, return_tensors="pt"), do_sample=False,

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from cleanfid.resize import make_resizer
 from PIL import Image
-from tqdm import tqdm
 
+from lanskap.console import progress
 from lanskap.errors import UserError
 from lanskap.models import builtin_dir, clip_tokenizer_dir, fetch_hub_snapshot, require_safetensors
 
@@ -87,7 +87,7 @@ def embed_in_batches(items: Sequence, batch_size: int, embed_batch: Callable[[Se
     starts = range(0, len(items), batch_size)
     chunks = []
     with torch.inference_mode():
-        for start in tqdm(starts, desc=description, unit="batch", disable=len(starts) <= 1):
+        for start in progress(starts, desc=description, unit="batch", disable=len(starts) <= 1):
             chunks.append(embed_batch(items[start:start + batch_size]).double().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.empty((0, dim))
 

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from lanskap.console import progress
 from lanskap.params import GenerateParams
 
 SCHEDULERS = {  # name -> (diffusers class name, extra config)
@@ -66,7 +66,7 @@ def generate_images(pipeline, jobs: list[Job], params: GenerateParams, out_dir: 
     resolution = params.resolution or native_resolution(pipeline)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for start in tqdm(range(0, len(jobs), params.batch_size), desc=f"generate {label}", unit="batch"):
+    for start in progress(range(0, len(jobs), params.batch_size), desc=f"generate {label}", unit="batch"):
         batch = jobs[start:start + params.batch_size]
         images = sample(pipeline, [job.caption for job in batch], [job.seed for job in batch], params, resolution,
                         params.steps)

@@ -25,15 +25,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from lanskap.augment import eval_transform, train_transform
+from lanskap.console import progress
 from lanskap.errors import UserError
 from lanskap.io import atomic_dir, remove_dir
 from lanskap.params import AugmentParams, LoraParams, TrainParams
@@ -567,9 +566,9 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
               f"{params.batch_size} x gradient_accumulation_steps {params.gradient_accumulation_steps} x processes "
               f"{accelerator.num_processes}")
     images_seen, start = 0, time.perf_counter()
-    progress = tqdm(range(first_step + 1, params.steps + 1), desc="train_lora", unit="step", initial=first_step,
+    bar = progress(range(first_step + 1, params.steps + 1), desc="train_lora", unit="step", initial=first_step,
                     total=params.steps, disable=not monitor.main)
-    for step in progress:
+    for step in bar:
         loss, images = accumulate_gradients(trainer, batches, caption_encoder, params,
                                             first_micro_batch=(step - 1) * params.gradient_accumulation_steps)
         check_finite(loss, step, params)
@@ -579,7 +578,7 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
         state.losses.append(loss.item())
         images_seen += images * accelerator.num_processes
         images_per_second = images_seen / (time.perf_counter() - start)
-        progress.set_postfix(loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}")
+        bar.set_postfix(loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}")
         monitor.record(parts, state, lr_scheduler.get_last_lr()[0], images_per_second)
         if monitor.main and checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, state, trainer.lora_parameters, optimizer, lr_scheduler)

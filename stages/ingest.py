@@ -18,8 +18,8 @@ import io
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
+from lanskap.console import progress
 from lanskap.data import (IMAGE_SUFFIXES, MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, folder_candidates,
                           image_files, image_record, manifest_rows, near_duplicate_pairs, validate_image)
 from lanskap.download import DownloadPolicy, cache_path, download, sniff_image_format
@@ -129,7 +129,7 @@ def ingest(params: IngestParams, out: Path) -> IngestResult:
     require_free_space(out, planned_bytes(params), "ingest", shrink)
     with atomic_dir(out) as staging:
         (staging / "images").mkdir()
-        for read, candidate in tqdm(items, desc="ingest", unit="img", mininterval=1.0):
+        for read, candidate in progress(items, desc="ingest", unit="img", mininterval=1.0):
             accepted = accept(read, candidate, params, seen, result)
             if accepted is None:
                 continue

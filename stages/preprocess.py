@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from lanskap.augment import canonical_image, to_pil, train_transform
+from lanskap.console import progress
 from lanskap.data import open_rgb, read_table
 from lanskap.errors import run_stage
 from lanskap.io import atomic_dir, write_csv, write_text
@@ -28,7 +28,7 @@ from lanskap.report import image_grid, save_png
 def write_canonical(table: pd.DataFrame, params: PreprocessParams, staging: Path, out: Path) -> pd.DataFrame:
     """Write each listed image at training resolution; return the table pointing at the new files."""
     paths = []
-    for row in tqdm(table.itertuples(), total=len(table), desc="preprocess", unit="img"):
+    for row in progress(table.itertuples(), total=len(table), desc="preprocess", unit="img"):
         name = f"{row.sha256[:16]}.png"
         image = canonical_image(open_rgb(row.path), params.resolution, params.center_crop)
         image.save(staging / "images" / name, compress_level=1)  # DVC-cached: speed over size
