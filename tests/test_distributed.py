@@ -18,8 +18,10 @@ from lanskap.lora import DIFFUSERS_WEIGHT_NAME
 from tests.conftest import ROOT, write_params
 from tests.test_data_stages import run_data_stages
 
-# Relative to the largest weight change; float32 reduction-order noise after a few AdamW steps sits near 1e-6.
-TOLERANCE = 1e-4
+# Relative to the largest weight change (B moves up to steps x lr from zero). Measured: 8e-5 (2.4e-7 on a change of
+# 3.0e-3; AdamW's first steps amplify float32 reduction-order noise). A run on other data or noise would differ by
+# the order of the change itself, so 1e-3 leaves room for other CPUs' kernels and still catches any mismatch.
+TOLERANCE = 1e-3
 
 
 def free_port() -> int:
@@ -54,6 +56,7 @@ def test_two_processes_match_one_at_the_same_global_batch(workdir, project_param
     assert double.keys() == single.keys()
     largest_change = max(single[key].abs().max().item() for key in single if ".up." in key)
     assert largest_change > 0  # the runs trained (B starts at zero)
-    for key in single:
-        difference = (double[key] - single[key]).abs().max().item()
-        assert difference <= TOLERANCE * max(largest_change, single[key].abs().max().item()), (key, difference)
+    relative = {key: (double[key] - single[key]).abs().max().item() / max(largest_change, single[key].abs().max().item())
+                for key in single}
+    print(f"two processes vs one: largest relative difference {max(relative.values()):.2e} (tolerance {TOLERANCE})")
+    assert max(relative.values()) <= TOLERANCE, max(relative, key=relative.get)
