@@ -75,7 +75,6 @@ def choose_captions(manifest: pd.DataFrame, params: CaptionParams) -> pd.Series:
     else:
         base = pd.Series(params.template, index=manifest.index)
     base = read_overrides(manifest, params.overrides).fillna(base.replace("", float("nan")))
-    base = read_overrides(manifest, params.overrides).fillna(base)
     missing = manifest.loc[base.isna(), "source"].tolist()
     if missing:
         raise UserError(
