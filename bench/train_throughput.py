@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from lanskap import train
-from lanskap.augment import train_transform
 from lanskap.params import AugmentParams, LoraParams, TrainParams
 
 TFLOP_PER_IMAGE_768 = 5.2  # UNet forward + backward of one 768 px image (anchors.md)
@@ -46,7 +45,7 @@ def parse_args(argv):
     parser.add_argument("--regional-compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
     parser.add_argument("--fused-adamw", action="store_true", help="single-kernel AdamW")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (train_lora uses 0)")
+    parser.add_argument("--workers", type=int, default=4, help="train.dataloader_workers (the paper preset's 4)")
     parser.add_argument("--tight-loop", type=Path, help="path to shared/bench/tight_loop.py, run for ratios")
     parser.add_argument("--dry-run", action="store_true",
                         help="exercise the code path on CPU with the built-in tiny model at 64 px, 2 steps")
@@ -82,18 +81,17 @@ def prepare_unet(parts: train.Components, args) -> tuple[dict, list[dict]]:
 
 def measure(parts, lora_parameters: dict, groups: list[dict], paths, batch_size: int, args, accelerator) -> dict:
     """Seconds per step of train_lora's step at `batch_size`, after warm-up steps (more when compiling)."""
-    params = TrainParams(batch_size=batch_size, steps=10_000, mixed_precision="bf16")
+    params = TrainParams(batch_size=batch_size, steps=10_000, mixed_precision="bf16", dataloader_workers=args.workers)
     optimizer, lr_scheduler = train.make_optimizer(groups, params, fused=args.fused_adamw or None)
     trainer = train.Trainer(parts, parts, lora_parameters, train.BatchShare(batch_size), accelerator)
-    captions = train.CaptionEncoder(["a fantasy landscape"], parts, accelerator.device, text_encoder_trains=False)
-    dataset = train.CaptionedImages(paths, [0] * len(paths), train_transform(AugmentParams(), args.resolution))
-    batches = iter(DataLoader(dataset, batch_sampler=train.global_batches(len(paths), batch_size, 0, start=0),
-                              num_workers=args.workers))
+    table = pd.DataFrame({"path": paths, "caption": "a fantasy landscape"})
+    batches, captions = train.training_batches(table, AugmentParams(), args.resolution, params, trainer.share, 0)
+    caption_encoder = train.CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains=False)
     steps_done = 0
 
     def step():
         nonlocal steps_done
-        train.accumulate_gradients(trainer, batches, captions, params, first_micro_batch=steps_done)
+        train.accumulate_gradients(trainer, batches, caption_encoder, params, first_micro_batch=steps_done)
         train.optimizer_step(accelerator, list(lora_parameters.values()), optimizer, lr_scheduler,
                              params.max_grad_norm)
         steps_done += 1

@@ -120,6 +120,7 @@ class TrainParams(Group):
     checkpoint_every: int = Field(0, ge=0)  # steps between resumable checkpoints (outside DVC outputs); 0: off
     gradient_accumulation_steps: int = Field(1, ge=1)  # global batch = batch_size x this x processes
     gradient_checkpointing: bool = False
+    dataloader_workers: int = Field(0, ge=0, le=64)  # processes decoding and augmenting ahead; results unchanged
     snr_gamma: float | None = Field(None, gt=0.0)  # min-SNR loss weighting (5.0 is usual); None: off
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)  # 0.05-0.1 is usual; 0: off
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # probability of training on the empty caption

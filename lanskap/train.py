@@ -530,8 +530,12 @@ def training_batches(train_table: pd.DataFrame, augment: AugmentParams, resoluti
     check_batch_fits(len(paths), share.total)
     dataset = CaptionedImages(paths, caption_index, train_transform(augment, resolution))
     sampler = process_batches(global_batches(len(paths), share.total, params.seed, first_batch), share)
-    # The loader's own generator: creating its iterator would otherwise draw from the global RNG a resume restored.
-    loader = DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed))
+    # Workers decode and augment the next batches while the GPU trains; each image's augmentation is seeded by its
+    # place in the run, so their number changes no result. The loader's own generator: creating its iterator would
+    # otherwise draw from the global RNG that a resume restored.
+    workers = params.dataloader_workers
+    loader = DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     return iter(loader), captions
 
 
@@ -641,7 +645,8 @@ def accumulate_gradients(trainer: Trainer, batches, captions: CaptionEncoder, pa
     losses, images = [], 0
     for micro in range(params.gradient_accumulation_steps):
         pixel_values, caption_ids = next(batches)
-        pixel_values, caption_ids = pixel_values.to(accelerator.device), caption_ids.to(accelerator.device)
+        pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
+        caption_ids = caption_ids.to(accelerator.device, non_blocking=True)
         generator = torch.Generator(accelerator.device).manual_seed(
             derived_seed(params.seed, NOISE_STREAM, first_micro_batch + micro))
         caption_ids = drop_captions(caption_ids, captions.empty_id, params.caption_dropout, generator, trainer.share)

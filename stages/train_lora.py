@@ -51,7 +51,7 @@ def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str]) -> Path:
     split tables, training image bytes), so a checkpoint is only ever resumed by a run it belongs to."""
     digest = hashlib.sha256()
     for name, group in sorted(loaded.items()):
-        exclude = {"checkpoint_every"} if name == "train" else None  # how often to save changes no result
+        exclude = {"checkpoint_every", "dataloader_workers"} if name == "train" else None  # they change no result
         digest.update(json.dumps([name, group.model_dump(mode="json", exclude=exclude)], sort_keys=True).encode())
     for path in [data / "train.csv", data / "test.csv", *train_paths]:
         digest.update(sha256_file(path).encode())

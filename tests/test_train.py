@@ -37,6 +37,15 @@ def test_same_seed_gives_bit_identical_lora_weights_and_files(workdir):
     assert tree_digest(workdir / "models/first") == tree_digest(workdir / "models/second")
 
 
+def test_dataloader_workers_change_no_result(workdir, project_params):
+    run_data_stages(workdir)
+    in_process = run_train_stage("models/in_process")
+    with_train(workdir, project_params, dataloader_workers=2)
+    with_workers = run_train_stage("models/with_workers")
+    assert in_process.keys() == with_workers.keys()
+    assert all(torch.equal(in_process[key], with_workers[key]) for key in in_process)
+
+
 def test_held_out_validation_loss_falls(workdir, project_params):
     run_data_stages(workdir)
     with_train(workdir, project_params, steps=20, validation_every=10, learning_rate=1.0e-2)
