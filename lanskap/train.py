@@ -556,6 +556,7 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     text_encoder_trains = params.text_encoder_learning_rate is not None
     resumed = load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler) if checkpoint_dir else None
     first_step = resumed.step if resumed else 0
+    check_same_start(accelerator, first_step, checkpoint_dir)
     batches, captions = training_batches(train_table, augment, resolution, params, trainer.share,
                                          first_batch=first_step * params.gradient_accumulation_steps)
     caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains)
@@ -622,6 +623,15 @@ def probe_step(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, 
         loss.backward()
     for parameter in trainer.lora_parameters.values():
         parameter.grad = None
+
+
+def check_same_start(accelerator, first_step: int, checkpoint_dir: Path | None) -> None:
+    """Every process must resume from the same step: on several machines the checkpoint folder has to be on a
+    filesystem they all see, or they would train on different steps and the run would be garbage."""
+    starts = accelerator.gather(torch.tensor([first_step], device=accelerator.device)).tolist()
+    if len(set(starts)) > 1:
+        raise UserError(f"train_lora: processes would start at different steps {starts}: {checkpoint_dir} must be on "
+                        "a filesystem every machine shares (or delete it to start over)")
 
 
 def check_batch_fits(num_images: int, global_micro_batch: int) -> None:

@@ -263,3 +263,15 @@ def test_fp16_is_refused_for_a_unet_whose_attention_overflows_in_fp16(workdir, p
     with pytest.raises(UserError, match="train.mixed_precision=fp16 .* upcast_attention .* bf16"):
         run_train_stage()
     assert not (workdir / "models").exists()
+
+
+def test_processes_that_would_resume_from_different_steps_stop():
+    class TwoMachines:  # the gather of a checkpoint step seen by one machine and not the other
+        device = torch.device("cpu")
+
+        def gather(self, tensor):
+            return torch.cat([tensor, torch.tensor([0])])
+
+    train.check_same_start(TwoMachines(), 0, None)  # both start fresh: fine
+    with pytest.raises(UserError, match=r"different steps \[8, 0\].*filesystem every machine shares"):
+        train.check_same_start(TwoMachines(), 8, "/local/checkpoints")
