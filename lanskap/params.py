@@ -131,6 +131,15 @@ class TrainParams(Group):
     image_guidance_scale: float = Field(7.5, ge=0.0)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _warmup_takes_effect(self):
+        if self.warmup_steps and self.lr_scheduler == "constant":  # diffusers' "constant" ignores the warmup
+            raise ValueError(f"warmup_steps={self.warmup_steps} has no effect with lr_scheduler=constant: use "
+                             "constant_with_warmup, linear or cosine, or set warmup_steps: 0")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+        return self
+
 
 class GenerateParams(Group):
     scheduler: Literal["dpm++", "ddim", "euler"] = "dpm++"
@@ -177,7 +186,9 @@ def validate_group(name: str, values: dict, source: str = PARAMS_FILE) -> Group:
         problems = []
         for item in error.errors():
             key = ".".join([name, *map(str, item["loc"])])
-            problems.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            got = f" (got {item.get('input')!r})" if item["loc"] else ""  # a whole-group rule names its keys itself
+            problems.append(f"  {key}: {message}{got}")
         raise UserError(f"invalid params in {source}:\n" + "\n".join(problems)) from None
 
 

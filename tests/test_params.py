@@ -44,6 +44,8 @@ def test_paper_preset_is_sd21_768_v_prediction(tmp_path):
     ("augment", {"crop_scale": [0.9, 0.5]}, "crop_scale"),
     ("augment", {"hflip_p": 2}, "augment.hflip_p"),
     ("generate", {"scheduler": "plms"}, "generate.scheduler"),
+    ("train", {"warmup_steps": 10, "lr_scheduler": "constant"}, "warmup_steps=10 has no effect"),
+    ("train", {"warmup_steps": 100, "steps": 100, "lr_scheduler": "linear"}, "must be below steps=100"),
 ])
 def test_invalid_params_name_the_key_and_value(group, values, named):
     with pytest.raises(UserError) as error:
