@@ -18,7 +18,6 @@ from lanskap.errors import UserError
 from lanskap.features import INCEPTION_FILE, load_clip, load_inception
 from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
 from stages import generate, ingest, preprocess
-from tests.conftest import write_params
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 MiB = 2**20
