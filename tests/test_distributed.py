@@ -18,8 +18,8 @@ from lanskap.lora import DIFFUSERS_WEIGHT_NAME
 from tests.conftest import ROOT, write_params
 from tests.test_data_stages import run_data_stages
 
-# Relative to the largest weight change (B moves up to steps x lr from zero). Measured: 8e-5 (2.4e-7 on a change of
-# 3.0e-3; AdamW's first steps amplify float32 reduction-order noise). A run on other data or noise would differ by
+# Relative to the largest weight change (B moves up to steps x lr from zero). Measured: 7.9e-5 without accumulation
+# (2.4e-7 on a change of 3.0e-3) and 1.9e-4 with it; AdamW's first steps amplify float32 reduction-order noise. A run on other data or noise would differ by
 # the order of the change itself, so 1e-3 leaves room for other CPUs' kernels and still catches any mismatch.
 TOLERANCE = 1e-3
 
@@ -41,13 +41,16 @@ def train(workdir, out: str, launcher: list[str]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_at_the_same_global_batch(workdir, project_params):
+@pytest.mark.parametrize("batch_size, accumulation", [(4, 1), (2, 2)])  # (2, 2): gradients synced once per step
+def test_two_processes_match_one_at_the_same_global_batch(workdir, project_params, batch_size, accumulation):
     run_data_stages(workdir)
-    one_process = {"steps": 3, "batch_size": 4, "images_every": 0, "caption_dropout": 0.2}
+    one_process = {"steps": 3, "batch_size": batch_size, "gradient_accumulation_steps": accumulation,
+                   "images_every": 0, "caption_dropout": 0.2}
     write_params(workdir, {**project_params, "train": {**project_params["train"], **one_process}})
     single = train(workdir, "models/one", [sys.executable])
 
-    write_params(workdir, {**project_params, "train": {**project_params["train"], **one_process, "batch_size": 2}})
+    two_processes = {**one_process, "batch_size": batch_size // 2}
+    write_params(workdir, {**project_params, "train": {**project_params["train"], **two_processes}})
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--main_process_port", str(free_port())]
