@@ -527,7 +527,7 @@ def training_batches(train_table: pd.DataFrame, augment: AugmentParams, resoluti
     """This process's (pixels [B, 3, H, W], caption ids [B]) micro-batches from micro-batch `first_batch` on, and
     the distinct captions the ids index."""
     paths, caption_index, captions = load_split(train_table)
-    check_batch_fits(len(paths), share.total)
+    check_batch_within_data(len(paths), share.total)
     dataset = CaptionedImages(paths, caption_index, train_transform(augment, resolution))
     sampler = process_batches(global_batches(len(paths), share.total, params.seed, first_batch), share)
     # Workers decode and augment the next batches while the GPU trains; each image's augmentation is seeded by its
@@ -634,7 +634,7 @@ def check_same_start(accelerator, first_step: int, checkpoint_dir: Path | None) 
                         "a filesystem every machine shares (or delete it to start over)")
 
 
-def check_batch_fits(num_images: int, global_micro_batch: int) -> None:
+def check_batch_within_data(num_images: int, global_micro_batch: int) -> None:
     if global_micro_batch > num_images:
         raise UserError(f"train_lora: train.batch_size x processes = {global_micro_batch} exceeds the {num_images} "
                         "training images; lower train.batch_size and raise train.gradient_accumulation_steps to keep "
