@@ -29,7 +29,8 @@ class ModelParams(Group):
 class IngestParams(Group):
     source: str = "builtin:procedural"  # builtin:procedural, a folder, or a .csv/.jsonl manifest
     num_images: int = Field(60, ge=2, le=100_000)  # builtin:procedural only
-    image_size: int = Field(256, ge=64, le=4096)  # builtin:procedural only
+    image_size: int = Field(128, ge=64, le=4096)  # builtin:procedural only
+    world: Literal["fantasy", "base"] = "fantasy"  # builtin:procedural only; see lanskap/procedural.py
     min_size: int = Field(64, ge=1)  # shorter side below this is rejected
     near_duplicate_distance: int = Field(4, ge=0, le=64)  # perceptual-hash bits; pairs within it are reported
     download_timeout: float = Field(30.0, gt=0.0)  # seconds, per connection and per read

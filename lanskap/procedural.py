@@ -18,9 +18,19 @@ derived from the Scene alone, and :func:`render` draws that Scene:
 Drawing is vectorised numpy over a coordinate grid at twice the requested size,
 then downsampled with LANCZOS, which anti-aliases every edge for free.
 
+Two worlds (``ingest.world``), so that fine-tuning has something to learn:
+
+* ``base``: what the built-in ``builtin:tiny-sd2`` was pretrained on: golden dawn,
+  crimson sunset, icy twilight and indigo midnight skies, ridges, moons, lakes and
+  stars. Never violet or aurora skies, floating islands or spires.
+* ``fantasy`` (the demo's training and test data): violet dusk and emerald aurora
+  skies, often with floating islands and spires; ridges, moons, lakes and stars as
+  in the base world. The base model has never drawn any of what sets it apart.
+
 Determinism contract: :func:`generate` gives byte-identical images and identical
-captions for the same ``(n, size, seed)``, and item ``i`` depends only on
-``(i, size, seed)``, because it draws from its own ``numpy.random.default_rng([seed, i])``.
+captions for the same ``(n, size, seed, world)``, and item ``i`` depends only on
+``(i, size, seed, world)``, because it draws from its own
+``numpy.random.default_rng([seed, i, world number])``.
 So ``generate(5, s, k)[i] == generate(10, s, k)[i]`` for every ``i < 5``.
 """
 
@@ -68,6 +78,22 @@ PALETTES: dict[str, Palette] = {
     ),
 }
 
+
+
+@dataclass(frozen=True)
+class World:
+    """Which scenes a world draws: its skies, and how often islands and spires appear."""
+
+    palettes: tuple[str, ...]
+    islands_p: float
+    spires_p: float
+
+
+WORLDS: dict[str, World] = {  # the order fixes each world's random stream: append, never reorder
+    "fantasy": World(("violet dusk", "emerald aurora"), islands_p=0.6, spires_p=0.5),
+    "base": World(("golden dawn", "crimson sunset", "icy twilight", "indigo midnight"), islands_p=0.0, spires_p=0.0),
+}
+
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 # Sky gradient stops (fraction of image height) for top, mid and horizon colours.
@@ -104,8 +130,9 @@ class Scene:
         return f"a fantasy landscape {PALETTES[self.palette].phrase} with {listed}"
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    palette = str(rng.choice(list(PALETTES)))
+def sample_scene(rng: np.random.Generator, world: str = "fantasy") -> Scene:
+    spec = WORLDS[world]
+    palette = str(rng.choice(list(spec.palettes)))
     # Stars are only plausible in the dark palettes; draw the coin anyway so the
     # number of rng draws does not depend on the palette.
     wants_stars = rng.random() < 0.75
@@ -113,8 +140,8 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         palette=palette,
         n_ridges=int(rng.integers(2, 6)),
         n_moons=int(rng.choice(4, p=[0.3, 0.35, 0.2, 0.15])),
-        has_islands=bool(rng.random() < 0.5),
-        has_spires=bool(rng.random() < 0.4),
+        has_islands=bool(rng.random() < spec.islands_p),
+        has_spires=bool(rng.random() < spec.spires_p),
         has_lake=bool(rng.random() < 0.45),
         has_stars=bool(wants_stars and PALETTES[palette].starry),
     )
@@ -142,16 +169,16 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(pixels, "RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
-def generate_item(index: int, size: int, seed: int) -> tuple[Image.Image, str]:
-    """Item ``index``: (image, caption), depending only on ``(index, size, seed)``."""
-    rng = np.random.default_rng([seed, index])
-    scene = sample_scene(rng)
+def generate_item(index: int, size: int, seed: int, world: str = "fantasy") -> tuple[Image.Image, str]:
+    """Item ``index`` of ``world``: (image, caption), depending only on ``(index, size, seed, world)``."""
+    rng = np.random.default_rng([seed, index, list(WORLDS).index(world)])
+    scene = sample_scene(rng, world)
     return render(scene, size, rng), scene.caption()
 
 
-def generate(n: int, size: int, seed: int) -> list[tuple[Image.Image, str]]:
-    """``n`` (image, caption) pairs; item ``i`` depends only on ``(i, size, seed)``."""
-    return [generate_item(i, size, seed) for i in range(n)]
+def generate(n: int, size: int, seed: int, world: str = "fantasy") -> list[tuple[Image.Image, str]]:
+    """``n`` (image, caption) pairs; item ``i`` depends only on ``(i, size, seed, world)``."""
+    return [generate_item(i, size, seed, world) for i in range(n)]
 
 
 def _rgb(colour: tuple[int, int, int]) -> np.ndarray:

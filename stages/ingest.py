@@ -34,7 +34,7 @@ DOWNLOAD_CACHE = Path(".lanskap-cache/downloads")
 
 def procedural_candidates(params: IngestParams):
     for index in range(params.num_images):
-        image, caption = generate_item(index, params.image_size, params.seed)
+        image, caption = generate_item(index, params.image_size, params.seed, params.world)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         yield (lambda data=buffer.getvalue(): data), Candidate(f"builtin:procedural#{index}", caption)

@@ -4,7 +4,7 @@ the drawn Scene, and images with the smooth structure of landscapes rather than 
 import numpy as np
 import pytest
 
-from lanskap.procedural import NUMBER_WORDS, PALETTES, Scene, generate, render, sample_scene
+from lanskap.procedural import NUMBER_WORDS, PALETTES, WORLDS, Scene, generate, render, sample_scene
 
 SIZE = 64
 
@@ -115,13 +115,16 @@ def test_adjacent_pixels_are_much_closer_than_in_noise(sixty, uniform_noise):
         assert step < 0.2 * noise_step
 
 
-def test_sky_region_varies_less_than_noise(sixty, uniform_noise):
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_sky_region_varies_less_than_noise(world, uniform_noise):
     sky_rows = SIZE // 6
     noise_var = uniform_noise[:sky_rows].var(axis=(0, 1)).mean()
-    sky_vars = [pixels[:sky_rows].astype(np.float64).var(axis=(0, 1)).mean() for pixels in _arrays(sixty)]
-    # A big bright moon can fill the top rows, so bound every image loosely and the typical one tightly.
+    items = generate(60, SIZE, 0, world)
+    sky_vars = [pixels[:sky_rows].astype(np.float64).var(axis=(0, 1)).mean() for pixels in _arrays(items)]
+    # A big bright moon can fill the top rows, so bound every image loosely; an aurora lights half the skies
+    # of the fantasy world, so only the base world's typical sky is bound tightly.
     assert max(sky_vars) < noise_var
-    assert np.median(sky_vars) < 0.25 * noise_var
+    assert np.median(sky_vars) < (0.25 if world == "base" else 0.5) * noise_var
 
 
 @pytest.mark.parametrize("palette", sorted(PALETTES))
@@ -132,3 +135,20 @@ def test_empty_sky_is_a_smooth_vertical_gradient(palette, uniform_noise):
     down = np.abs(np.diff(sky, axis=0)).mean()
     assert across < 0.3 * uniform_noise.std()
     assert down < 0.05 * np.abs(np.diff(uniform_noise, axis=0)).mean()
+
+
+def test_worlds_split_the_palettes_and_keep_islands_and_spires_out_of_the_base_world():
+    assert set(WORLDS["base"].palettes).isdisjoint(WORLDS["fantasy"].palettes)
+    assert set(WORLDS["base"].palettes) | set(WORLDS["fantasy"].palettes) == set(PALETTES)
+    base = [sample_scene(np.random.default_rng(i), "base") for i in range(300)]
+    fantasy = [sample_scene(np.random.default_rng(i), "fantasy") for i in range(300)]
+    assert all(s.palette in WORLDS["base"].palettes and not s.has_islands and not s.has_spires for s in base)
+    assert all(s.palette in WORLDS["fantasy"].palettes for s in fantasy)
+    assert sum(s.has_islands for s in fantasy) > 100 and sum(s.has_spires for s in fantasy) > 100
+
+
+def test_worlds_draw_from_separate_random_streams():
+    (base_image, base_caption), = generate(1, SIZE, 0, "base")
+    (fantasy_image, fantasy_caption), = generate(1, SIZE, 0, "fantasy")
+    assert base_caption != fantasy_caption
+    assert not np.array_equal(np.asarray(base_image), np.asarray(fantasy_image))
