@@ -4,10 +4,11 @@ formats users load.
 Both files are written from the same PEFT adapters (`get_peft_model_state_dict`, keys
 `<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]; applied scale = alpha / r):
 
-- `pytorch_lora_weights.safetensors`, diffusers format, for `pipe.load_lora_weights(dir)`: keys
-  `unet.<module path>.lora.down.weight` / `.lora.up.weight` and `text_encoder.<module path>...`. The file holds no
-  alpha tensor; alpha lives only in the adapter metadata (the LoRA config as JSON under `lora_adapter_metadata`), so
-  it is always written with it.
+- `pytorch_lora_weights.safetensors`, diffusers format, for `pipe.load_lora_weights(dir)`: the PEFT keys as they
+  are (what diffusers' own `save_lora_adapter` writes), prefixed `unet.` / `text_encoder.`. The file holds no alpha
+  tensor; alpha lives only in the adapter metadata (the LoRA config as JSON under `lora_adapter_metadata`), so it is
+  always written with it, beside the number of modules trained per component (`lanskap_lora_modules`), which every
+  load is checked against.
 - `lora_kohya.safetensors`, kohya format, for AUTOMATIC1111 / ComfyUI / Forge: keys
   `lora_unet_<module path with "." -> "_">.lora_down.weight` / `.lora_up.weight` / `.alpha`, diffusers block names
   (`down_blocks_0_attentions_0_...`, as kohya uses for SD 1.x/2.x), and `lora_te_text_model_encoder_layers_<i>_...`
@@ -15,6 +16,10 @@ Both files are written from the same PEFT adapters (`get_peft_model_state_dict`,
   plus `ss_*` and `modelspec.*` metadata.
 
 Traps avoided:
+- `diffusers.utils.convert_state_dict_to_diffusers` renames only attention projections (`to_q`... to `lora.down`,
+  `q_proj`... to `lora_linear_layer`) and leaves every other target (`proj_in`, `ff.net.2`, `fc1`) as `lora_A`; the
+  UNet loader picks the naming from the file's first key and then drops every module named the other way, silently
+  (16 of 48 on the tiny UNet with the wider target set);
 - without the adapter metadata, diffusers assumes alpha = r and a model trained with alpha != r reloads at the
   wrong strength;
 - `diffusers.utils.convert_state_dict_to_kohya` writes `.alpha = rank` whatever alpha was trained, stores it as
@@ -26,15 +31,20 @@ Traps avoided:
 
 from pathlib import Path
 
+import json
+
 import peft
 import torch
 
+from lanskap.errors import UserError
 from lanskap.io import canonicalise_safetensors
 from lanskap.params import LoraParams
 
 ADAPTER_NAME = "default"  # the name `add_adapter` gives the adapter it trains
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+LOADED_ADAPTER_NAME = "lora"  # the name generate (and the export check) loads the diffusers file under
+MODULE_COUNT_KEY = "lanskap_lora_modules"  # diffusers-file metadata: {"unet": n, "text_encoder": m} modules trained
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_TEXT_ENCODER_PREFIX = "lora_te_text_model_"  # SD 1.x/2.x; `lora_te1_`/`lora_te2_` would mean SDXL
 PEFT_TO_KOHYA_WEIGHT = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
@@ -79,14 +89,6 @@ def add_unet_lora(unet, params: LoraParams) -> list[torch.nn.Parameter]:
 def peft_state_dict(model) -> dict[str, torch.Tensor]:
     # save_embedding_layers=False: the adapters never touch embeddings, and "auto" probes the hub for a config.
     return peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
-
-
-def diffusers_lora_layers(model) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers format (`<path>.lora.down.weight`/`.lora.up.weight`), as `save_lora_weights` takes
-    it for `unet_lora_layers` / `text_encoder_lora_layers`; the file prefixes the keys with `unet.`/`text_encoder.`."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    return convert_state_dict_to_diffusers(peft_state_dict(model))
 
 
 def kohya_modules(peft_state_dict: dict[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
@@ -150,34 +152,93 @@ def adapter_metadata(model) -> dict:
     return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
+def lora_module_count(model, adapter_name: str) -> int:
+    """How many layers of `model` carry a LoRA adapter named `adapter_name`."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(module, LoraLayer) and adapter_name in module.lora_A for module in model.modules())
+
+
+def write_diffusers_file(unet, out_dir: Path, text_encoder=None) -> Path:
+    """`pytorch_lora_weights.safetensors`: PEFT keys, the adapter configs and the trained module counts."""
+    import safetensors
+    import safetensors.torch
+    from diffusers import StableDiffusionPipeline
+
+    components = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, weight_name=DIFFUSERS_WEIGHT_NAME,
+        **{f"{name}_lora_layers": peft_state_dict(model) for name, model in components.items()},
+        **{f"{name}_lora_adapter_metadata": adapter_metadata(model) for name, model in components.items()},
+    )
+    path = out_dir / DIFFUSERS_WEIGHT_NAME
+    # save_lora_weights takes no metadata of ours: add the counts by writing the file again, then fix its header.
+    with safetensors.safe_open(path, "pt") as file:
+        metadata = file.metadata()
+    counts = {name: lora_module_count(model, ADAPTER_NAME) for name, model in components.items()}
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path,
+                                metadata={**metadata, MODULE_COUNT_KEY: json.dumps(counts, sort_keys=True)})
+    canonicalise_safetensors(path)
+    return path
+
+
 def export_lora(unet, out_dir: Path, params: LoraParams, base: dict, text_encoder=None) -> dict[str, Path]:
     """Write the UNet adapter (and the text encoder's, if given) as diffusers `pytorch_lora_weights.safetensors`
     (alpha in the adapter metadata) and, unless it is a DoRA adapter, kohya `lora_kohya.safetensors`; return the
     paths written."""
     import safetensors.torch
-    from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
-    text_encoder_files = {} if text_encoder is None else {
-        "text_encoder_lora_layers": diffusers_lora_layers(text_encoder),
-        "text_encoder_lora_adapter_metadata": adapter_metadata(text_encoder),
-    }
-    StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=diffusers_lora_layers(unet), weight_name=DIFFUSERS_WEIGHT_NAME,
-        unet_lora_adapter_metadata=adapter_metadata(unet), **text_encoder_files,
-    )
-    canonicalise_safetensors(out_dir / DIFFUSERS_WEIGHT_NAME)
+    diffusers_file = write_diffusers_file(unet, out_dir, text_encoder)
     if params.use_dora:  # kohya's format and loaders have no magnitude vector: a file without it would be wrong
         print(f"export_lora: lora.use_dora is on; {KOHYA_WEIGHT_NAME} not written (the kohya format has no DoRA)")
-        return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME}
+        return {"diffusers": diffusers_file}
     safetensors.torch.save_file(kohya_state_dict(unet, params, text_encoder), out_dir / KOHYA_WEIGHT_NAME,
                                 metadata=kohya_metadata(params, base))
     canonicalise_safetensors(out_dir / KOHYA_WEIGHT_NAME)
-    return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / KOHYA_WEIGHT_NAME}
+    return {"diffusers": diffusers_file, "kohya": out_dir / KOHYA_WEIGHT_NAME}
+
+
+def trained_module_counts(lora_dir: Path) -> dict[str, int]:
+    """The modules trained per component, as recorded in the diffusers file at export."""
+    import safetensors
+
+    path = Path(lora_dir) / DIFFUSERS_WEIGHT_NAME
+    with safetensors.safe_open(path, "pt") as file:
+        recorded = (file.metadata() or {}).get(MODULE_COUNT_KEY)
+    if recorded is None:
+        raise UserError(f"{path}: no {MODULE_COUNT_KEY!r} metadata (the number of LoRA modules trained), so a "
+                        f"partial load could not be detected. Export it again with this version of lanskap: "
+                        f"dvc repro train_lora")
+    return json.loads(recorded)
+
+
+def require_all_modules_loaded(pipeline, lora_dir: Path, adapter_name: str) -> None:
+    """Fail unless every module trained (per the file's record) carries the loaded adapter in `pipeline`."""
+    trained = trained_module_counts(lora_dir)
+    loaded = {name: lora_module_count(getattr(pipeline, name), adapter_name) for name in ("unet", "text_encoder")}
+    if any(loaded[name] != trained.get(name, 0) for name in loaded):
+        found = "; ".join(f"{name} {loaded[name]} of {trained.get(name, 0)}" for name in loaded)
+        raise UserError(f"{Path(lora_dir) / DIFFUSERS_WEIGHT_NAME}: diffusers' load_lora_weights restored a different "
+                        f"number of LoRA modules than were trained ({found}), so the model would differ from the "
+                        f"trained one. Export it again with this version of lanskap (dvc repro train_lora); if "
+                        f"train_lora wrote it just now, report a bug with this message")
 
 
 def load_lora_into_pipeline(pipeline, lora_dir: Path, scale: float) -> None:
-    """Load the diffusers-format LoRA from `lora_dir` as adapter "lora" and apply it at `scale` (1.0: as trained;
-    the trained alpha / r comes from the file's adapter metadata)."""
-    pipeline.load_lora_weights(lora_dir, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name="lora")
-    pipeline.set_adapters(["lora"], adapter_weights=[scale])
+    """Load the diffusers-format LoRA from `lora_dir` as adapter "lora", check that every trained module was
+    restored, and apply it at `scale` (1.0: as trained; the trained alpha / r comes from the file's adapter
+    metadata)."""
+    pipeline.load_lora_weights(lora_dir, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=LOADED_ADAPTER_NAME)
+    require_all_modules_loaded(pipeline, lora_dir, LOADED_ADAPTER_NAME)
+    pipeline.set_adapters([LOADED_ADAPTER_NAME], adapter_weights=[scale])
+
+
+def require_lora_reloads(model_dir: Path, lora_dir: Path) -> None:
+    """Load the exported diffusers file into a fresh copy of the base model (no VAE: it takes no LoRA) the way
+    users do, and fail unless every trained module is restored."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, vae=None, safety_checker=None,
+                                                       feature_extractor=None, requires_safety_checker=False)
+    load_lora_into_pipeline(pipeline, lora_dir, scale=1.0)
