@@ -1,11 +1,11 @@
 """Image and caption features for the metrics: CLIP embeddings (CMMD, CLIP score), Inception pool features
 (FID, KID). `lanskap.metrics` does the math on the arrays returned here.
 
-Each extractor has one code path for real weights and for a built-in tiny stand-in with seeded random
-weights; a stand-in is used only when params name it (`builtin:tiny-clip`, `builtin:tiny-inception`),
-never as a fallback for missing weights. Stand-ins are saved into the lanskap cache and loaded back
-exactly like real weights, and take the same input as the real models, so the preprocessing under test
-is the real one.
+Each extractor has one code path for real weights and for a built-in tiny stand-in, trained on procedural
+data by `lanskap.builtin` and shipped in the package; a stand-in is used only when params name it
+(`builtin:tiny-clip`, `builtin:tiny-inception`), never as a fallback for missing weights. Stand-ins load
+exactly like real weights and take the same input as the real models, so the preprocessing under test is
+the real one.
 
 Reference preprocessing, reproduced exactly:
 - CLIP / CMMD (google-research cmmd, cmmd-pytorch): decode to RGB uint8; centre-crop to a square of side
@@ -33,7 +33,8 @@ from PIL import Image
 
 from lanskap.console import progress
 from lanskap.errors import UserError
-from lanskap.models import builtin_dir, clip_tokenizer_dir, fetch_hub_snapshot, require_safetensors
+from lanskap.builtin import builtin_folder
+from lanskap.models import fetch_hub_snapshot, require_safetensors, weights_digest
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"
 BUILTIN_TINY_INCEPTION = "builtin:tiny-inception"
@@ -49,27 +50,6 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 # clean-fid's "clean" mode resize (its build_resizer("clean")): PIL bicubic on float32, per channel.
 CLEAN_FID_RESIZE = make_resizer("PIL", False, "bicubic", (299, 299))
-
-TINY_CLIP_CONFIG = {
-    # 336 px input like ViT-L/14-336, so the stand-in sees exactly the real model's pixels; 48 px
-    # patches (7 x 7 tokens) keep it cheap.
-    "vision_config": dict(
-        image_size=336, patch_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4,
-    ),
-    # The real CLIP vocabulary and context length, so real captions tokenise and truncate as for real.
-    "text_config": dict(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=CLIP_CONTEXT_LENGTH,
-    ),
-    "projection_dim": 32,
-    "seed": 0,
-}
-TINY_INCEPTION_CONFIG = {
-    "architecture": {"channels": [16, 32, 64], "kernel_sizes": [5, 3, 3], "strides": [4, 2, 2]},
-    "seed": 0,
-}
-
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,19 +95,6 @@ def clip_pixels(image: Image.Image, size: int) -> np.ndarray:
     return normalised.transpose(2, 0, 1)
 
 
-def build_tiny_clip(out_dir: Path) -> None:
-    """Save a CLIPModel with seeded random weights and the real CLIP tokenizer, as a hub folder would be."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    config = TINY_CLIP_CONFIG
-    torch.manual_seed(config["seed"])
-    model = CLIPModel(CLIPConfig(text_config=config["text_config"], vision_config=config["vision_config"],
-                                 projection_dim=config["projection_dim"]))
-    model.save_pretrained(out_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=CLIP_CONTEXT_LENGTH)
-    tokenizer.save_pretrained(out_dir)
-
-
 class ClipEmbedder:
     """A CLIPModel and its tokenizer, loaded from a folder saved with `save_pretrained`."""
 
@@ -163,11 +130,12 @@ class ClipEmbedder:
 
 def resolve_clip_folder(spec: str, revision: str | None) -> tuple[Path, str]:
     """`evaluate.clip_model` -> (local CLIPModel folder, name for reports), or a UserError saying what to do."""
-    if spec == BUILTIN_TINY_CLIP:
-        return builtin_dir("tiny-clip", TINY_CLIP_CONFIG, build_tiny_clip), f"{spec} (random weights)"
     if spec.startswith("builtin:"):
-        raise UserError(f"evaluate.clip_model: unknown built-in {spec!r}; "
-                        f"the built-in model is {BUILTIN_TINY_CLIP!r}")
+        if spec != BUILTIN_TINY_CLIP:
+            raise UserError(f"evaluate.clip_model: unknown built-in {spec!r}; "
+                            f"the built-in model is {BUILTIN_TINY_CLIP!r}")
+        folder = builtin_folder(spec, "evaluate.clip_model")
+        return folder, f"{spec}@{weights_digest(folder)}"
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -205,16 +173,6 @@ class TinyInception(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # The same rescaling to [-1, 1] as clean-fid's InceptionV3W does before the real network.
         return self.convs((images - 128) / 128).mean(dim=(2, 3))
-
-
-def build_tiny_inception(out_dir: Path) -> None:
-    """Save the seeded random TinyInception as config.json + model.safetensors."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(TINY_INCEPTION_CONFIG["seed"])
-    network = TinyInception(**TINY_INCEPTION_CONFIG["architecture"])
-    save_file(network.state_dict(), out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(TINY_INCEPTION_CONFIG, indent=2) + "\n")
 
 
 def load_tiny_inception(folder: Path) -> TinyInception:
@@ -286,12 +244,12 @@ class InceptionEmbedder:
 
 def load_inception(spec: str, device: str | None = None) -> InceptionEmbedder:
     """The extractor named by `evaluate.inception_weights`: the built-in stand-in or clean-fid's file."""
-    if spec == BUILTIN_TINY_INCEPTION:
-        folder = builtin_dir("tiny-inception", TINY_INCEPTION_CONFIG, build_tiny_inception)
-        network = load_tiny_inception(folder)
-        return InceptionEmbedder(network, f"{spec} (random weights)", network.dim, device)
     if spec.startswith("builtin:"):
-        raise UserError(f"evaluate.inception_weights: unknown built-in {spec!r}; "
-                        f"the built-in model is {BUILTIN_TINY_INCEPTION!r}")
+        if spec != BUILTIN_TINY_INCEPTION:
+            raise UserError(f"evaluate.inception_weights: unknown built-in {spec!r}; "
+                            f"the built-in model is {BUILTIN_TINY_INCEPTION!r}")
+        folder = builtin_folder(spec, "evaluate.inception_weights")
+        network = load_tiny_inception(folder)
+        return InceptionEmbedder(network, f"{spec}@{weights_digest(folder)}", network.dim, device)
     name = f"clean-fid {INCEPTION_FILE} ({spec})"
     return InceptionEmbedder(load_cleanfid_inception(spec), name, 2048, device)

@@ -169,11 +169,17 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(pixels, "RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
-def generate_item(index: int, size: int, seed: int, world: str = "fantasy") -> tuple[Image.Image, str]:
-    """Item ``index`` of ``world``: (image, caption), depending only on ``(index, size, seed, world)``."""
+def generate_scene(index: int, size: int, seed: int, world: str = "fantasy") -> tuple[Scene, Image.Image]:
+    """Item ``index`` of ``world``: (scene, image), depending only on ``(index, size, seed, world)``."""
     rng = np.random.default_rng([seed, index, list(WORLDS).index(world)])
     scene = sample_scene(rng, world)
-    return render(scene, size, rng), scene.caption()
+    return scene, render(scene, size, rng)
+
+
+def generate_item(index: int, size: int, seed: int, world: str = "fantasy") -> tuple[Image.Image, str]:
+    """Item ``index`` of ``world``: (image, caption)."""
+    scene, image = generate_scene(index, size, seed, world)
+    return image, scene.caption()
 
 
 def generate(n: int, size: int, seed: int, world: str = "fantasy") -> list[tuple[Image.Image, str]]:

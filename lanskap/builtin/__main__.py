@@ -1,0 +1,3 @@
+from lanskap.builtin.build import main
+
+main()

@@ -1,0 +1,27 @@
+"""The base model's sample grid for its card: held-out captions of both worlds, the drawn image beside the
+generated one, through the pipeline loader generate uses."""
+
+from pathlib import Path
+
+from PIL import Image
+
+from lanskap.params import GenerateParams
+from lanskap.report import image_grid, save_png
+
+PROMPTS_PER_WORLD = 4
+
+
+def sample_grid(model_dir: Path, data, path: Path) -> None:
+    import torch
+
+    from lanskap.sampling import load_pipeline, sample
+
+    params = GenerateParams(steps=20)
+    pipeline = load_pipeline(model_dir, params, torch.device("cpu"))
+    rows = []
+    for world in ("base", "fantasy"):
+        held_out = data.held_out[world].take(PROMPTS_PER_WORLD)
+        generated = sample(pipeline, held_out.captions, list(range(len(held_out))), params,
+                           pipeline.unet.config.sample_size * pipeline.vae_scale_factor, params.steps)
+        rows += [[Image.fromarray(pixels), image] for pixels, image in zip(held_out.pixels, generated)]
+    save_png(image_grid(rows, ["drawn (held out)", "generated"], cell=96), path)
