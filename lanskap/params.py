@@ -122,6 +122,9 @@ class TrainParams(Group):
     gradient_accumulation_steps: int = Field(1, ge=1)  # global batch = batch_size x this x processes
     gradient_checkpointing: bool = False
     dataloader_workers: int = Field(0, ge=0, le=64)  # processes decoding and augmenting ahead; results unchanged
+    # None: the base model's own target (its scheduler config). Setting the other one trains on a target the
+    # model was not pretrained for, which does worse: a negative control, as diffusers' --prediction_type
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
     snr_gamma: float | None = Field(None, gt=0.0)  # min-SNR loss weighting (5.0 is usual); None: off
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)  # 0.05-0.1 is usual; 0: off
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # probability of training on the empty caption

@@ -466,6 +466,8 @@ def prepare_trainer(model_dir: Path, lora: LoraParams, params: TrainParams) -> t
     check_mixed_precision(model_dir, params)
     accelerator = make_accelerator(params)
     parts = load_components(model_dir, WEIGHT_DTYPES[params.mixed_precision], accelerator.device)
+    if params.prediction_type is not None:  # asked for explicitly: train on another target than the model's
+        parts.noise_scheduler.register_to_config(prediction_type=params.prediction_type)
     lora_parameters, groups = attach_adapters(parts, lora, params)
     optimizer, lr_scheduler = make_optimizer(groups, params)
     unet, optimizer, lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)

@@ -1,17 +1,14 @@
-"""Shared fixtures: the real params.yaml, shrunk; a private cache for the built-in models."""
+"""Shared fixtures: the real params.yaml, shrunk."""
 
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# Built-in models are built once per test session into a private cache, never the user's.
-os.environ.setdefault("LANSKAP_CACHE", tempfile.mkdtemp(prefix="lanskap-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays as the project ships it
