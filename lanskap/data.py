@@ -1,30 +1,24 @@
-"""Images in, manifests out: reading sources, validating images, and the manifest tables stages share.
+"""Manifests out: the tables stages share, image records and near-duplicate hashes. (Decoding and validating
+images: lanskap/images.py; reading a source folder or manifest: lanskap/sources.py.)
 
 Every table is a CSV whose `path` column is relative to the project root. The user's source files are
 only ever read: ingest copies accepted images into its own output folder under content-addressed names.
 """
 
-import io
-import json
-import warnings
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from lanskap.errors import UserError
+from lanskap.images import ItemRejected, open_rgb  # noqa: F401 - where stages and download import them from
 from lanskap.io import sha256_file
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-MAX_PIXELS = 64_000_000  # above this an image is treated as a decompression bomb
 MANIFEST_COLUMNS = ["path", "sha256", "width", "height", "source", "source_caption", "licence", "attribution", "group",
                     "phash"]
-
-
-class ItemRejected(Exception):
-    """One offered item cannot be used; the message is the reason written to the rejected report."""
 
 
 @dataclass
@@ -42,77 +36,20 @@ class Candidate:
 class IngestResult:
     accepted: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    hidden: int = 0  # hidden files skipped in a source folder
+    ignored: list[Path] = field(default_factory=list)  # files in a source folder that are no images
 
     def reject(self, source: str, reason: str) -> None:
         """Record a rejected item (returns None, so callers can `return result.reject(...)`)."""
         self.rejected.append({"source": source, "reason": reason})
 
 
-def open_rgb(data_or_path) -> Image.Image:
-    """Decode an image fully, apply its EXIF orientation, and convert any mode (CMYK, P, LA, I;16) to RGB."""
-    source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(source) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
-            image.seek(0)  # first frame of an animated GIF
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                image = image.point(lambda value: value / 256).convert("L")
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                image = composite_on_white(image.convert("RGBA"))
-            return image.convert("RGB")
-
-
-def composite_on_white(image: Image.Image) -> Image.Image:
-    """Transparent pixels become white rather than whatever colour the encoder stored under them."""
-    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, image)
-
-
-def validate_image(data: bytes, min_size: int) -> tuple[Image.Image | None, str]:
-    """Return (RGB image, "") for a usable image or (None, reason) for one to reject."""
-    try:
-        image = open_rgb(data)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        return None, f"decompression bomb: {error}"
-    except UnidentifiedImageError:
-        return None, "not an image (content not recognised by Pillow)"
-    except (OSError, ValueError, SyntaxError) as error:
-        return None, f"corrupt or truncated image: {error}"
-    if min(image.size) < min_size:
-        return None, f"too small: {image.width}x{image.height}, shorter side below ingest.min_size={min_size}"
-    return image, ""
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Image files below `folder`, by suffix, sorted so runs are reproducible."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def folder_candidates(folder: Path):
-    """Image files below `folder`: path, sidecar `.txt` caption, and group (the top-level sub-folder, empty
-    for files directly in `folder`)."""
-    for path in image_files(folder):
-        sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else ""
-        parts = path.relative_to(folder).parts
-        yield path, caption, parts[0] if len(parts) > 1 else ""
-
-
-def manifest_rows(manifest: Path) -> list[dict]:
-    """Rows of a CSV or JSONL manifest with at least a `path` column (local path relative to the manifest)."""
-    try:
-        if manifest.suffix.lower() == ".jsonl":
-            rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-        else:
-            rows = pd.read_csv(manifest, dtype=str, keep_default_na=False).to_dict("records")
-    except (ValueError, pd.errors.ParserError) as error:
-        raise UserError(f"{manifest}: cannot parse manifest: {error}") from None
-    if rows and "path" not in rows[0]:
-        raise UserError(f"{manifest}: manifest needs a 'path' column; found {sorted(rows[0])}")
-    return rows
+def require_sha256(data: bytes, expected: str) -> None:
+    """ItemRejected unless the bytes have the sha256 a manifest gave (nothing to check when it gave none)."""
+    expected = expected.strip().lower()
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise ItemRejected(f"sha256 differs from the manifest's sha256 column: expected {expected[:16]}..., "
+                           f"the file has {hashlib.sha256(data).hexdigest()[:16]}...")
 
 
 def read_table(path: str | Path, required: list[str]) -> pd.DataFrame:

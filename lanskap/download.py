@@ -14,22 +14,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lanskap.data import ItemRejected
+from lanskap.data import ItemRejected, require_sha256
+from lanskap.images import sniff_image_format
 from lanskap.io import atomic_file
 
-# Signatures of the formats ingest accepts (WebP: RIFF....WEBP; TIFF: both byte orders).
-MAGIC_BYTES = {
-    b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif", b"GIF89a": "gif",
-    b"BM": "bmp", b"II*\x00": "tiff", b"MM\x00*": "tiff",
-}
 ALLOWED_SCHEMES = ("http", "https")
-
-
-def sniff_image_format(data: bytes) -> str | None:
-    """The image format named by the content's first bytes, or None."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return next((name for magic, name in MAGIC_BYTES.items() if data.startswith(magic)), None)
 
 
 @dataclass(frozen=True)
@@ -107,13 +96,12 @@ def download(url: str, cache_dir: Path, policy: DownloadPolicy, expected_sha256:
     cached = cache_path(url, cache_dir)
     if cached.is_file():
         data = cached.read_bytes()
-        if not expected_sha256 or hashlib.sha256(data).hexdigest() == expected_sha256:
+        if not expected_sha256 or hashlib.sha256(data).hexdigest() == expected_sha256.strip().lower():
             return data
     data = fetch_with_retries(url, policy)
     if sniff_image_format(data) is None:
         raise DownloadError(f"not an image: content starts with {data[:16]!r}")
-    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise DownloadError("sha256 of the downloaded file differs from the manifest's sha256 column")
+    require_sha256(data, expected_sha256)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(cached) as staging:
         staging.write_bytes(data)

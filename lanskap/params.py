@@ -32,6 +32,7 @@ class IngestParams(Group):
     image_size: int = Field(128, ge=64, le=4096)  # builtin:procedural only
     world: Literal["fantasy", "base"] = "fantasy"  # builtin:procedural only; see lanskap/procedural.py
     min_size: int = Field(64, ge=1)  # shorter side below this is rejected
+    max_aspect_ratio: float = Field(4.0, ge=1.0)  # longer side / shorter side above this is rejected
     near_duplicate_distance: int = Field(4, ge=0, le=64)  # perceptual-hash bits; pairs within it are reported
     download_timeout: float = Field(30.0, gt=0.0)  # seconds, per connection and per read
     max_download_mb: float = Field(50.0, gt=0.0)

@@ -1,9 +1,10 @@
 """ingest: collect images from the configured source, validate them, and write a manifest.
 
-Inputs:  `ingest.source` - `builtin:procedural`, a folder (recursive, sidecar `.txt` captions), or a
-         CSV/JSONL manifest whose `path` column holds paths relative to it or http(s) URLs (optional
-         columns caption, licence, attribution, group, sha256)
-Outputs: OUT/images/<sha256 prefix><ext>  accepted images, byte-identical copies of the source files
+Inputs:  `ingest.source` - `builtin:procedural`, a folder (recursive; hidden files skipped; sidecar `.txt`
+         captions, see lanskap/sources.py), or a CSV/JSONL manifest whose `path` column holds paths relative to
+         it or http(s) URLs (optional columns caption, licence, attribution, group, sha256: checked when given)
+Outputs: OUT/images/<sha256 prefix><ext>  accepted images, byte-identical copies of the source files, the
+                                  extension naming their real format
          OUT/manifest.csv         path, sha256, width, height, source, source_caption, licence, attribution,
                                   group (sub-folder or manifest column), phash
          OUT/rejected.csv         source, reason - every item not accepted, with why
@@ -18,18 +19,22 @@ import io
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from lanskap.console import progress
-from lanskap.data import (IMAGE_SUFFIXES, MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, folder_candidates,
-                          image_files, image_record, manifest_rows, near_duplicate_pairs, validate_image)
-from lanskap.download import DownloadPolicy, cache_path, download, sniff_image_format
+from lanskap.data import (MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, image_record, near_duplicate_pairs,
+                          require_sha256)
+from lanskap.download import DownloadPolicy, cache_path, download
+from lanskap.images import check_image
 from lanskap.errors import UserError, run_stage
 from lanskap.io import atomic_dir, write_csv
 from lanskap.params import IngestParams, load_params
 from lanskap.preflight import procedural_ingest_bytes, require_free_space, source_ingest_bytes
 from lanskap.procedural import generate_item
+from lanskap.sources import clean_caption, decode_caption, manifest_rows, scan_folder
 
 DOWNLOAD_CACHE = Path(".lanskap-cache/downloads")
+USUAL_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tiff", "JPEG2000": ".jp2"}  # others: the format's name (.png, .webp, .ppm)
 
 
 def procedural_candidates(params: IngestParams):
@@ -51,23 +56,48 @@ def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParam
     def read_local() -> bytes:
         if not path.resolve().is_relative_to(folder.resolve()):
             raise ItemRejected(f"path outside the manifest's folder {folder}: {reference}")
-        return path.read_bytes()
+        data = path.read_bytes()
+        require_sha256(data, row.get("sha256", ""))
+        return data
 
     return read_local
 
 
-def local_candidates(source: Path, params: IngestParams):
+def folder_candidates(folder: Path, result: IngestResult):
+    """Each image below `folder` with its sidecar caption and group (the top-level sub-folder, empty for files
+    directly in `folder`); hidden and non-image files are counted in `result`."""
+    scan = scan_folder(folder)
+    result.hidden, result.ignored = scan.hidden, scan.ignored
+    for path in scan.images:
+        parts = path.relative_to(folder).parts
+        candidate = Candidate(path.as_posix(), group=parts[0] if len(parts) > 1 else "")
+        sidecar = scan.sidecar(path)
+        try:
+            candidate.caption = decode_caption(sidecar.read_bytes()) if sidecar else ""
+        except OSError as error:
+            yield unreadable(f"caption file {sidecar} unreadable: {error.strerror or error}"), candidate
+            continue
+        yield (lambda p=path: p.read_bytes()), candidate
+
+
+def unreadable(reason: str):
+    def read() -> bytes:
+        raise ItemRejected(reason)
+
+    return read
+
+
+def local_candidates(source: Path, params: IngestParams, result: IngestResult):
     if source.is_dir():
-        for path, caption, group in folder_candidates(source):
-            yield (lambda p=path: p.read_bytes()), Candidate(path.as_posix(), caption, group=group)
+        yield from folder_candidates(source, result)
         return
     for row in manifest_rows(source):
-        reference = str(row["path"])
-        candidate = Candidate(reference, *(str(row.get(key, "") or "") for key in ("caption", "licence", "attribution", "group")))
-        yield manifest_reader(reference, source.parent, row, params), candidate
+        caption, licence, attribution, group = (row.get(key, "") for key in ("caption", "licence", "attribution", "group"))
+        candidate = Candidate(row["path"], clean_caption(caption), licence, attribution, group)
+        yield manifest_reader(row["path"], source.parent, row, params), candidate
 
 
-def candidates(params: IngestParams):
+def candidates(params: IngestParams, result: IngestResult):
     """(read_bytes, candidate) pairs; reading is deferred so one bad item is one rejected row."""
     if params.source == "builtin:procedural":
         return procedural_candidates(params)
@@ -77,25 +107,23 @@ def candidates(params: IngestParams):
     if not source.exists():
         raise UserError(f"ingest.source: {source} does not exist; put images (with .txt captions) there, "
                         "or use `builtin:procedural` for the demo data")
-    return local_candidates(source, params)
+    return local_candidates(source, params, result)
 
 
 def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result: IngestResult):
     """Validated image and its bytes, or None after recording why the item was rejected."""
     try:
         data = read()
+        image, file_format = check_image(data, candidate.source, params.min_size, params.max_aspect_ratio)
     except ItemRejected as reason:
         return result.reject(candidate.source, str(reason))
     except OSError as error:
         return result.reject(candidate.source, f"unreadable: {error.strerror or error}")
-    image, reason = validate_image(data, params.min_size)
-    if image is None:
-        return result.reject(candidate.source, reason)
     digest = hashlib.sha256(data).hexdigest()
     if digest in seen:
         return result.reject(candidate.source, f"exact duplicate of {seen[digest]}")
     seen[digest] = candidate.source
-    return image, data, digest
+    return image, data, digest, file_format
 
 
 def planned_bytes(params: IngestParams) -> int:
@@ -104,26 +132,28 @@ def planned_bytes(params: IngestParams) -> int:
         return procedural_ingest_bytes(params.num_images, params.image_size)
     source = Path(params.source)
     if source.is_dir():
-        return source_ingest_bytes(image_files(source), [], 0)
-    references = [str(row["path"]) for row in manifest_rows(source)]
+        return source_ingest_bytes(scan_folder(source).images, [], 0)
+    references = [row["path"] for row in manifest_rows(source)]
     return source_ingest_bytes([source.parent / ref for ref in references if "://" not in ref],
                                [cache_path(ref, DOWNLOAD_CACHE) for ref in references if "://" in ref],
                                int(params.max_download_mb * 2**20))
 
 
-def image_suffix(source: str, data: bytes) -> str:
-    """The stored file's extension: the source's if it is an image one, else the one the bytes' format
-    names. Nothing else of the source's name is kept: a URL's can be any length and hold any character."""
+def image_suffix(source: str, file_format: str) -> str:
+    """The stored file's extension, from the format Pillow decoded: the source's own when it names that format
+    (`.jpeg`, `.pgm`), else the format's usual one (JPEG bytes named `.png` are stored as `.jpg`). Nothing else
+    of the source's name is kept: a URL's can be any length and hold any character."""
     suffix = Path(source).suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
+    extensions = Image.registered_extensions()
+    if extensions.get(suffix) == file_format:
         return suffix
-    found = sniff_image_format(data)
-    return f".{found}" if found else ""
+    usual = USUAL_SUFFIX.get(file_format, f".{file_format.lower()}")
+    return usual if extensions.get(usual) == file_format else min(ext for ext, name in extensions.items() if name == file_format)
 
 
 def ingest(params: IngestParams, out: Path) -> IngestResult:
     result, seen = IngestResult(), {}
-    items = candidates(params)  # checks the source exists before it is measured
+    items = candidates(params, result)  # checks the source exists before it is measured
     shrink = ("ingest.num_images, ingest.image_size" if params.source == "builtin:procedural"
               else f"fewer images in {params.source}")
     require_free_space(out, planned_bytes(params), "ingest", shrink)
@@ -133,8 +163,8 @@ def ingest(params: IngestParams, out: Path) -> IngestResult:
             accepted = accept(read, candidate, params, seen, result)
             if accepted is None:
                 continue
-            image, data, digest = accepted
-            name = f"{digest[:16]}{image_suffix(candidate.source, data)}"
+            image, data, digest, file_format = accepted
+            name = f"{digest[:16]}{image_suffix(candidate.source, file_format)}"
             (staging / "images" / name).write_bytes(data)
             result.accepted.append(image_record(staging / "images" / name, image, candidate) |
                                    {"path": (out / "images" / name).as_posix()})
@@ -143,10 +173,26 @@ def ingest(params: IngestParams, out: Path) -> IngestResult:
         write_csv(staging / "near_duplicates.csv", near_duplicates(result.accepted, params.near_duplicate_distance))
         if len(result.accepted) < 2:
             print_rejected(result)
-            raise UserError(f"ingest: only {len(result.accepted)} usable image(s) from {params.source}; the split "
-                            "needs at least 2. Fix the rejected files listed above, or add images (with .txt "
-                            "captions) to the source; data/raw/README.md says what goes there.")
+            raise UserError(too_few_images(result, params.source))
     return result
+
+
+def too_few_images(result: IngestResult, source: str) -> str:
+    """Why ingest stops: what the source held, and what to do about it."""
+    found = (f"{len(result.rejected)} rejected (listed above)" if result.rejected else
+             "no image files found" + (f" ({skipped_summary(result)})" if skipped_summary(result) else ""))
+    fix = "Fix the rejected files, or add" if result.rejected else "Add"
+    return (f"ingest: only {len(result.accepted)} usable image(s) from {source}: {found}; the split needs at least "
+            f"2. {fix} images (with .txt captions) to the source; data/raw/README.md says what goes there.")
+
+
+def skipped_summary(result: IngestResult) -> str:
+    """"3 hidden files skipped, 2 non-image files ignored (notes.md, ...)", or "" when there were none."""
+    parts = [f"{result.hidden} hidden file(s) skipped"] if result.hidden else []
+    if result.ignored:
+        names = ", ".join(path.name for path in result.ignored[:3]) + (", ..." if len(result.ignored) > 3 else "")
+        parts.append(f"{len(result.ignored)} non-image file(s) ignored ({names})")
+    return ", ".join(parts)
 
 
 def near_duplicates(accepted: list[dict], max_distance: int) -> pd.DataFrame:
@@ -170,8 +216,9 @@ def main(argv=None):
     params = load_params("ingest")["ingest"]
     result = ingest(params, args.out)
     near = pd.read_csv(args.out / "near_duplicates.csv")
+    skipped = skipped_summary(result)
     print(f"ingest: {len(result.accepted)} accepted, {len(result.rejected)} rejected, {len(near)} near-duplicate "
-          f"pair(s) reported -> {args.out}/manifest.csv")
+          f"pair(s) reported{', ' + skipped if skipped else ''} -> {args.out}/manifest.csv")
     print_rejected(result)
 
 

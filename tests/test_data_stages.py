@@ -8,14 +8,20 @@ import pytest
 from PIL import Image
 
 from lanskap.errors import UserError
+from lanskap.procedural import generate_item
 from lanskap.split import split_table
 from stages import caption, ingest, preprocess, split
 from tests.conftest import write_params
 
 
-def png_bytes(size=(96, 80), colour=(40, 90, 160)) -> bytes:
+def photo(seed=0, size=(96, 80)) -> Image.Image:
+    """A landscape photograph, a different one for each seed (one colour throughout would be rejected as blank)."""
+    return generate_item(seed, max(size), 0)[0].resize(size, Image.Resampling.LANCZOS)
+
+
+def png_bytes(size=(96, 80), seed=0) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    photo(seed, size).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -24,7 +30,7 @@ def make_folder(root, count=4):
     folder = root / "raw"
     (folder / "sub").mkdir(parents=True)
     for index in range(count):
-        (folder / "sub" / f"img{index}.png").write_bytes(png_bytes(colour=(index * 40, 80, 200 - index * 30)))
+        (folder / "sub" / f"img{index}.png").write_bytes(png_bytes(seed=index))
         (folder / "sub" / f"img{index}.txt").write_text(f"a landscape number {index}\n")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "tiny.png").write_bytes(png_bytes(size=(8, 8)))

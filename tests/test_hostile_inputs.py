@@ -42,10 +42,10 @@ def hostile_folder(root: Path) -> tuple[Path, dict[str, str]]:
         "truncated.png": (png_bytes()[:60], "corrupt or truncated"),
         "page.jpg": (b"<!DOCTYPE html><html><body>hello</body></html>", "not an image"),
         "bomb.png": (png_claiming(50_000, 50_000), "decompression bomb"),
-        "a/same.png": (png_bytes(colour=(1, 2, 3)), None),
-        "b/same.png": (png_bytes(colour=(4, 5, 6)), None),  # same name, other folder: both kept
-        "latin1.png": (png_bytes(colour=(7, 8, 9)), None),
-        "long.png": (png_bytes(colour=(9, 9, 9)), None),
+        "a/same.png": (png_bytes(seed=1), None),
+        "b/same.png": (png_bytes(seed=2), None),  # same name, other folder: both kept
+        "latin1.png": (png_bytes(seed=3), None),
+        "long.png": (png_bytes(seed=4), None),
     }
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
@@ -79,7 +79,7 @@ def test_unreadable_file_is_a_rejected_item(workdir, project_params, monkeypatch
     folder = workdir / "raw"
     folder.mkdir()
     for index in range(3):
-        (folder / f"{index}.png").write_bytes(png_bytes(colour=(index, 0, 0)))
+        (folder / f"{index}.png").write_bytes(png_bytes(seed=index))
     original = Path.read_bytes
 
     def read_bytes(path):

@@ -156,7 +156,7 @@ def image_server():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the http.server API
             state.hits[self.path] += 1
-            body = png_bytes(size=(64, 64), colour=tuple(hashlib.sha256(self.path.encode()).digest()[:3]))
+            body = png_bytes(size=(64, 64), seed=int.from_bytes(hashlib.sha256(self.path.encode()).digest()[:3], "big"))
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -1,0 +1,131 @@
+"""What a user's folder or manifest offers ingest: image files, their sidecar captions, manifest rows.
+
+A folder is walked recursively. Hidden files and folders (a name starting with a dot: `.thumbnails/`, `._IMG.jpg`,
+`.DS_Store`) are skipped and counted. A file is an image candidate when its extension names an image format or its
+first bytes do (`IMG_0001` with no extension, JPEG bytes named `.dat`); everything else is counted as ignored. A
+caption is the sidecar `<stem>.txt`, `<name>.txt` (`photo.jpg.txt`) or `<stem>.caption` beside the image, matched
+ignoring case and Unicode normalisation (macOS writes NFD names), decoded from UTF-8 or UTF-16 (with or without a
+byte-order mark) and cleaned (control characters removed, whitespace collapsed); an empty one counts as missing.
+"""
+
+import codecs
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from lanskap.errors import UserError
+from lanskap.images import UNDECODABLE_SUFFIXES, sniff_image_format
+
+IMAGE_SUFFIXES = {
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".avif",
+    ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".psd", ".jp2", ".j2k", ".jpx", *UNDECODABLE_SUFFIXES,
+}
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+@dataclass
+class FolderScan:
+    images: list[Path] = field(default_factory=list)
+    hidden: int = 0  # files skipped because they, or a folder above them, are hidden
+    ignored: list[Path] = field(default_factory=list)  # neither an image nor a caption
+    captions: dict[tuple[Path, str], Path] = field(default_factory=dict)  # (folder, caption_key(name)) -> file
+
+    def sidecar(self, image: Path) -> Path | None:
+        return next((self.captions[image.parent, caption_key(name)] for name in sidecar_names(image)
+                     if (image.parent, caption_key(name)) in self.captions), None)
+
+
+def caption_key(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def sidecar_names(image: Path) -> list[str]:
+    """The caption file names looked for beside `image`, most specific first."""
+    return [f"{image.name}.txt", f"{image.stem}.txt", f"{image.stem}.caption"]
+
+
+def looks_like_image(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return sniff_image_format(stream.read(32)) is not None
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    """Sort every file below `folder` into images, captions, hidden and ignored, in a reproducible order."""
+    scan = FolderScan()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            scan.hidden += 1
+        elif path.suffix.lower() in CAPTION_SUFFIXES:
+            scan.captions[path.parent, caption_key(path.name)] = path
+        elif path.suffix.lower() in IMAGE_SUFFIXES or looks_like_image(path):
+            scan.images.append(path)
+        else:
+            scan.ignored.append(path)
+    return scan
+
+
+def decode_caption(data: bytes) -> str:
+    """Caption text from a sidecar's bytes: UTF-8 or UTF-16 by their byte-order marks, UTF-16 without one by its
+    NUL bytes, otherwise UTF-8 (undecodable bytes become U+FFFD)."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16", errors="replace")
+    elif b"\x00" in data and len(data) % 2 == 0:  # ASCII text in UTF-16 has a NUL in every other byte
+        text = data.decode("utf-16-le" if data[1::2].count(0) >= data[0::2].count(0) else "utf-16-be", "replace")
+    else:
+        text = data.decode("utf-8-sig", errors="replace")
+    return clean_caption(text)
+
+
+def clean_caption(text: str) -> str:
+    """NFC-normalised, control characters and byte-order marks removed, runs of whitespace (line breaks and tabs
+    too) collapsed to one space; "" when nothing is left."""
+    text = unicodedata.normalize("NFC", text).replace("\ufeff", "")
+    text = "".join(" " if unicodedata.category(char) == "Cc" else char for char in text)
+    return " ".join(text.split())
+
+
+def manifest_rows(manifest: Path) -> list[dict[str, str]]:
+    """Rows of a CSV or JSONL manifest (UTF-8, a byte-order mark allowed), values as text ("" for empty or null);
+    every row needs a `path` (a local path relative to the manifest, or a URL). A malformed row is a UserError
+    naming its line."""
+    rows = jsonl_rows(manifest) if manifest.suffix.lower() == ".jsonl" else csv_rows(manifest)
+    for line, row in rows:
+        if not row.get("path", "").strip():
+            raise UserError(f"{manifest}, line {line}: no 'path' (each row needs the image's path or URL); "
+                            f"found {sorted(row) or 'nothing'}")
+    return [row for _, row in rows]
+
+
+def csv_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (ValueError, pd.errors.ParserError) as error:
+        raise UserError(f"{manifest}: cannot parse manifest: {error}") from None
+    if "path" not in table.columns:
+        raise UserError(f"{manifest}: manifest needs a 'path' column; found {sorted(table.columns)}")
+    return [(index + 2, row) for index, row in enumerate(table.to_dict("records"))]  # line 1 is the header
+
+
+def jsonl_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+    try:
+        lines = manifest.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{manifest}: cannot parse manifest: not UTF-8 ({error})") from None
+    rows = []
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as error:
+            raise UserError(f"{manifest}, line {line}: cannot parse manifest: not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{manifest}, line {line}: each line must be a JSON object such as "
+                            f'{{"path": "a.jpg", "caption": "..."}}; got a {type(row).__name__}: {text[:60]}')
+        rows.append((line, {str(key): "" if value is None else str(value) for key, value in row.items()}))
+    return rows
