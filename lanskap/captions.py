@@ -6,6 +6,7 @@ import pandas as pd
 
 from lanskap.errors import UserError
 from lanskap.params import CaptionParams
+from lanskap.sources import clean_caption, sidecar_names
 
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
 
@@ -23,7 +24,7 @@ def read_overrides(manifest: pd.DataFrame, overrides_file: str | None) -> pd.Ser
     if key is None or "caption" not in table.columns:
         raise UserError(f"caption.overrides: {path} needs a caption column and a sha256 or file column; "
                         f"found {list(table.columns)}")
-    by_key = dict(zip(table[key], table["caption"]))
+    by_key = {key: caption for key, caption in zip(table[key], table["caption"].map(clean_caption)) if caption}
     keys = manifest["sha256"] if key == "sha256" else manifest["source"].map(lambda source: Path(source).name)
     unmatched = set(by_key) - set(keys)
     if unmatched:
@@ -33,8 +34,10 @@ def read_overrides(manifest: pd.DataFrame, overrides_file: str | None) -> pd.Ser
 
 def resolve_captioner(params: CaptionParams) -> Path:
     """Local folder of the image-to-text model: a folder as given, or a hub snapshot at the pinned revision."""
+    from lanskap.model_folders import check_model_folder
     from lanskap.models import fetch_hub_snapshot, require_safetensors
 
+    check_model_folder(params.model, "caption.model")
     local = Path(params.model).expanduser()
     if not local.exists():
         patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
@@ -77,9 +80,12 @@ def choose_captions(manifest: pd.DataFrame, params: CaptionParams) -> pd.Series:
     base = read_overrides(manifest, params.overrides).fillna(base.replace("", float("nan")))
     missing = manifest.loc[base.isna(), "source"].tolist()
     if missing:
+        looked_for = "; ".join(f"{source} (looked for {', '.join(sidecar_names(Path(source)))} beside it)"
+                               for source in missing[:3])
         raise UserError(
-            f"caption.method={params.method}: {len(missing)} image(s) have no caption, e.g. {missing[:3]}; add "
-            "sidecar .txt files / a caption column / caption.overrides entries, or change caption.method"
+            f"caption.method={params.method}: {len(missing)} image(s) have no caption (an empty caption file counts as "
+            f"none), e.g. {looked_for}; add sidecar caption files (any case) / a caption column in the manifest / "
+            "caption.overrides entries, or change caption.method"
         )
     return params.prefix + base.astype(str) + params.suffix
 

@@ -8,6 +8,7 @@ next write of the same folder removes those whose process is gone.
 """
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -20,6 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+
+from lanskap.errors import UserError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def process_exists(pid: int) -> bool:
@@ -53,7 +58,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     remove_stale_temporaries(target)
     staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "tmp"), dir=target.parent))
     try:
-        yield staging
+        with disk_full_as_user_error(target):
+            yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -90,10 +96,32 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     os.close(handle)
     staging = Path(staging)
     try:
-        yield staging
+        with disk_full_as_user_error(target):
+            yield staging
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def final_path(path: Path) -> Path:
+    """The path a file written inside atomic_dir's staging folder will have: `.NAME.tmp-PID-x/a.csv` -> `NAME/a.csv`."""
+    parts = [re.sub(r"^\.(.+)\.tmp-\d+-.*$", r"\1", part) for part in path.parts]
+    return Path(*parts)
+
+
+@contextlib.contextmanager
+def disk_full_as_user_error(target: Path) -> Iterator[None]:
+    """A disk that fills up mid-write (after the stage's start-up check, or because another program wrote) is the
+    user's to fix, not a bug: say which output and which folder's disk, and that the previous output is unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        shown = final_path(target)
+        raise UserError(f"disk full while writing {shown} ({os.strerror(error.errno)}): free space on the disk holding "
+                        f"{shown.parent.resolve()} (`df -h {shown.parent}`) and rerun; the previous {shown.name} is "
+                        "unchanged and the partial one was removed") from None
 
 
 def write_json(path: str | Path, data: dict) -> None:

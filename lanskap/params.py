@@ -201,7 +201,8 @@ def load_params(*groups: str, path: str | Path = PARAMS_FILE) -> dict[str, Group
     """Read `path` and return the named groups, validated. Missing groups and keys take the defaults."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} not found: run from the project root, where params.yaml lives")
+        raise UserError(f"{path} not found: run from the project root, where params.yaml lives (`make params` "
+                        "composes it from conf/)")
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:

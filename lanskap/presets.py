@@ -2,20 +2,69 @@
 
     python -m lanskap.presets                      # demo preset -> params.yaml
     python -m lanskap.presets preset=paper lora.rank=16
+
+The composed params are validated before they replace params.yaml. A misspelt key, group or preset, or a bad
+value, is one line naming it, and params.yaml is removed: left in place, the next stage would silently run with
+the previous params.
 """
 
+import re
 import sys
 from pathlib import Path
 
-from lanskap.params import PARAMS_FILE
+import yaml
+
+from lanskap.errors import UserError, run_stage
+from lanskap.io import atomic_file
+from lanskap.params import GROUPS, PARAMS_FILE, validate_group
 
 
 def compose_params(overrides: list[str], out: str | Path = PARAMS_FILE, conf_dir: str | Path = "conf") -> None:
+    """Write the composed, validated params to `out`; on a bad override raise UserError, with `out` removed."""
     from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    compose_and_dump(out, str(Path(conf_dir).resolve()), None, "config", "", overrides)
+    out = Path(out)
+    try:
+        with atomic_file(out) as staging:
+            try:
+                compose_and_dump(staging, str(Path(conf_dir).resolve()), None, "config", "", overrides)
+            except (HydraException, OmegaConfBaseException) as error:
+                raise UserError(f"cannot compose {out} from {conf_dir}/ with {overrides}: {first_line(error)}") from None
+            check_groups(yaml.safe_load(staging.read_text()) or {}, out)
+    except UserError as error:
+        out.unlink(missing_ok=True)
+        raise UserError(f"{error}. {out} was removed so that no stage runs with the previous params: fix the "
+                        "override (keys in conf/config.yaml, presets in conf/preset/) and compose again") from None
+
+
+def check_groups(document: dict, out: Path) -> None:
+    """Each group validated (a wrong type or value names its key), and no group the stages do not know."""
+    unknown = sorted(set(document) - set(GROUPS) - {"preset"})  # `preset` records which preset was chosen
+    if unknown:
+        raise UserError(f"{out}: unknown params group(s) {unknown}; the groups are {sorted(GROUPS)}")
+    for name in GROUPS:
+        try:
+            validate_group(name, document.get(name) or {}, str(out))
+        except UserError as error:  # one line: "invalid params in params.yaml: lora.rank: ..."
+            raise UserError(str(error).replace(":\n  ", ": ").replace("\n  ", "; ")) from None
+
+
+def first_line(error: Exception) -> str:
+    """Hydra's message on one line, without its search-path listing: "In 'config': Could not find 'preset/papr'
+    Available options in 'preset': demo, paper" """
+    text = str(error).split("Config search path:")[0]
+    text = text.replace(":\n\t", ": ").replace("\n\t", ", ")
+    text = re.sub(r"To append to your config use \S+", "No such key in conf/ (misspelt?)", text)  # `+` would not help
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides = sys.argv[1:] if argv is None else argv
+    compose_params(overrides)
+    print(f"wrote {PARAMS_FILE} from conf/ with overrides {overrides or 'none'}")
 
 
 if __name__ == "__main__":
-    compose_params(sys.argv[1:])
-    print(f"wrote {PARAMS_FILE} from conf/ with overrides {sys.argv[1:] or 'none'}")
+    run_stage(main)

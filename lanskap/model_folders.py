@@ -1,0 +1,66 @@
+"""Say what is wrong with a model given as a local folder, before a loader reports something else.
+
+A `model.base` (or `caption.model`, `evaluate.clip_model`) that names a folder which does not exist would otherwise
+be taken for a hub id ("needs a pinned revision"), and a damaged `config.json` surfaces as "unet has no weights" or
+a JSON traceback deep in a loader. Called first by the resolvers of model specs.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from lanskap.errors import UserError
+
+
+def check_model_folder(spec: str, key: str) -> None:
+    """UserError naming the real problem when `spec` is meant as a local folder and is missing or damaged; nothing
+    for a healthy folder, a built-in or a hub id."""
+    if spec.startswith("builtin:"):
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        check_json_files(path, key)
+        check_components(path, key)
+    elif not path.exists() and looks_like_a_path(spec):
+        raise UserError(f"{key}: the folder {spec} does not exist (looked in {Path.cwd()}); give a local folder saved "
+                        "with save_pretrained, a hub id such as org/name with its revision pinned, or a built-in (builtin:...)")
+
+
+def looks_like_a_path(spec: str) -> bool:
+    """A hub id is `name` or `org/name`; anything with more parts, a leading `.`, `/` or `~`, a backslash, or whose
+    first part is an existing folder here (`models/sd21`) is a path."""
+    parts = spec.replace("\\", "/").split("/")
+    return (spec.startswith((".", "/", "~")) or "\\" in spec or len(parts) > 2 or spec.endswith("/")
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def check_json_files(folder: Path, key: str) -> None:
+    """Every JSON file of the model (top level and one folder down: configs, model_index, tokenizer) must parse."""
+    for path in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise UserError(f"{key}: {path} is not valid JSON ({error}); the model folder is damaged: copy or "
+                            "download it again") from None
+        if not isinstance(content, dict):
+            raise UserError(f"{key}: {path} holds a JSON {type(content).__name__}, not an object; the model folder is "
+                            "damaged: copy or download it again")
+
+
+def check_components(folder: Path, key: str) -> None:
+    """Each component a diffusers `model_index.json` lists ([library, class]) needs its folder; a model component
+    (one with weights) also needs its config.json."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return
+    for name, value in json.loads(index.read_text(encoding="utf-8")).items():
+        if name.startswith("_") or not isinstance(value, list) or None in value:
+            continue
+        part = folder / name
+        if not part.is_dir():
+            raise UserError(f"{key}: {part} is missing, yet {index.name} lists the component {name!r}; the model "
+                            "folder is incomplete: copy or download it again")
+        has_weights = any(file.endswith((".safetensors", ".bin")) for file in os.listdir(part))
+        if has_weights and not (part / "config.json").is_file():
+            raise UserError(f"{key}: {part}/config.json is missing; the model folder is incomplete: copy or "
+                            "download it again")
