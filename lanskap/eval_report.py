@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from lanskap.evaluation import FID_STABLE_N
+from lanskap.paired import MIN_INTERVAL_PROMPTS
 
 # Bar chart rows: metric name -> (base model's key, LoRA's key); both against the same reference.
 BASE_VS_LORA_KEYS = {
@@ -70,16 +71,25 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def interval_cells(key: str, metrics: dict[str, float]) -> list[str]:
+    """The gap's bias-corrected value and 95% interval, or why there is none."""
+    if key + "_ci_low" not in metrics:
+        return ["", f"none below {MIN_INTERVAL_PROMPTS} prompts"]
+    interval = f"[{format_value(metrics[key + '_ci_low'])}, {format_value(metrics[key + '_ci_high'])}]"
+    return [format_value(metrics[key + "_bias_corrected"]), interval]
+
+
 def gaps_section(metrics: dict[str, float]) -> str:
-    """Each LoRA-minus-base gap with its resampling interval and permutation p-value."""
-    rows = []
-    for key in sorted(k for k in metrics if k.endswith(GAP_SUFFIX)):
-        interval = f"[{format_value(metrics[key + '_ci_low'])}, {format_value(metrics[key + '_ci_high'])}]"
-        rows.append([f"`{key}`", format_value(metrics[key]), interval, f"{metrics[key + '_pvalue']:.3f}",
-                     sample_size(key, metrics)])
-    table = markdown_table(["gap", "LoRA minus base", "95% interval", "p-value", "n"], rows)
-    return ("## LoRA minus base\n\nPaired by prompt and seed; interval from resampling prompts, p-value from "
-            "swapping a prompt's LoRA and base images.\n\n" + table)
+    """Each LoRA-minus-base gap with its jackknife interval and permutation p-value."""
+    rows = [[f"`{key}`", format_value(metrics[key]), *interval_cells(key, metrics),
+             f"{metrics[key + '_pvalue']:.3f}", sample_size(key, metrics)]
+            for key in sorted(k for k in metrics if k.endswith(GAP_SUFFIX))]
+    table = markdown_table(["gap", "LoRA minus base", "bias-corrected", "95% interval", "p-value", "n"], rows)
+    return ("## LoRA minus base\n\nPaired by prompt and seed. Interval: jackknife over prompts (leave one out), "
+            "Student t, for the gap with unlimited prompts; it is centred on the bias-corrected gap, which removes "
+            "the small-n offset of the biased CMMD. None is given below "
+            f"{MIN_INTERVAL_PROMPTS} prompts, where the permutation test cannot reach p < 0.05. p-value: "
+            "swapping a prompt's LoRA and base images (exact over all swaps when they are few).\n\n" + table)
 
 
 def base_vs_lora_section(metrics: dict[str, float]) -> str:

@@ -3,17 +3,22 @@
 Image sets: `test` (held-out reference images), `base` and `lora` (generated, paired by prompt and seed),
 and `text` (CLIP embeddings of the test captions). Every set comparison is reported for the base model
 too, so a LoRA's effect is read against the model it started from; LoRA-minus-base differences carry a
-paired resampling interval over prompts and a permutation p-value.
+jackknife interval over prompts and a permutation p-value (lanskap.paired).
 """
 
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-from lanskap import metrics
+from lanskap import metrics, paired
+from lanskap.errors import UserError
 from lanskap.params import EvaluateParams
 
 FID_STABLE_N = 2048  # below this FID's covariance is rank-deficient: values are not comparable across n
+# KID's jackknife leaves one prompt out and still needs 2 images per set; split and the ingest preflight
+# refuse data that would give fewer test prompts (the interval needs more: paired.MIN_INTERVAL_PROMPTS).
+MIN_TEST_PROMPTS = 3
 
 
 @dataclass
@@ -27,15 +32,16 @@ class Features:
 
 def set_comparisons(f: Features, params: EvaluateParams) -> dict[str, float]:
     out = {}
+    units = {"test": np.arange(len(f.clip["test"])), "base": f.prompt, "lora": f.prompt}
     for a, b in [("test", "text"), ("lora", "text"), ("base", "text"),
                  ("test", "lora"), ("test", "base"), ("lora", "base")]:
         out[f"cmmd_{a}_vs_{b}"] = metrics.cmmd(f.clip[a], f.clip[b])
         out[f"cmmd_{a}_vs_{b}_unbiased"] = metrics.cmmd(f.clip[a], f.clip[b], unbiased=True)
         if b != "text":
             out[f"fid_{a}_vs_{b}"] = metrics.frechet_distance(f.inception[a], f.inception[b])
-            kid_mean, kid_std = metrics.kid(f.inception[a], f.inception[b], num_subsets=params.kid_subsets,
-                                            seed=params.seed)
-            out[f"kid_{a}_vs_{b}"], out[f"kid_{a}_vs_{b}_std"] = kid_mean, kid_std
+            kid_mean, kid_se = metrics.kid(f.inception[a], f.inception[b], num_subsets=params.kid_subsets,
+                                           seed=params.seed, units=(units[a], units[b]))
+            out[f"kid_{a}_vs_{b}"], out[f"kid_{a}_vs_{b}_se"] = kid_mean, kid_se
     for name in ("test", "base", "lora"):
         out[f"n_{name}"] = len(f.clip[name])
         text = f.clip["text"] if name == "test" else f.clip["text"][f.prompt]
@@ -44,38 +50,48 @@ def set_comparisons(f: Features, params: EvaluateParams) -> dict[str, float]:
     return out
 
 
-def paired_gaps(f: Features):
-    """LoRA-minus-base statistics over a subset of prompts, as functions of the two image sets."""
-    test, text = f.clip["test"], f.clip["text"]
-
-    def cmmd_gap(lora: np.ndarray, base: np.ndarray, prompts: np.ndarray) -> float:
-        rows = np.isin(f.prompt, prompts)
-        return metrics.cmmd(lora[rows], test[prompts]) - metrics.cmmd(base[rows], test[prompts])
-
-    def clip_score_gap(lora: np.ndarray, base: np.ndarray, prompts: np.ndarray) -> float:
-        rows = np.isin(f.prompt, prompts)
-        captions = text[f.prompt[rows]]
-        return metrics.clip_score(lora[rows], captions) - metrics.clip_score(base[rows], captions)
-
-    return {"cmmd_vs_test": cmmd_gap, "clip_score": clip_score_gap}
-
-
 def lora_minus_base(f: Features, params: EvaluateParams) -> dict[str, float]:
-    """Each gap with a resampling interval over prompts and a permutation p-value (swap LoRA and base
-    images of random prompts: under "the LoRA changes nothing" the swap leaves the gap's distribution alone)."""
+    """Each gap, with a permutation p-value (swap the LoRA and base images of random prompts: under "the
+    LoRA changes nothing" the swap leaves the gap's distribution alone) and, from MIN_INTERVAL_PROMPTS
+    prompts on, its jackknife bias-corrected value and 95 % interval (see lanskap.paired)."""
     lora, base = f.clip["lora"], f.clip["base"]
+    gaps = {"cmmd_vs_test": paired.cmmd_gap(lora, base, f.clip["test"], f.prompt),
+            "clip_score": paired.clip_score_gap(lora, base, f.clip["text"], f.prompt)}
     n_prompts = len(f.clip["test"])
-    every_prompt = np.arange(n_prompts)
     out = {}
-    for key, gap in paired_gaps(f).items():
-        def swapped_gap(swap: np.ndarray) -> float:
-            swap_rows = swap[f.prompt][:, None]
-            return gap(np.where(swap_rows, base, lora), np.where(swap_rows, lora, base), every_prompt)
-
-        low, high = metrics.paired_resampling_interval(lambda prompts: gap(lora, base, prompts), n_prompts,
-                                                       params.resamples, seed=params.seed)
+    for key, gap in gaps.items():
         name = f"{key}_lora_minus_base"
-        out[name] = gap(lora, base, every_prompt)
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
-        out[f"{name}_pvalue"] = metrics.permutation_pvalue(swapped_gap, n_prompts, params.permutations, seed=params.seed)
+        out[name] = gap.value
+        if n_prompts >= paired.MIN_INTERVAL_PROMPTS:
+            corrected, low, high = paired.jackknife_interval(gap.value, gap.leave_one_out)
+            out[f"{name}_bias_corrected"], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = corrected, low, high
+        out[f"{name}_pvalue"] = paired.permutation_pvalue(gap.swapped, n_prompts, params.permutations, seed=params.seed)
     return out
+
+
+def check_pairing(test: pd.DataFrame, generated: pd.DataFrame, source: str) -> None:
+    """Refuse generated images that do not pair with the test set: every test caption (prompt i: row i of
+    test.csv) needs the same samples from base and LoRA, with the same caption and seed in both."""
+    def refuse(problem: str):
+        raise UserError(f"evaluate: {source} does not pair with the test set: {problem}. Rerun generate "
+                        "(`dvc repro generate`) on the current test set.")
+
+    if set(generated["model"]) != {"base", "lora"}:
+        refuse(f"models {sorted(set(generated['model']))}, expected base and lora")
+    keyed = {model: rows.set_index(["prompt_index", "sample"]).sort_index()
+             for model, rows in generated.groupby("model")}
+    base, lora = keyed["base"], keyed["lora"]
+    if not base.index.is_unique or not base.index.equals(lora.index):
+        refuse("base and LoRA images are not one per (prompt_index, sample) each")
+    for column in ("caption", "seed"):
+        differs = base[column].ne(lora[column])
+        if differs.any():
+            prompt, sample = differs[differs].index[0]
+            refuse(f"{differs.sum()} pair(s) differ in {column}, first prompt {prompt} sample {sample}")
+    samples = base.groupby(level="prompt_index").size()
+    if not samples.index.equals(pd.RangeIndex(len(test))) or samples.nunique() != 1:
+        refuse(f"expected the same number of samples for each of the {len(test)} test captions")
+    captions = base["caption"].groupby(level="prompt_index").first()
+    mismatched = captions.ne(test["caption"].astype(str).to_numpy())
+    if mismatched.any():
+        refuse(f"{mismatched.sum()} caption(s) differ from test.csv's, first at prompt {mismatched.idxmax()}")

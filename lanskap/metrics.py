@@ -1,6 +1,7 @@
-"""Metric math on feature arrays: CMMD, Frechet distance (FID), KID, CLIP score, and the small-sample
-helpers for LoRA-minus-base comparisons. No models and no images here: `lanskap.features` extracts the
-arrays. Everything is computed in float64.
+"""Metric math on feature arrays: CMMD, Frechet distance (FID), KID, CLIP score. No models and no images
+here: `lanskap.features` extracts the arrays; `lanskap.paired` builds the LoRA-minus-base comparisons on
+these functions. Everything is computed in float64, and every kernel matrix is summed tile by tile
+(`kernel_sums`), so memory stays bounded at any number of images.
 
 Reference implementations, reproduced as they compute (see the project's metric notes for test values):
 - CMMD: google-research `cmmd/distance.py` (Jayasumana et al., CVPR 2024) and its PyTorch port
@@ -13,17 +14,21 @@ Reference implementations, reproduced as they compute (see the project's metric 
   samples than dimensions (any small test set) clean-fid's sqrtm of the singular product can raise
   "Imaginary component" or return slightly negative distances for identical sets.
 - KID: clean-fid `cleanfid.fid.kernel_distance`: cubic polynomial kernel (x.y / d + 1)^3, unbiased MMD^2
-  on random subsets of size min(m, n, max_subset_size), averaged; here with a seeded generator and the
-  spread across subsets reported too (std with ddof = 0, as torch-fidelity and torchmetrics report it).
+  on random subsets of size min(m, n, max_subset_size), averaged; here with a seeded generator, and with
+  a standard error (jackknife over prompts plus the subsets' Monte Carlo error) instead of the spread
+  across subsets that torch-fidelity reports: that spread is 0 whenever the subsets are the whole sets.
 - CLIP score: torchmetrics `CLIPScore`: 100 * cosine per (image, text) pair, averaged, then clamped at 0.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 CMMD_SCALE = 1000.0  # the paper reports MMD^2 times 1000
 CLIP_SCORE_SCALE = 100.0
+TILE_ROWS = 1024  # kernel matrices are summed in tiles of this many rows and columns (8 MiB of float64)
 
 
 def _feature_matrix(features: np.ndarray, name: str, min_rows: int = 1) -> np.ndarray:
@@ -48,16 +53,63 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / norms
 
 
-def _rbf_kernel(x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
+def rbf_kernel_minus_one(x: np.ndarray, y: np.ndarray, sigma: float = 10.0) -> np.ndarray:
+    """The Gaussian RBF kernel exp(-|a - b|^2 / (2 sigma^2)) minus 1. Every MMD weighs its three kernel
+    means 1 + 1 - 2, so the constant cancels, and values near 0 sum with far less rounding than values
+    near 1 (CMMD is 1000 x a small difference of means close to 1)."""
     # Squared distances expanded as in the reference (|a|^2 + |b|^2 - 2 a.b), not clipped at 0, so that
     # values match it to rounding.
     squared_distances = (np.sum(x**2, axis=1)[:, None] + np.sum(y**2, axis=1)[None, :] - 2 * x @ y.T)
-    return np.exp(-squared_distances / (2 * sigma**2))
+    return np.expm1(-squared_distances / (2 * sigma**2))
 
 
-def _off_diagonal_mean(kernel: np.ndarray) -> float:
-    size = kernel.shape[0]
-    return float((kernel.sum() - np.trace(kernel)) / (size * (size - 1)))
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's kernel, (x.y / d + 1)^3."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+@dataclass(frozen=True)
+class KernelSums:
+    """Sums of the entries of a kernel matrix K(x, y) by unit: every row of x and of y belongs to one of
+    `units` units (for generated images, their prompt; x and y share the numbering)."""
+
+    rows: np.ndarray  # [units] sum of K[a, b] over x-rows a of unit i and every y-row b
+    columns: np.ndarray  # [units] sum over every x-row a and y-rows b of unit i
+    within: np.ndarray  # [units] sum over x-rows and y-rows both of unit i
+    diagonal: np.ndarray  # [units] sum of K[a, a] over rows a of unit i (x is y); zeros otherwise
+
+    @property
+    def total(self) -> float:
+        return float(self.rows.sum())
+
+    def without_each_unit(self) -> np.ndarray:
+        """[units] the sum of K over the rows of every unit but i (the leave-one-out sums)."""
+        return self.total - self.rows - self.columns + self.within
+
+
+def kernel_sums(kernel: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
+                x_units: np.ndarray | None = None, y_units: np.ndarray | None = None, same_set: bool = False,
+                tile: int | None = None) -> KernelSums:
+    """KernelSums of kernel(x, y), built tile by tile: memory stays at a few tile x tile matrices whatever
+    the number of rows (the dense n x n matrix of 30,000 images would take 7 GiB). Units default to one
+    unit for all rows. `same_set` (y is x, with the same units) also sums the diagonal, for U-statistics."""
+    tile = tile or TILE_ROWS
+    x_units = np.zeros(len(x), dtype=int) if x_units is None else np.asarray(x_units)
+    y_units = np.zeros(len(y), dtype=int) if y_units is None else np.asarray(y_units)
+    units = int(max(x_units.max(), y_units.max())) + 1
+    sums = {name: np.zeros(units) for name in ("rows", "columns", "within", "diagonal")}
+    for row in range(0, len(x), tile):
+        row_units = x_units[row:row + tile]
+        for column in range(0, len(y), tile):
+            column_units = y_units[column:column + tile]
+            block = kernel(x[row:row + tile], y[column:column + tile])
+            sums["rows"] += np.bincount(row_units, block.sum(axis=1), units)
+            sums["columns"] += np.bincount(column_units, block.sum(axis=0), units)
+            same_unit = row_units[:, None] == column_units[None, :]
+            sums["within"] += np.bincount(row_units, np.where(same_unit, block, 0.0).sum(axis=1), units)
+            if same_set and row == column:
+                sums["diagonal"] += np.bincount(row_units, np.diagonal(block), units)
+    return KernelSums(**sums)
 
 
 def cmmd(x: np.ndarray, y: np.ndarray, sigma: float = 10.0, unbiased: bool = False) -> float:
@@ -66,17 +118,24 @@ def cmmd(x: np.ndarray, y: np.ndarray, sigma: float = 10.0, unbiased: bool = Fal
     Biased (default, the paper's number): 1000 * [mean K(x, x) + mean K(y, y) - 2 mean K(x, y)] with the
     diagonals included, so cmmd(x, x) == 0. Unbiased (`unbiased=True`, needs m, n >= 2): the within-set
     means skip the diagonal (divisors m(m-1), n(n-1)); it removes the small-n offset and can be negative.
-    m != n is allowed; every row is used (the reference drops a partial last batch of 32).
+    m != n is allowed; every row is used (the reference drops a partial last batch of 32). Computed in
+    tiles (`kernel_sums`), so memory does not grow with m and n.
     """
     min_rows = 2 if unbiased else 1
     x, y = _feature_matrix(x, "x", min_rows), _feature_matrix(y, "y", min_rows)
     _matching_dims(x, y)
-    k_xx, k_yy, k_xy = _rbf_kernel(x, x, sigma), _rbf_kernel(y, y, sigma), _rbf_kernel(x, y, sigma)
+    kernel = partial(rbf_kernel_minus_one, sigma=sigma)
+    k_xx, k_yy = kernel_sums(kernel, x, x, same_set=True), kernel_sums(kernel, y, y, same_set=True)
+    between = kernel_sums(kernel, x, y).total / (len(x) * len(y))
     if unbiased:
-        within = _off_diagonal_mean(k_xx) + _off_diagonal_mean(k_yy)
+        within = _off_diagonal_mean(k_xx, len(x)) + _off_diagonal_mean(k_yy, len(y))
     else:
-        within = float(k_xx.mean() + k_yy.mean())
-    return CMMD_SCALE * (within - 2 * float(k_xy.mean()))
+        within = k_xx.total / len(x) ** 2 + k_yy.total / len(y) ** 2
+    return CMMD_SCALE * (within - 2 * between)
+
+
+def _off_diagonal_mean(sums: KernelSums, size: int) -> float:
+    return (sums.total - float(sums.diagonal.sum())) / (size * (size - 1))
 
 
 def _psd_eigenvalues_above_rounding(eigenvalues: np.ndarray) -> np.ndarray:
@@ -120,33 +179,73 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
                                        y.mean(axis=0), np.cov(y, rowvar=False))
 
 
+def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
+    """Unbiased MMD^2 from kernel sums over distinct within-set pairs (k_xx, k_yy) and all cross pairs
+    (k_xy) of m and n rows; elementwise, so it serves whole sets and leave-one-out sets alike."""
+    return k_xx / (m * (m - 1)) + k_yy / (n * (n - 1)) - 2 * k_xy / (m * n)
+
+
 def _kid_subset_mmd(x: np.ndarray, y: np.ndarray) -> float:
-    # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under (x.y / d + 1)^3.
-    size, dims = x.shape
-    within = (x @ x.T / dims + 1) ** 3 + (y @ y.T / dims + 1) ** 3
-    between = (x @ y.T / dims + 1) ** 3
-    return float((within.sum() - np.trace(within)) / (size * (size - 1)) - 2 * between.sum() / size**2)
+    # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under the cubic kernel.
+    k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, same_set=True) for s in (x, y))
+    return float(_unbiased_mmd(k_xx.total - k_xx.diagonal.sum(), k_yy.total - k_yy.diagonal.sum(),
+                               kernel_sums(polynomial_kernel, x, y).total, len(x), len(y)))
 
 
-def kid(x: np.ndarray, y: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance between x [m, d] and y [n, d]: (mean, std) over `num_subsets` subsets of
-    size min(m, n, max_subset_size), each drawn without replacement from x and from y with
-    `np.random.default_rng(seed)`. The mean is clean-fid's `kernel_distance` value for the same subsets;
-    clean-fid draws from numpy's unseeded global RNG, so its value differs run to run unless m == n <=
-    max_subset_size (every subset is then the whole set)."""
+def jackknife_variance(leave_one_out: np.ndarray) -> float:
+    """Delete-one jackknife variance of a statistic from its n leave-one-unit-out values."""
+    n = len(leave_one_out)
+    return float((n - 1) / n * np.sum((leave_one_out - np.mean(leave_one_out)) ** 2))
+
+
+def kid_jackknife(x: np.ndarray, y: np.ndarray, x_units: np.ndarray, y_units: np.ndarray) -> tuple[float, float]:
+    """(value, jackknife variance) of the unbiased MMD^2 of the whole sets under KID's kernel, leaving out
+    one unit (prompt) at a time: all its rows in x and in y. Needs 2 rows per set without any one unit."""
+    k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, u, u, same_set=True) for s, u in ((x, x_units), (y, y_units)))
+    k_xy = kernel_sums(polynomial_kernel, x, y, x_units, y_units)
+    units = len(k_xy.rows)
+    m, n = len(x), len(y)
+    m_out = m - np.bincount(x_units, minlength=units)
+    n_out = n - np.bincount(y_units, minlength=units)
+    if units < 2 or min(m_out.min(), n_out.min()) < 2:
+        raise ValueError(f"KID's jackknife needs 2 rows per set without any one of the {units} units")
+    off_diagonal = [k.without_each_unit() - (k.diagonal.sum() - k.diagonal) for k in (k_xx, k_yy)]
+    leave_one_out = _unbiased_mmd(*off_diagonal, k_xy.without_each_unit(), m_out, n_out)
+    value = _unbiased_mmd(k_xx.total - k_xx.diagonal.sum(), k_yy.total - k_yy.diagonal.sum(), k_xy.total, m, n)
+    return float(value), jackknife_variance(leave_one_out)
+
+
+def kid(x: np.ndarray, y: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0,
+        units: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
+    """Kernel Inception Distance between x [m, d] and y [n, d]: (mean, standard error).
+
+    The mean is clean-fid's `kernel_distance`: the average over `num_subsets` subsets of size
+    min(m, n, max_subset_size), each drawn without replacement from x and from y with
+    `np.random.default_rng(seed)` (clean-fid draws from numpy's unseeded global RNG). When m == n <=
+    max_subset_size every subset is the whole set and the mean is the whole sets' unbiased MMD^2.
+
+    The standard error is the mean's, by the law of total variance: the jackknife variance of the whole
+    sets' unbiased MMD^2 (which the subset average estimates without bias) over units, plus the subsets'
+    Monte Carlo variance (their variance / num_subsets; 0 when every subset is the whole set). `units`
+    gives each row's unit in x and in y (for generated images, their prompt: images of one prompt are
+    not independent); None pairs row i of x with row i of y, which needs m == n."""
     x, y = _feature_matrix(x, "x"), _feature_matrix(y, "y")
     _matching_dims(x, y)
     subset_size = min(x.shape[0], y.shape[0], max_subset_size)
     if subset_size < 2:
         raise ValueError(f"KID needs subsets of at least 2 samples; got {subset_size}")
+    if units is None:
+        if len(x) != len(y):
+            raise ValueError(f"KID without units pairs rows, which needs equal sizes; got {len(x)} and {len(y)}")
+        units = (np.arange(len(x)), np.arange(len(y)))
+    whole_sets, jackknife = kid_jackknife(x, y, *units)
+    if len(x) == len(y) == subset_size:
+        return whole_sets, float(np.sqrt(jackknife))
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(num_subsets):
-        x_subset = x[rng.choice(x.shape[0], subset_size, replace=False)]
-        y_subset = y[rng.choice(y.shape[0], subset_size, replace=False)]
-        values.append(_kid_subset_mmd(x_subset, y_subset))
-    return float(np.mean(values)), float(np.std(values))
+    values = [_kid_subset_mmd(x[rng.choice(x.shape[0], subset_size, replace=False)],
+                              y[rng.choice(y.shape[0], subset_size, replace=False)]) for _ in range(num_subsets)]
+    monte_carlo = np.var(values, ddof=1) / num_subsets if num_subsets > 1 else 0.0
+    return float(np.mean(values)), float(np.sqrt(jackknife + monte_carlo))
 
 
 def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
@@ -158,61 +257,3 @@ def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
         raise ValueError(f"image and text embeddings must pair row by row; got {images.shape} and {texts.shape}")
     mean_score = CLIP_SCORE_SCALE * float(np.mean(np.sum(images * texts, axis=1)))
     return max(mean_score, 0.0)
-
-
-def paired_resampling_interval(stat: Callable[[np.ndarray], float], n: int, num_resamples: int = 200,
-                               fraction: float = 0.8, confidence: float = 0.95,
-                               seed: int = 0) -> tuple[float, float]:
-    """Resampling interval for a LoRA-minus-base statistic over n prompts.
-
-    `stat(prompts)` must compute the statistic from the prompts whose indices are in `prompts` (a sorted
-    int array of distinct indices) and nothing else, e.g. for the CMMD gap against the test set:
-
-        gap = lambda p: cmmd(lora[p], test[p]) - cmmd(base[p], test[p])
-        low, high = paired_resampling_interval(gap, n)
-
-    Each resample keeps k = max(2, round(fraction * n)) prompts WITHOUT replacement (repeated images would
-    inflate MMD and FD), LoRA and base images of a prompt staying together. A size-k subsample varies less
-    than the full-size statistic (variance ratio (n - k) / n), so the deviations of the resampled values
-    from their mean are scaled by sqrt(k / (n - k)) before taking percentiles around stat(all prompts):
-    the delete-d jackknife scaling (Shao & Wu 1989), exact for a mean; the raw percentiles of 80 %
-    subsamples would be half as wide as the statistic's real spread. Needs k < n, so n >= 3.
-    Deterministic for a given seed.
-    """
-    subset_size = max(2, round(fraction * n))
-    if subset_size >= n:
-        raise ValueError(f"a resampling interval needs subsets smaller than the {n} prompts "
-                         f"(subset size {subset_size}); use at least 3 prompts or a smaller fraction")
-    rng = np.random.default_rng(seed)
-    resampled = np.array([stat(np.sort(rng.choice(n, subset_size, replace=False)))
-                          for _ in range(num_resamples)])
-    scale = np.sqrt(subset_size / (n - subset_size))
-    deviations = scale * (resampled - resampled.mean())
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(deviations, [tail, 100 - tail])
-    full_value = stat(np.arange(n))
-    return float(full_value + low), float(full_value + high)
-
-
-def permutation_pvalue(stat: Callable[[np.ndarray], float], n: int, num_permutations: int = 200,
-                       seed: int = 0) -> float:
-    """Two-sided paired permutation (swap) p-value for a LoRA-minus-base statistic over n prompts.
-
-    `stat(swap)` gets a bool array [n]: for each prompt where it is True the caller exchanges that
-    prompt's LoRA and base images, then computes the statistic on all prompts, e.g.
-
-        def swapped_gap(swap):
-            rows = swap[:, None]
-            return cmmd(np.where(rows, base, lora), test) - cmmd(np.where(rows, lora, base), test)
-
-    Under "the LoRA changes nothing" each prompt's pair is exchangeable, so swapping leaves the statistic's
-    distribution unchanged. observed = stat(no swaps); p = (1 + #{|stat(swap)| >= |observed|}) /
-    (1 + num_permutations) with uniformly random swaps, never 0. Values within 100 ulp of |observed|
-    count as extreme, so ties lost to rounding do not shrink p (as scipy.stats.permutation_test does).
-    Deterministic for a given seed.
-    """
-    rng = np.random.default_rng(seed)
-    observed = abs(stat(np.zeros(n, dtype=bool)))
-    tolerance = 100 * np.finfo(np.float64).eps * observed
-    as_extreme = sum(abs(stat(rng.random(n) < 0.5)) >= observed - tolerance for _ in range(num_permutations))
-    return (1 + as_extreme) / (1 + num_permutations)

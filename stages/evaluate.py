@@ -25,8 +25,6 @@ from lanskap.io import atomic_dir, write_csv, write_json, write_text
 from lanskap.params import load_params
 from lanskap.report import save_loss_curves
 
-MIN_TEST_PROMPTS = 3  # resampling prompts without replacement needs subsets smaller than the whole
-
 
 def extract_features(test, generated, params):
     from lanskap.evaluation import Features
@@ -67,6 +65,15 @@ def write_reports(results: dict[str, float], names: tuple[str, str], args) -> No
         write_text(staging / "report.html", report_html(markdown))
 
 
+def interval_text(results: dict[str, float], gap: str) -> str:
+    from lanskap.paired import MIN_INTERVAL_PROMPTS
+
+    if gap + "_ci_low" not in results:
+        return f"no interval below {MIN_INTERVAL_PROMPTS} prompts"
+    return (f"95% interval [{results[gap + '_ci_low']:.4f}, {results[gap + '_ci_high']:.4f}] "
+            f"(bias-corrected {results[gap + '_bias_corrected']:.4f})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -79,13 +86,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     params = load_params("evaluate")["evaluate"]
 
-    from lanskap.evaluation import FID_STABLE_N, lora_minus_base, set_comparisons
+    from lanskap.evaluation import FID_STABLE_N, MIN_TEST_PROMPTS, check_pairing, lora_minus_base, set_comparisons
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
-    generated = read_table(args.generated / "index.csv", ["prompt_index", "sample", "model", "path"])
+    generated = read_table(args.generated / "index.csv", ["prompt_index", "sample", "caption", "seed", "model", "path"])
     if len(test) < MIN_TEST_PROMPTS:
         raise UserError(f"evaluate: {len(test)} test image(s) in {args.data / 'test.csv'}; the paired statistics "
                         f"need at least {MIN_TEST_PROMPTS}: add images or raise split.test_fraction")
+    check_pairing(test, generated, str(args.generated / "index.csv"))
     features, clip_name, inception_name = extract_features(test, generated, params)
     results = {**set_comparisons(features, params), **lora_minus_base(features, params)}
     results = {key: float(np.round(value, 6)) for key, value in results.items()}
@@ -97,8 +105,7 @@ def main(argv=None):
                 "fid_test_vs_lora", "fid_test_vs_base", "clip_score_lora", "clip_score_base"):
         print(f"  {key:28s} {results[key]:12.4f}")
     gap = "cmmd_vs_test_lora_minus_base"
-    print(f"  {gap:28s} {results[gap]:12.4f}  95% interval [{results[gap + '_ci_low']:.4f}, "
-          f"{results[gap + '_ci_high']:.4f}], p = {results[gap + '_pvalue']:.3f}")
+    print(f"  {gap:28s} {results[gap]:12.4f}  {interval_text(results, gap)}, p = {results[gap + '_pvalue']:.3f}")
     if not results["fid_comparable"]:
         print(f"  note: FID on fewer than {FID_STABLE_N} images per set is biased and not comparable across n")
     print(f"-> {args.out}; report -> {args.reports / 'report.md'}")
