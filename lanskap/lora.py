@@ -29,9 +29,8 @@ Traps avoided:
   "Attempting to unscale FP16 gradients", and bf16 ones lose small updates.
 """
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import peft
 import torch
