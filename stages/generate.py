@@ -1,6 +1,7 @@
 """generate: images for every test caption from the base model and from base + LoRA, paired by seed.
 
 Inputs:  PROCESSED/test.csv (captions and reference images), LORA/pytorch_lora_weights.safetensors
+         (refused unless every module it records as trained is restored on loading)
 Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same seed per pair
          OUT/index.csv                   prompt_index, sample, caption, seed, model, path, reference_path
          REPORTS/comparison.png          reference | base | LoRA per test caption (the paper's Figures 6-7)

@@ -2,6 +2,7 @@
 
 Inputs:  PROCESSED/train.csv, PROCESSED/test.csv and their images (from preprocess); the base model
 Outputs: OUT/pytorch_lora_weights.safetensors  diffusers/PEFT format, alpha kept in the adapter metadata
+                                              (checked: diffusers' loader restores every trained module)
          OUT/lora_kohya.safetensors           kohya format for AUTOMATIC1111 / ComfyUI / Forge
          OUT/README.md                        model card: base model, params, data hash, training summary
          LIVE/                                DVCLive log: per-step loss, validation loss, lr, images/s,
@@ -15,6 +16,7 @@ batch is batch_size x gradient_accumulation_steps x N; the main process logs and
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -74,11 +76,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     loaded = load_params("model", "lora", "train", "augment")
 
-    from dvclive import Live
-
-    from lanskap.lora import export_lora
     from lanskap.models import resolve_base_model
-    from lanskap.train import summarise, train_lora
+    from lanskap.train import train_lora
 
     processes = process_state()
     with processes.main_process_first():  # one process downloads or builds the base model, the others then read it
@@ -91,26 +90,53 @@ def main(argv=None):
         train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"], loaded["augment"],
                    resolution, checkpoint_dir=checkpoints)
         return
-    with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        result = train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"],
-                            loaded["augment"], resolution, live, checkpoints)
-        summary = summarise(result)
-        for key, value in summary.items():
-            live.summary[key] = value
-    base = {
-        "model": model.spec, "revision": model.revision or "n/a", "resolution": resolution,
-        "prediction_type": result.prediction_type,
-        "adapters": "UNet" if result.text_encoder is None else "UNet and text encoder",
-        "train_images": len(train_table), "steps": loaded["train"].steps,
-        "data_sha256": hashlib.sha256((args.data / "train.csv").read_bytes()).hexdigest(),
-    }
-    with atomic_dir(args.out) as staging:
-        files = export_lora(result.unet, staging, loaded["lora"], base, result.text_encoder)
-        (staging / "README.md").write_text(model_card(base, summary, loaded, files))
+    try:
+        summary = train_and_export(args, loaded, model, train_table, test_table, resolution, checkpoints)
+    except KeyboardInterrupt:
+        resume = (f"; the next run resumes from the newest checkpoint in {checkpoints}"
+                  if any(checkpoints.glob("step-*")) else "")
+        print(f"\ntrain_lora: interrupted: {args.out} and {args.live} are as they were before this run{resume}",
+              file=sys.stderr)
+        raise
     remove_dir(checkpoints)  # the run is recorded; a forced rerun must train again
     print(f"train_lora: {summary['steps']} steps in {summary['seconds']} s ({summary['images_per_second']} img/s); "
           f"loss {summary['loss_first']:.4f} -> {summary['loss_final']:.4f}; validation loss best "
           f"{summary['validation_loss_best']:.4f} at step {summary['validation_loss_best_step']} -> {args.out}")
+
+
+def train_and_export(args, loaded: dict, model, train_table, test_table, resolution: int, checkpoints: Path) -> dict:
+    """Train, then write the LoRA and the DVCLive log into staging folders swapped in only when both are complete:
+    an interruption (Ctrl-C, an error) leaves the previous LoRA and log (tracked in git) as they were. dvc.yaml marks
+    them `persist`, so that DVC does not delete them before the run either."""
+    from dvclive import Live
+
+    from lanskap.train import summarise, train_lora
+
+    with atomic_dir(args.live) as live_dir, atomic_dir(args.out) as staging:
+        with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            result = train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"],
+                                loaded["augment"], resolution, live, checkpoints)
+            summary = summarise(result)
+            for key, value in summary.items():
+                live.summary[key] = value
+        write_lora(staging, result, summary, loaded, model, args.data, len(train_table), resolution)
+    return summary
+
+
+def write_lora(staging: Path, result, summary: dict, loaded: dict, model, data: Path, train_images: int,
+               resolution: int) -> None:
+    from lanskap.lora import export_lora, require_lora_reloads
+
+    base = {
+        "model": model.spec, "revision": model.revision or "n/a", "resolution": resolution,
+        "prediction_type": result.prediction_type,
+        "adapters": "UNet" if result.text_encoder is None else "UNet and text encoder",
+        "train_images": train_images, "steps": loaded["train"].steps,
+        "data_sha256": hashlib.sha256((data / "train.csv").read_bytes()).hexdigest(),
+    }
+    files = export_lora(result.unet, staging, loaded["lora"], base, result.text_encoder)
+    require_lora_reloads(model.path, staging)  # every trained module comes back through diffusers' loader
+    (staging / "README.md").write_text(model_card(base, summary, loaded, files))
 
 
 if __name__ == "__main__":
