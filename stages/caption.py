@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from lanskap.captions import CLIP_MAX_TOKENS, choose_captions, token_counts
+from lanskap.console import quiet_libraries
 from lanskap.data import MANIFEST_COLUMNS, read_table
 from lanskap.errors import run_stage
 from lanskap.io import write_csv
@@ -22,6 +23,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_params("caption")["caption"]
+    if params.method == "model":
+        quiet_libraries()
 
     table = read_table(args.manifest, MANIFEST_COLUMNS)
     table["caption"] = choose_captions(table, params)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lanskap.console import quiet_libraries
 from lanskap.data import read_table
 from lanskap.errors import UserError, run_stage
 from lanskap.eval_report import ReportInputs, base_vs_lora_table, report_html, report_markdown
@@ -85,6 +86,7 @@ def main(argv=None):
     parser.add_argument("--data-card", type=Path, default=Path("reports/preprocess/data_card.md"))
     args = parser.parse_args(argv)
     params = load_params("evaluate")["evaluate"]
+    quiet_libraries()
 
     from lanskap.evaluation import FID_STABLE_N, MIN_TEST_PROMPTS, check_pairing, lora_minus_base, set_comparisons
 

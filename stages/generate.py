@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from lanskap.console import quiet_libraries
 from lanskap.data import read_table
 from lanskap.errors import run_stage
 from lanskap.io import atomic_dir, write_csv
@@ -49,6 +50,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     loaded = load_params("model", "generate")
     params = loaded["generate"]
+    quiet_libraries()
 
     import torch
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from lanskap.console import quiet_libraries
 from lanskap.data import read_table
 from lanskap.errors import run_stage
 from lanskap.io import atomic_dir, remove_dir, sha256_file
@@ -75,6 +76,7 @@ def main(argv=None):
     parser.add_argument("--live", type=Path, required=True)
     args = parser.parse_args(argv)
     loaded = load_params("model", "lora", "train", "augment")
+    quiet_libraries()
 
     from lanskap.models import resolve_base_model
     from lanskap.train import train_lora
