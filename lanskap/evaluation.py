@@ -16,9 +16,6 @@ from lanskap.errors import UserError
 from lanskap.params import EvaluateParams
 
 FID_STABLE_N = 2048  # below this FID's covariance is rank-deficient: values are not comparable across n
-# KID's jackknife leaves one prompt out and still needs 2 images per set; split and the ingest preflight
-# refuse data that would give fewer test prompts (the interval needs more: paired.MIN_INTERVAL_PROMPTS).
-MIN_TEST_PROMPTS = 3
 
 
 @dataclass

