@@ -324,3 +324,16 @@ def test_inception_check_refuses_a_misnamed_or_pickled_file_without_loading(tmp_
         preflight.check_inception("builtin:big-inception")
     preflight.check_inception("builtin:tiny-inception")
     assert not marker.exists()
+
+
+def test_split_refuses_fewer_test_prompts_than_evaluate_needs():
+    import hashlib
+
+    from lanskap.split import MIN_TEST_PROMPTS, split_table
+
+    table = pd.DataFrame({"sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20)],
+                          "path": [f"{i}.png" for i in range(20)], "caption": "x"})
+    with pytest.raises(UserError, match=f"split: 2 test image\\(s\\) from 20 with split.test_fraction=0.05; evaluate "
+                                        f"needs at least {MIN_TEST_PROMPTS} test prompts"):
+        split_table(table, 0.05, seed=0)
+    assert len(split_table(table, 0.1, seed=0)[1]) == MIN_TEST_PROMPTS  # the boundary passes
