@@ -5,7 +5,7 @@ UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 RUN := $(UV) run --frozen
 
-.PHONY: install repro test params clean-env
+.PHONY: install repro test params builtins clean-env
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -22,6 +22,13 @@ repro: install
 
 test: install
 	$(RUN) pytest $(PYTEST_ARGS)
+
+# Retrain the built-in models into lanskap/assets/builtin/ (about an hour on 2 CPU cores): the base model in one
+# process, the CLIP and Inception stand-ins in another, one torch thread each.
+builtins: install
+	$(RUN) python -m lanskap.builtin tiny-sd2 & base=$$!; \
+	$(RUN) python -m lanskap.builtin tiny-clip tiny-inception; stand_ins=$$?; \
+	wait $$base && exit $$stand_ins
 
 # Recompose params.yaml from conf/, e.g. `make params OVERRIDES="preset=paper"`.
 params: install
