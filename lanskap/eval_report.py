@@ -1,16 +1,22 @@
-"""The evaluation report a reviewer opens: metrics with their n, LoRA-minus-base gaps with intervals, the
-loss curve, links to the comparison grid and the data card, and the feature extractors used.
+"""The evaluation report a reviewer opens: which run it describes (commit, preset, base model, LoRA, data),
+metrics with their n, LoRA-minus-base gaps with intervals, what the flags and sample sizes allow, the loss curve,
+the comparison grid, the data card, and the feature extractors used.
 
-Pure functions from the flat metrics dict (as `lanskap.evaluation` produces it) and relative paths to
-text and tables; the evaluate stage writes them. Nothing here reads files or loads models.
+Pure functions from the flat metrics dict (as `lanskap.evaluation` produces it), the run's provenance and the
+texts and relative paths the evaluate stage passes in; the stage writes the results. Nothing here reads files or
+loads models. The Markdown links its figures by relative path (for a git host); the HTML carries them inline, one
+file that opens anywhere, offline.
 """
 
+import base64
+import re
 from dataclasses import dataclass
 
 import pandas as pd
 
 from lanskap.evaluation import FID_STABLE_N
 from lanskap.paired import MIN_INTERVAL_PROMPTS
+from lanskap.provenance import Provenance
 
 # Bar chart rows: metric name -> (base model's key, LoRA's key); both against the same reference.
 BASE_VS_LORA_KEYS = {
@@ -36,6 +42,8 @@ class ReportInputs:
     loss_curve: str | None  # PNG, or None when the run has no training log
     comparison_grid: str
     data_card: str
+    data_card_text: str  # the data card's Markdown, shown inline
+    provenance: Provenance
 
 
 def base_vs_lora_table(metrics: dict[str, float]) -> pd.DataFrame:
@@ -106,6 +114,70 @@ def every_metric_section(metrics: dict[str, float]) -> str:
     return "## Every metric (`metrics/eval.json`)\n\n" + markdown_table(["key", "value", "n"], rows)
 
 
+def commit_cell(provenance: Provenance) -> str:
+    commit = provenance.commit
+    if commit is None:
+        return "unknown: evaluate did not run in a git checkout"
+    modified = " **with uncommitted changes to lanskap/, stages/ or dvc.yaml**" if commit.code_modified else ""
+    return f"`{commit.sha[:12]}` of {commit.date}{modified}"
+
+
+def provenance_section(provenance: Provenance) -> str:
+    """Which run this is: the code, the preset, and what the LoRA's model card says it was trained from."""
+    lora, train = provenance.params["lora"], provenance.params["train"]
+    variants = [name for name, on in (("DoRA", lora["use_dora"]), ("rsLoRA", lora["use_rslora"])) if on]
+    targets = "UNet " + ", ".join(f"`{module}`" for module in lora["target_modules"])
+    if provenance.adapters != "UNet":
+        targets += "; text encoder " + ", ".join(f"`{module}`" for module in lora["text_encoder_target_modules"])
+    rows = [
+        ["commit", commit_cell(provenance)],
+        ["preset", f"`{provenance.preset}`" if provenance.preset else "none recorded in params.yaml"],
+        ["base model", f"`{provenance.base_model}` revision `{provenance.base_revision}`"],
+        ["LoRA", f"rank {lora['rank']}, alpha {format_value(lora['alpha'])}" + "".join(f", {v}" for v in variants)
+         + f"; on {targets}"],
+        ["training", f"{train['steps']} steps, batch {train['batch_size']} x {train['gradient_accumulation_steps']} "
+                     f"accumulated, learning rate {format_value(train['learning_rate'])}, seed {train['seed']}"],
+        ["training data", f"sha256 `{provenance.data_sha256}` (of the training table, processed/train.csv)"],
+    ]
+    return ("## Run\n\n" + markdown_table(["", ""], rows) + "\n\nThe date is the commit's: the report holds no clock "
+            "time, so the same commit and inputs give the same file. Every input's hash is in `dvc.lock`.")
+
+
+def gap_verdict(key: str, metrics: dict[str, float]) -> str:
+    """What the gap's interval allows one to say."""
+    if key + "_ci_low" not in metrics:
+        return f"no interval at {metrics['n_test']:.0f} prompts: a description of these images, not evidence"
+    low, high = metrics[key + "_ci_low"], metrics[key + "_ci_high"]
+    if low <= 0 <= high:
+        return f"interval includes 0: no difference detectable at {metrics['n_test']:.0f} prompts"
+    lower = high < 0
+    better = lower != key.startswith("clip_score")  # lower is better except for CLIP score
+    return f"LoRA {'lower' if lower else 'higher'} than base ({'better' if better else 'worse'}); interval excludes 0"
+
+
+def flags_section(metrics: dict[str, float]) -> str:
+    """The flags and sample sizes explained: what each number can carry at this run's n."""
+    comparable = metrics["fid_comparable"] == 1
+    fid = (f"1: both sets have at least {FID_STABLE_N} images, so FID can be compared with other runs and "
+           "published values computed the same way (clean-fid)." if comparable else
+           f"0: {FID_CAVEAT} The paper's FID does not apply either.")
+    verdicts = [[f"`{key}`", gap_verdict(key, metrics)] for key in sorted(k for k in metrics if k.endswith(GAP_SUFFIX))]
+    return ("## Flags and sample sizes\n\n"
+            f"- **`fid_comparable` = {fid}**\n"
+            f"- **n** is the number of images (or prompts) behind a number. CMMD, FID and KID are set statistics: "
+            "with few images they move from sample to sample and carry a bias that depends on n, so two runs "
+            "compare only at the same n. A LoRA-minus-base gap carries weight only when its 95% interval excludes "
+            f"0; below {MIN_INTERVAL_PROMPTS} prompts there is no interval, and no p-value below 0.05 is possible.\n\n"
+            + markdown_table(["gap", "at this n"], verdicts))
+
+
+def data_card_section(text: str, source: str) -> str:
+    """The data card inline, its headings moved under this section's."""
+    body = re.sub(r"^# .*\n+", "", text, count=1)  # its title: this section's heading says it
+    body = re.sub(r"^(#+) ", lambda match: "#" * (len(match.group(1)) + 1) + " ", body, flags=re.MULTILINE)
+    return f"## Data card\n\nFrom `{source}`.\n\n{body.strip()}"
+
+
 def extractor_line(role: str, name: str) -> str:
     flag = " **stand-in with random weights: the numbers carry no meaning**" if name.startswith(STAND_IN_PREFIX) else ""
     return f"- {role}: `{name}`{flag}"
@@ -113,32 +185,44 @@ def extractor_line(role: str, name: str) -> str:
 
 def report_markdown(metrics: dict[str, float], inputs: ReportInputs) -> str:
     """The whole report as Markdown; the same metrics and inputs always give the same text."""
-    comparable = "" if not metrics["fid_comparable"] else " (this run has enough images)"
     loss = (f"![training and validation loss]({inputs.loss_curve})" if inputs.loss_curve
             else "No training log was found.")
     sections = [
         "# Evaluation report",
+        provenance_section(inputs.provenance),
         f"Images: {metrics['n_test']:.0f} test, {metrics['n_base']:.0f} base, {metrics['n_lora']:.0f} LoRA.",
         "Feature extractors:\n\n" + extractor_line("CLIP (CMMD, CLIP score)", inputs.clip_name) + "\n"
         + extractor_line("Inception (FID, KID)", inputs.inception_name),
-        f"> **FID caveat**{comparable}: {FID_CAVEAT}",
         gaps_section(metrics),
         base_vs_lora_section(metrics),
+        flags_section(metrics),
         "## Training loss\n\n" + loss,
-        f"## Figures and data\n\n- [comparison grid: reference | base | LoRA]({inputs.comparison_grid})\n"
-        f"- [data card]({inputs.data_card})\n\n![reference, base and LoRA per test caption]({inputs.comparison_grid})",
+        "## Comparison grid\n\nThe first test captions, each with its reference image and the base and LoRA "
+        f"images from the same seed (`{inputs.comparison_grid}`).\n\n"
+        f"![prompt, reference, base and LoRA per test caption]({inputs.comparison_grid})",
+        data_card_section(inputs.data_card_text, inputs.data_card),
         every_metric_section(metrics),
     ]
     return "\n\n".join(sections) + "\n"
 
 
-def report_html(markdown_text: str, title: str = "Evaluation report") -> str:
-    """A standalone page from the Markdown report; images and links keep their relative paths."""
+def inline_images(html: str, images: dict[str, bytes]) -> str:
+    """Each `<img src="path">` whose path is in `images` (PNG bytes) carried inline as a data URI."""
+    for path, data in sorted(images.items()):
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        html = html.replace(f'src="{path}"', f'src="{uri}"')
+    return html
+
+
+def report_html(markdown_text: str, images: dict[str, bytes], title: str = "Evaluation report") -> str:
+    """One self-contained page from the Markdown report: the images in `images` (by their path in the Markdown)
+    inline, no script, no external resource."""
     from markdown_it import MarkdownIt
 
-    body = MarkdownIt("commonmark").enable("table").render(markdown_text)
-    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+    body = inline_images(MarkdownIt("commonmark").enable("table").render(markdown_text), images)
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.4}"
+             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+             "text-align:left;vertical-align:top}code{font-size:0.9em;overflow-wrap:anywhere}"
              "blockquote{background:#fff4d6;margin:0;padding:4px 12px}img{max-width:100%}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
             f"<style>{style}</style></head>\n<body>\n{body}</body></html>\n")

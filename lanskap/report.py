@@ -1,22 +1,67 @@
 """Figures for people: labelled image grids (preview, comparisons) small enough to keep in git."""
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-LABEL_HEIGHT = 14
+FONT_PX = 15  # Pillow's built-in scalable font: the same glyphs (and bytes) on every machine with the locked Pillow
+PADDING = 6
+ROW_LABEL_WIDTH = 360  # px of wrapped text (a prompt) beside each row: about 45 characters a line
 SMOOTH_FROM = 40  # points in a loss series from which it is drawn with a moving mean
 
 
-def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: int = 128) -> Image.Image:
-    """Rows of images resized to `cell` px squares under a header of column labels."""
-    columns = len(column_labels)
-    grid = Image.new("RGB", (columns * cell, LABEL_HEIGHT + len(rows) * cell), "white")
+def label_font() -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=FONT_PX)
+
+
+def fit_text(text: str, font, width: int) -> str:
+    """`text` cut to `width` px, ending in an ellipsis when cut."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def wrap_text(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to `width` px; a word longer than a line is cut."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(fit_text(word, font, width))
+    return lines
+
+
+def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: int = 128,
+               row_labels: list[str] | None = None, row_header: str = "") -> Image.Image:
+    """Rows of images resized to `cell` px squares under a header of column labels (cut to the cell's width).
+
+    With `row_labels` (one per row, e.g. its prompt), a text column on the left holds each label wrapped in full,
+    headed `row_header`; a row grows taller than `cell` when its label needs it."""
+    font = label_font()
+    line_height = sum(font.getmetrics()) + 2
+    text_width = ROW_LABEL_WIDTH if row_labels else 0
+    wrapped = ([wrap_text(label, font, text_width - 2 * PADDING) for label in row_labels] if row_labels
+               else [[]] * len(rows))
+    heights = [max(cell, len(lines) * line_height + 2 * PADDING) for lines in wrapped]
+    header = line_height + 2 * PADDING
+    grid = Image.new("RGB", (text_width + len(column_labels) * cell, header + sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
+    if row_labels:
+        draw.text((PADDING, PADDING), row_header, fill="black", font=font)
     for column, label in enumerate(column_labels):
-        draw.text((column * cell + 3, 1), label[: cell // 6], fill="black")
+        draw.text((text_width + column * cell + PADDING, PADDING), fit_text(label, font, cell - 2 * PADDING),
+                  fill="black", font=font)
+    top = header
     for row_index, row in enumerate(rows):
+        for line_index, line in enumerate(wrapped[row_index]):
+            draw.text((PADDING, top + PADDING + line_index * line_height), line, fill="black", font=font)
         for column, image in enumerate(row):
             tile = image.convert("RGB").resize((cell, cell), Image.Resampling.LANCZOS)
-            grid.paste(tile, (column * cell, LABEL_HEIGHT + row_index * cell))
+            grid.paste(tile, (text_width + column * cell, top))
+        if row_labels and row_index:  # a rule between labels, which may run taller than their images
+            draw.line([(0, top), (text_width - 1, top)], fill="#bbbbbb")
+        top += heights[row_index]
     return grid
 
 

@@ -2,11 +2,13 @@
 
 Inputs:  PROCESSED/test.csv (reference images and captions), GENERATED/index.csv (from generate)
          TRAINING_LOG/{train,validation}/loss.tsv (dvclive, for the loss curve; optional)
+         COMPARISON (from generate), DATA_CARD (from preprocess), MODEL_CARD (from train_lora: base model,
+         LoRA shape, steps, data hash), params.yaml's `preset`, and the git commit when there is one
 Outputs: OUT  metrics JSON with flat numeric keys (for `dvc metrics diff`)
          REPORTS/base_vs_lora.csv  metric, model, value, bar: base and LoRA per metric (`dvc plots` bar chart)
-         REPORTS/report.md, report.html, loss.png  the run's report for a reviewer (links the comparison
-                                                   grid and the data card by relative path)
-Params:  evaluate
+         REPORTS/report.md, loss.png  the run's report for a reviewer (figures linked by relative path)
+         REPORTS/report.html          the same, one self-contained file (figures inline) that opens offline
+Params:  evaluate, preset
 CMMD is the reference's biased estimator x1000 (an `_unbiased` twin beside it); FID is clean-fid's
 "clean" mode; FID below 2048 images per set is flagged (`fid_comparable` = 0).
 """
@@ -23,7 +25,8 @@ from lanskap.data import read_table
 from lanskap.errors import UserError, run_stage
 from lanskap.eval_report import ReportInputs, base_vs_lora_table, report_html, report_markdown
 from lanskap.io import atomic_dir, write_csv, write_json, write_text
-from lanskap.params import load_params
+from lanskap.params import PARAMS_FILE, load_params
+from lanskap.provenance import Provenance, git_commit, read_model_card
 from lanskap.report import save_loss_curves
 
 
@@ -49,7 +52,15 @@ def read_loss_curves(training_log: Path) -> dict[str, pd.DataFrame]:
     return {split: pd.read_csv(path, sep="\t") for split, path in tables.items() if path.is_file()}
 
 
-def write_reports(results: dict[str, float], names: tuple[str, str], args) -> None:
+def read_report_sources(args) -> tuple[Provenance, str]:
+    """The run's provenance and the data card's text, read before any work: a missing one stops the stage."""
+    for path, stage in ((args.comparison, "generate"), (args.data_card, "preprocess")):
+        if not path.is_file():
+            raise UserError(f"evaluate: {path} not found; the report shows it. Run {stage} first (dvc repro {stage})")
+    return read_model_card(args.model_card, Path(PARAMS_FILE), git_commit()), args.data_card.read_text()
+
+
+def write_reports(results: dict[str, float], names: tuple[str, str], args, sources: tuple[Provenance, str]) -> None:
     """The bar-chart table, the loss curve and the report, replacing REPORTS as a whole."""
     curves = read_loss_curves(args.training_log)
     with atomic_dir(args.reports) as staging:
@@ -60,10 +71,14 @@ def write_reports(results: dict[str, float], names: tuple[str, str], args) -> No
         inputs = ReportInputs(clip_name=names[0], inception_name=names[1],
                               loss_curve="loss.png" if curves else None,
                               comparison_grid=os.path.relpath(args.comparison, args.reports),
-                              data_card=os.path.relpath(args.data_card, args.reports))
+                              data_card=os.path.relpath(args.data_card, args.reports),
+                              data_card_text=sources[1], provenance=sources[0])
         markdown = report_markdown(results, inputs)
         write_text(staging / "report.md", markdown)
-        write_text(staging / "report.html", report_html(markdown))
+        images = {inputs.comparison_grid: args.comparison.read_bytes()}
+        if curves:
+            images["loss.png"] = (staging / "loss.png").read_bytes()
+        write_text(staging / "report.html", report_html(markdown, images))
 
 
 def interval_text(results: dict[str, float], gap: str) -> str:
@@ -84,6 +99,7 @@ def main(argv=None):
     parser.add_argument("--training-log", type=Path, default=Path("dvclive/train/plots/metrics"))
     parser.add_argument("--comparison", type=Path, default=Path("reports/generate/comparison.png"))
     parser.add_argument("--data-card", type=Path, default=Path("reports/preprocess/data_card.md"))
+    parser.add_argument("--model-card", type=Path, default=Path("models/lora/README.md"))
     args = parser.parse_args(argv)
     params = load_params("evaluate")["evaluate"]
     quiet_libraries()
@@ -97,11 +113,12 @@ def main(argv=None):
         raise UserError(f"evaluate: {len(test)} test image(s) in {args.data / 'test.csv'}; the paired statistics "
                         f"need at least {MIN_TEST_PROMPTS}: add images or raise split.test_fraction")
     check_pairing(test, generated, str(args.generated / "index.csv"))
+    report_sources = read_report_sources(args)
     features, clip_name, inception_name = extract_features(test, generated, params)
     results = {**set_comparisons(features, params), **lora_minus_base(features, params)}
     results = {key: float(np.round(value, 6)) for key, value in results.items()}
     write_json(args.out, results)
-    write_reports(results, (clip_name, inception_name), args)
+    write_reports(results, (clip_name, inception_name), args, report_sources)
 
     print(f"evaluate ({clip_name}; n test={results['n_test']:.0f}, base={results['n_base']:.0f}, lora={results['n_lora']:.0f}):")
     for key in ("cmmd_test_vs_text", "cmmd_lora_vs_text", "cmmd_test_vs_lora", "cmmd_test_vs_base",

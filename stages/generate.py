@@ -32,13 +32,16 @@ def index_rows(jobs, paths, model: str, test: pd.DataFrame, out: Path, staging: 
 
 
 def comparison_grid(index: pd.DataFrame, staging: Path, out: Path) -> Image.Image:
+    """The first GRID_ROWS test captions, each in full beside its reference image and the first base and LoRA
+    samples (same seed)."""
     first = index[(index["sample"] == 0) & (index["prompt_index"] < GRID_ROWS)]
-    rows = []
+    rows, prompts = [], []
     for prompt_index, pair in first.groupby("prompt_index"):
         by_model = pair.set_index("model")["path"]
         local = {m: staging / Path(p).relative_to(out) for m, p in by_model.items()}
         rows.append([Image.open(pair["reference_path"].iloc[0]), Image.open(local["base"]), Image.open(local["lora"])])
-    return image_grid(rows, ["reference", "base", "LoRA"])
+        prompts.append(pair["caption"].iloc[0])
+    return image_grid(rows, ["reference", "base", "LoRA"], row_labels=prompts, row_header="prompt (test caption)")
 
 
 def main(argv=None):
