@@ -139,8 +139,9 @@ def provenance_section(provenance: Provenance) -> str:
                      f"accumulated, learning rate {format_value(train['learning_rate'])}, seed {train['seed']}"],
         ["training data", f"sha256 `{provenance.data_sha256}` (of the training table, processed/train.csv)"],
     ]
-    return ("## Run\n\n" + markdown_table(["", ""], rows) + "\n\nThe date is the commit's: the report holds no clock "
-            "time, so the same commit and inputs give the same file. Every input's hash is in `dvc.lock`.")
+    return ("## Run\n\n" + "\n".join(f"- **{name}**: {value}" for name, value in rows) + "\n\nThe date is the "
+            "commit's: the report holds no clock time, so the same commit and inputs give the same file. Every "
+            "input's hash is in `dvc.lock`.")
 
 
 def gap_verdict(key: str, metrics: dict[str, float]) -> str:
@@ -158,12 +159,12 @@ def gap_verdict(key: str, metrics: dict[str, float]) -> str:
 def flags_section(metrics: dict[str, float]) -> str:
     """The flags and sample sizes explained: what each number can carry at this run's n."""
     comparable = metrics["fid_comparable"] == 1
-    fid = (f"1: both sets have at least {FID_STABLE_N} images, so FID can be compared with other runs and "
+    fid = (f"1**: both sets have at least {FID_STABLE_N} images, so FID can be compared with other runs and "
            "published values computed the same way (clean-fid)." if comparable else
-           f"0: {FID_CAVEAT} The paper's FID does not apply either.")
+           f"0**: {FID_CAVEAT} The paper's FID does not apply either.")
     verdicts = [[f"`{key}`", gap_verdict(key, metrics)] for key in sorted(k for k in metrics if k.endswith(GAP_SUFFIX))]
     return ("## Flags and sample sizes\n\n"
-            f"- **`fid_comparable` = {fid}**\n"
+            f"- **`fid_comparable` = {fid}\n"
             f"- **n** is the number of images (or prompts) behind a number. CMMD, FID and KID are set statistics: "
             "with few images they move from sample to sample and carry a bias that depends on n, so two runs "
             "compare only at the same n. A LoRA-minus-base gap carries weight only when its 95% interval excludes "

@@ -91,7 +91,7 @@ def test_report_gives_each_gap_with_interval_and_pvalue(metrics, inputs):
 
 def test_report_carries_the_fid_caveat_figures_data_card_and_flags_stand_ins(metrics, inputs):
     report = report_markdown(metrics, inputs)
-    assert FID_CAVEAT in report and "2048" in FID_CAVEAT and "**`fid_comparable` = 0:" in report
+    assert FID_CAVEAT in report and "2048" in FID_CAVEAT and "**`fid_comparable` = 0**:" in report
     assert "](../generate/comparison.png)" in report and "![training and validation loss](loss.png)" in report
     assert "From `../preprocess/data_card.md`" in report and "- images: 60 (45 train, 15 test)" in report
     assert "\n### Caption length\n" in report and "\n# Data card" not in report  # its headings under the report's
@@ -117,7 +117,7 @@ def test_report_says_when_the_commit_is_unknown_or_the_code_differed(metrics, in
 
 
 def test_fid_comparable_is_explained_either_way(metrics, inputs):
-    assert f"= 1: both sets have at least {FID_STABLE_N} images" in report_markdown(
+    assert f"= 1**: both sets have at least {FID_STABLE_N} images" in report_markdown(
         {**metrics, "fid_comparable": 1.0}, inputs)
 
 
