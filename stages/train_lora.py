@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from lanskap.code_closure import code_digest
 from lanskap.console import quiet_libraries
 from lanskap.data import read_table
 from lanskap.errors import run_stage
@@ -49,10 +50,11 @@ def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) 
     ])
 
 
-def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str]) -> Path:
+def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str], base_revision: str | None) -> Path:
     """This run's checkpoint folder, keyed by everything that shapes the weights and the logged curves (params,
-    split tables, training image bytes), so a checkpoint is only ever resumed by a run it belongs to."""
-    digest = hashlib.sha256()
+    the base model's resolved revision, the code and package data this stage runs, split tables, training image
+    bytes), so a checkpoint is only ever resumed by a run it belongs to."""
+    digest = hashlib.sha256(json.dumps([base_revision, code_digest("stages.train_lora")]).encode())
     for name, group in sorted(loaded.items()):
         exclude = {"checkpoint_every", "dataloader_workers"} if name == "train" else None  # they change no result
         digest.update(json.dumps([name, group.model_dump(mode="json", exclude=exclude)], sort_keys=True).encode())
@@ -87,7 +89,7 @@ def main(argv=None):
     train_table = read_table(args.data / "train.csv", ["path", "caption"])
     test_table = read_table(args.data / "test.csv", ["path", "caption"])
     resolution = min(Image.open(train_table["path"][0]).size)  # the shorter side: preprocess.resolution
-    checkpoints = checkpoint_dir(loaded, args.data, train_table["path"].tolist())
+    checkpoints = checkpoint_dir(loaded, args.data, train_table["path"].tolist(), model.revision)
     if not processes.is_main_process:  # another of `accelerate launch`'s processes: trains its share, writes nothing
         train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"], loaded["augment"],
                    resolution, checkpoint_dir=checkpoints)
