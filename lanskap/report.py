@@ -5,6 +5,7 @@ from PIL import Image, ImageDraw, ImageFont
 FONT_PX = 15  # Pillow's built-in scalable font: the same glyphs (and bytes) on every machine with the locked Pillow
 PADDING = 6
 ROW_LABEL_WIDTH = 360  # px of wrapped text (a prompt) beside each row: about 45 characters a line
+COLUMN_LABEL_LINES = 3  # a column label wraps within its cell up to this, then is cut: prompts go in row labels
 SMOOTH_FROM = 40  # points in a loss series from which it is drawn with a moving mean
 
 
@@ -32,9 +33,16 @@ def wrap_text(text: str, font, width: int) -> list[str]:
     return lines
 
 
+def column_label_lines(label: str, font, width: int) -> list[str]:
+    lines = wrap_text(label, font, width)
+    if len(lines) <= COLUMN_LABEL_LINES:
+        return lines
+    return lines[:COLUMN_LABEL_LINES - 1] + [fit_text(" ".join(lines[COLUMN_LABEL_LINES - 1:]), font, width)]
+
+
 def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: int = 128,
                row_labels: list[str] | None = None, row_header: str = "") -> Image.Image:
-    """Rows of images resized to `cell` px squares under a header of column labels (cut to the cell's width).
+    """Rows of images resized to `cell` px squares under a header of column labels (wrapped in the cell's width).
 
     With `row_labels` (one per row, e.g. its prompt), a text column on the left holds each label wrapped in full,
     headed `row_header`; a row grows taller than `cell` when its label needs it."""
@@ -44,14 +52,16 @@ def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: in
     wrapped = ([wrap_text(label, font, text_width - 2 * PADDING) for label in row_labels] if row_labels
                else [[]] * len(rows))
     heights = [max(cell, len(lines) * line_height + 2 * PADDING) for lines in wrapped]
-    header = line_height + 2 * PADDING
+    headers = [column_label_lines(label, font, cell - 2 * PADDING) for label in column_labels]
+    header = max(map(len, headers), default=1) * line_height + 2 * PADDING
     grid = Image.new("RGB", (text_width + len(column_labels) * cell, header + sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
     if row_labels:
         draw.text((PADDING, PADDING), row_header, fill="black", font=font)
-    for column, label in enumerate(column_labels):
-        draw.text((text_width + column * cell + PADDING, PADDING), fit_text(label, font, cell - 2 * PADDING),
-                  fill="black", font=font)
+    for column, lines in enumerate(headers):
+        for line_index, line in enumerate(lines):
+            draw.text((text_width + column * cell + PADDING, PADDING + line_index * line_height), line,
+                      fill="black", font=font)
     top = header
     for row_index, row in enumerate(rows):
         for line_index, line in enumerate(wrapped[row_index]):

@@ -180,8 +180,8 @@ def test_git_commit_reads_head_and_uncommitted_code_and_is_none_outside_git(tmp_
     assert git_commit(tmp_path).code_modified
 
 
-def test_grid_shows_each_row_label_in_full_and_cuts_column_labels_to_the_cell():
-    from lanskap.report import ROW_LABEL_WIDTH, label_font, wrap_text
+def test_grid_shows_each_row_label_in_full_and_wraps_column_labels_in_the_cell():
+    from lanskap.report import COLUMN_LABEL_LINES, ROW_LABEL_WIDTH, column_label_lines, label_font, wrap_text
 
     tile = Image.new("RGB", (64, 64), "red")
     short, long = "a lake", " ".join(["a fantasy landscape under an emerald aurora with floating islands"] * 4)
@@ -194,6 +194,11 @@ def test_grid_shows_each_row_label_in_full_and_cuts_column_labels_to_the_cell():
     assert all(label_font().getlength(line) <= ROW_LABEL_WIDTH - 12 for line in lines)
     plain = image_grid([[tile, tile]], ["reference", "base"], cell=64)
     assert plain.size == (128, plain.height) and plain.height < 64 + 40  # no text column without row labels
+    assert " ".join(column_label_lines("drawn (held out)", label_font(), 84)) == "drawn (held out)"
+    cut = column_label_lines(long, label_font(), 84)
+    assert len(cut) == COLUMN_LABEL_LINES and cut[-1].endswith("…") and label_font().getlength(cut[-1]) <= 84
+    tall = image_grid([[tile]], [long], cell=96)
+    assert tall.height > image_grid([[tile]], ["base"], cell=96).height  # the header grew for the wrapped label
 
 
 def test_bar_chart_table_has_base_and_lora_rows_per_metric(metrics):
