@@ -120,7 +120,7 @@ def disk_full_as_user_error(target: Path) -> Iterator[None]:
             raise
         shown = final_path(target)
         raise UserError(f"disk full while writing {shown} ({os.strerror(error.errno)}): free space on the disk holding "
-                        f"{shown.parent.resolve()} (`df -h {shown.parent}`) and rerun; the previous {shown.name} is "
+                        f"{shown.parent.resolve()} (`df -h {shown.parent}`) and rerun; the previous {shown} is "
                         "unchanged and the partial one was removed") from None
 
 

@@ -74,11 +74,19 @@ def decode_caption(data: bytes) -> str:
     NUL bytes, otherwise UTF-8 (undecodable bytes become U+FFFD)."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         text = data.decode("utf-16", errors="replace")
-    elif b"\x00" in data and len(data) % 2 == 0:  # ASCII text in UTF-16 has a NUL in every other byte
-        text = data.decode("utf-16-le" if data[1::2].count(0) >= data[0::2].count(0) else "utf-16-be", "replace")
+    elif looks_like_utf16(data):
+        text = data.decode("utf-16-le" if data[1::2].count(0) > data[0::2].count(0) else "utf-16-be", "replace")
     else:
         text = data.decode("utf-8-sig", errors="replace")
     return clean_caption(text)
+
+
+def looks_like_utf16(data: bytes) -> bool:
+    """Latin text in UTF-16 has a NUL in (nearly) every other byte; a stray NUL in UTF-8 text is no sign of it."""
+    if len(data) < 2 or len(data) % 2:
+        return False
+    half = len(data) // 2
+    return max(data[0::2].count(0), data[1::2].count(0)) >= 0.4 * half
 
 
 def clean_caption(text: str) -> str:

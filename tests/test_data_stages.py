@@ -95,8 +95,10 @@ def test_ingest_fails_clearly_when_too_few_images_remain(workdir, project_params
     folder = workdir / "raw"
     folder.mkdir()
     (folder / "only.png").write_bytes(png_bytes())
+    for index in range(5):
+        (folder / f"broken{index}.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder)}})
-    with pytest.raises(UserError, match="only 1 usable"):
+    with pytest.raises(UserError, match=r"only 1 usable image\(s\) from .*: 5 rejected \(listed above\)"):
         ingest.main(["--out", "data/ingested"])
     assert not (workdir / "data/ingested").exists()  # no partial output for DVC to record
 
@@ -170,7 +172,7 @@ def test_caption_overrides_win_and_keep_the_trigger_word(workdir, project_params
 
 
 def test_preprocess_without_centre_crop_keeps_the_aspect_ratio(workdir, project_params):
-    folder = make_folder(workdir)  # 96 x 80 images
+    folder = make_folder(workdir, count=12)  # 96 x 80 images
     write_params(workdir, {**project_params, "preprocess": {**project_params["preprocess"], "center_crop": False},
                            "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
                            "split": {**project_params["split"], "test_fraction": 0.5}})

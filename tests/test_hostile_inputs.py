@@ -1,19 +1,28 @@
 """A hostile corpus: every item gets a per-item reason or a clear stage error, never a traceback,
 and the source folder is never modified."""
 
+import codecs
+import errno
+import hashlib
 import io
+import json
 import struct
+import unicodedata
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from lanskap.data import open_rgb
 from lanskap.errors import UserError
+from lanskap.params import IngestParams
 from stages import caption, ingest
 from tests.conftest import write_params
-from tests.test_data_stages import png_bytes, tree_digest
+from tests.icc_profiles import icc_profile, reference_to_srgb
+from tests.test_data_stages import photo, png_bytes, tree_digest
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -78,7 +87,7 @@ def test_hostile_folder_gives_reasons_and_leaves_the_source_untouched(workdir, p
 def test_unreadable_file_is_a_rejected_item(workdir, project_params, monkeypatch):
     folder = workdir / "raw"
     folder.mkdir()
-    for index in range(3):
+    for index in range(6):
         (folder / f"{index}.png").write_bytes(png_bytes(seed=index))
     original = Path.read_bytes
 
@@ -104,3 +113,222 @@ def test_broken_manifests_are_clear_stage_errors(workdir, project_params, manife
     with pytest.raises(UserError, match=message):
         ingest.main(["--out", "data/ingested"])
     assert not (workdir / "data/ingested").exists()
+
+
+# --- The second round: real photo collections (issue 12). Every file is made from a landscape photograph. ---
+
+def encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def png_rgb48(image: Image.Image) -> bytes:
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one), each 8-bit value v stored as v * 257."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = (np.asarray(image, dtype=">u2") * 257).reshape(image.height, -1)
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", image.width, image.height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def photo_collection(root: Path) -> tuple[Path, dict, dict]:
+    """A folder as phones, cameras and file managers leave them. Returns the folder, {accepted name: stored
+    extension} and {rejected name: reason fragment}."""
+    folder = root / "raw"
+    for sub in ("sub", ".thumbnails"):
+        (folder / sub).mkdir(parents=True)
+    grey = np.asarray(photo(20).convert("L"))
+    accepted = {  # name: (bytes, the extension ingest must store it under)
+        "adobe.jpg": (encoded(photo(11), "JPEG", quality=95, icc_profile=icc_profile("adobe")), ".jpg"),
+        "p3.jpg": (encoded(photo(12), "JPEG", quality=95, icc_profile=icc_profile("p3")), ".jpg"),
+        "p3.png": (encoded(photo(13), "PNG", icc_profile=icc_profile("p3")), ".png"),
+        "split-profile.jpeg": (encoded(photo(14), "JPEG", icc_profile=icc_profile("adobe", 16384)), ".jpeg"),
+        "float.tif": (encoded(Image.fromarray((grey / 255).astype(np.float32), "F"), "TIFF"), ".tif"),
+        "deep.png": (encoded(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), ".png"),
+        "deep.tiff": (encoded(Image.fromarray(grey.astype(np.uint16) * 257), "TIFF"), ".tiff"),
+        "rgb48.png": (png_rgb48(photo(21)), ".png"),
+        "photo.avif": (encoded(photo(15), "AVIF", quality=90), ".avif"),
+        "photo.ico": (encoded(photo(16, (64, 64)), "ICO", sizes=[(64, 64)]), ".ico"),
+        "photo.ppm": (encoded(photo(17), "PPM"), ".ppm"),
+        "grey.pgm": (encoded(photo(18).convert("L"), "PPM"), ".pgm"),
+        "jpeg-named.png": (encoded(photo(19), "JPEG"), ".jpg"),  # stored under its real type
+        "sub/png-named.jpg": (png_bytes(seed=22), ".png"),
+        "sub/IMG_0001": (encoded(photo(23), "JPEG"), ".jpg"),  # no extension at all
+        "panorama.jpg": (encoded(photo(24, (240, 80)), "JPEG"), ".jpg"),  # 3:1, within ingest.max_aspect_ratio
+        "café.jpg": (encoded(photo(25), "JPEG"), ".jpg"),
+        "bom.png": (png_bytes(seed=26), ".png"),
+        "utf16.png": (png_bytes(seed=27), ".png"),
+        "utf16-nobom.png": (png_bytes(seed=28), ".png"),
+        "control.png": (png_bytes(seed=29), ".png"),
+        "empty-caption.png": (png_bytes(seed=30), ".png"),
+        "bom-only.png": (png_bytes(seed=31), ".png"),
+        "upper.png": (png_bytes(seed=32), ".png"),
+    }
+    rejected = {
+        "black.png": (encoded(Image.new("RGB", (96, 96)), "PNG"), "blank image: every pixel is (0, 0, 0)"),
+        "white.jpg": (encoded(Image.new("RGB", (96, 96), "white"), "JPEG"), "blank image"),
+        "strip.png": (encoded(photo(33, (64, 4096)), "PNG"), "aspect ratio 64.0:1 (64x4096) is beyond "
+                                                               "ingest.max_aspect_ratio=4: a square training crop "
+                                                               "would keep 1.6%"),
+        "photo.heic": (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + encoded(photo(34), "JPEG"), "HEIC/HEIF image"),
+        "bad-profile.jpg": (encoded(photo(35), "JPEG", icc_profile=b"not a profile" * 20), "unreadable ICC"),
+    }
+    hidden = {".hidden.jpg": photo(36), ".thumbnails/a.jpg": photo(37), ".thumbnails/b.png": photo(38),
+              "sub/._IMG_0001": photo(39)}
+    for name, (data, _) in {**accepted, **rejected}.items():
+        (folder / name).write_bytes(data)
+    for name, image in hidden.items():
+        (folder / name).write_bytes(encoded(image, "JPEG"))
+    (folder / "notes.md").write_text("shot on holiday\n")
+    (folder / "sub/metadata.json").write_text("{}")
+    return folder, {name: suffix for name, (_, suffix) in accepted.items()}, {n: r for n, (_, r) in rejected.items()}
+
+
+CAPTIONS = {  # sidecar name: (bytes, the caption ingest must read, "" for none)
+    "adobe.jpg.txt": (b"a ridge at dawn", "a ridge at dawn"),  # foo.jpg.txt
+    "p3.TXT": (b"a violet dusk", "a violet dusk"),  # upper-case extension
+    unicodedata.normalize("NFD", "café.txt"): ("un café au lac".encode(), "un café au lac"),  # macOS: NFD name
+    "bom.txt": (codecs.BOM_UTF8 + "misty lake".encode(), "misty lake"),
+    "utf16.txt": ("floating islands, ½ moon".encode("utf-16"), "floating islands, ½ moon"),  # Notepad: BOM + LE
+    "utf16-nobom.txt": ("emerald aurora".encode("utf-16-le"), "emerald aurora"),
+    "control.txt": (b"a\x00 lake\x07 at\tdusk\r\n\x1b[0m", "a lake at dusk [0m"),
+    "empty-caption.txt": (b" \n\t ", ""),
+    "bom-only.txt": (codecs.BOM_UTF8, ""),
+    "UPPER.caption": (b"spires in the mist", "spires in the mist"),  # <stem>.caption, any case
+}
+
+
+def test_photo_collection_decodes_or_gives_a_reason_for_every_file(workdir, project_params, capsys):
+    folder, accepted, rejected = photo_collection(workdir)
+    for name, (data, _) in CAPTIONS.items():
+        (folder / name).write_bytes(data)
+    before = tree_digest(folder)
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    ingest.main(["--out", "data/ingested"])
+    assert tree_digest(folder) == before
+    assert "5 rejected, 3 near-duplicate pair(s) reported, 4 hidden file(s) skipped, 2 non-image file(s) ignored" in \
+        capsys.readouterr().out
+    near = pd.read_csv(workdir / "data/ingested/near_duplicates.csv")  # the same grey picture three ways; no blanks
+    assert sorted(sorted(Path(a).name for a in pair) for pair in zip(near["source_a"], near["source_b"])) == [
+        ["deep.png", "deep.tiff"], ["deep.png", "float.tif"], ["deep.tiff", "float.tif"]]
+    manifest = pd.read_csv(workdir / "data/ingested/manifest.csv", keep_default_na=False).set_index("source")
+    reasons = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"]
+    assert sorted(manifest.index) == sorted(str(folder / name) for name in accepted)  # nothing hidden, nothing lost
+    assert {str(folder / name): Path(manifest.loc[str(folder / name), "path"]).suffix for name in accepted} == \
+        {str(folder / name): suffix for name, suffix in accepted.items()}
+    assert sorted(reasons.index) == sorted(str(folder / name) for name in rejected)
+    for name, reason in rejected.items():
+        assert reason in reasons[str(folder / name)], (name, reasons[str(folder / name)])
+    captions = {Path(source).name: caption for source, caption in manifest["source_caption"].items()}
+    image_of = {"adobe.jpg.txt": "adobe.jpg", "p3.TXT": "p3.jpg", "UPPER.caption": "upper.png"}
+    for sidecar, (_, expected) in CAPTIONS.items():
+        image = image_of.get(sidecar) or unicodedata.normalize("NFC", sidecar).replace(".txt", ".png")
+        image = image if image in captions else image.replace(".png", ".jpg")
+        assert captions[image] == expected, (sidecar, captions[image])
+    stored = {name: workdir / manifest.loc[str(folder / name), "path"] for name in accepted}
+    grey = np.asarray(photo(20).convert("L"))
+    for name in ("float.tif", "deep.png", "deep.tiff"):  # [0, 1] floats and 16-bit values back to the 8-bit picture
+        assert np.abs(np.asarray(open_rgb(stored[name]))[..., 0].astype(int) - grey).max() <= 1, name
+    assert np.abs(np.asarray(open_rgb(stored["rgb48.png"])).astype(int) - np.asarray(photo(21))).max() <= 1
+
+
+def test_a_caption_that_is_missing_says_which_names_were_looked_for(workdir, project_params):
+    folder = workdir / "raw"
+    folder.mkdir()
+    for index, name in enumerate(["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]):
+        (folder / name).write_bytes(png_bytes(seed=index))
+        if name not in ("a.png", "b.png"):
+            (folder / name.replace(".png", ".txt")).write_text("a caption")
+    (folder / "a.txt").write_bytes(codecs.BOM_UTF8)  # only a byte-order mark: no caption
+    write_params(workdir, {**project_params, "caption": {**project_params["caption"], "method": "keep"},
+                           "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    ingest.main(["--out", "data/ingested"])
+    with pytest.raises(UserError, match=r"2 image\(s\) have no caption.*looked for a\.png\.txt, a\.txt, a\.caption"):
+        caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
+
+
+@pytest.mark.parametrize("space, table_size, fmt", [("adobe", 0, "JPEG"), ("p3", 0, "JPEG"), ("p3", 0, "PNG"),
+                                                    ("adobe", 16384, "JPEG")])
+def test_icc_profiles_are_converted_to_srgb_as_the_reference_conversion(space, table_size, fmt):
+    profile = icc_profile(space, table_size)
+    data = encoded(photo(40, (128, 128)), fmt, quality=95, icc_profile=profile)
+    if table_size:
+        assert data.count(b"ICC_PROFILE\0") >= 2  # the profile is split over several APP2 segments
+    with Image.open(io.BytesIO(data)) as image:
+        stored_pixels = np.asarray(image.convert("RGB"))  # the values as encoded in the profile's space
+    reference = reference_to_srgb(stored_pixels, space)
+    converted = np.asarray(open_rgb(data)).astype(np.float64)
+    assert np.abs(converted - reference).mean() < 0.5 and np.abs(converted - reference).max() < 1.5
+    assert np.abs(stored_pixels - reference).mean() > 2.0  # negative control: ignoring the profile is visibly off
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"path": "a.png"}', '{"caption": "no path"}'], "line 2: no 'path'"),
+    (['{"path": "a.png"}', '["a.png", "a caption"]'], "line 2: each line must be a JSON object"),
+    (['"a.png"'], "line 1: each line must be a JSON object .* got a str"),
+    (['{"path": "a.png"}', "", '{"path": "b.png",'], "line 3: cannot parse manifest: not valid JSON"),
+    (['{"path": null}'], "line 1: no 'path'"),
+])
+def test_malformed_jsonl_rows_are_clean_errors_naming_the_line(workdir, project_params, lines, message):
+    (workdir / "a.png").write_bytes(png_bytes())
+    (workdir / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": "manifest.jsonl"}})
+    with pytest.raises(UserError, match=message):
+        ingest.main(["--out", "data/ingested"])
+    assert not (workdir / "data/ingested").exists()
+
+
+def test_manifests_with_a_bom_are_read_and_local_sha256_is_checked(workdir, project_params):
+    images = {f"{index}.png": png_bytes(seed=index) for index in range(6)}
+    for name, data in images.items():
+        (workdir / name).write_bytes(data)
+    digest = {name: hashlib.sha256(data).hexdigest() for name, data in images.items()}
+    rows = [{"path": "0.png", "sha256": digest["0.png"], "caption": "right"},
+            {"path": "1.png", "sha256": digest["1.png"].upper(), "caption": "upper-case hex"},
+            {"path": "2.png", "sha256": digest["3.png"], "caption": "wrong"},
+            {"path": "3.png", "caption": "no checksum"}, {"path": "4.png", "caption": "no checksum"},
+            {"path": "5.png", "caption": "no checksum"}]
+    for manifest in ("manifest.csv", "manifest.jsonl"):
+        text = (pd.DataFrame(rows).to_csv(index=False) if manifest.endswith(".csv")
+                else "".join(json.dumps(row) + "\n" for row in rows))
+        (workdir / manifest).write_bytes(codecs.BOM_UTF8 + text.encode())
+        write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": manifest, "min_size": 32}})
+        ingest.main(["--out", "data/ingested"])
+        accepted = pd.read_csv(workdir / "data/ingested/manifest.csv")["source_caption"]
+        rejected = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"]
+        assert sorted(accepted) == ["no checksum"] * 3 + ["right", "upper-case hex"], manifest
+        assert "sha256 differs from the manifest's sha256 column" in rejected["2.png"]
+
+
+def test_a_folder_without_images_says_what_it_found_not_rejected_files(workdir, project_params):
+    folder = workdir / "raw"
+    (folder / ".thumbnails").mkdir(parents=True)
+    (folder / ".thumbnails/a.jpg").write_bytes(encoded(photo(1), "JPEG"))
+    (folder / "README.md").write_text("put images here")
+    params = IngestParams(**{**project_params["ingest"], "source": str(folder)})
+    with pytest.raises(UserError) as error:  # the library call: ingest's preflight stops the stage before this
+        ingest.ingest(params, workdir / "data/ingested")
+    assert "no image files found (1 hidden file(s) skipped, 1 non-image file(s) ignored (README.md))" in str(error.value)
+    assert "rejected" not in str(error.value)
+
+
+def test_disk_full_mid_write_is_a_clear_error_and_the_previous_output_stays(workdir, project_params, monkeypatch):
+    ingest.main(["--out", "data/ingested"])  # builtin:procedural, the previous complete output
+    before = tree_digest(workdir / "data/ingested")
+    original, writes = Path.write_bytes, []
+
+    def write_bytes(path, data):
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(UserError, match=r"disk full while writing data/ingested \(No space left on device\): free "
+                                        r"space on the disk holding /.*/data .* the previous data/ingested is unchanged"):
+        ingest.main(["--out", "data/ingested"])
+    assert tree_digest(workdir / "data/ingested") == before
+    assert sorted(path.name for path in (workdir / "data").iterdir()) == ["ingested"]  # no staging folder left

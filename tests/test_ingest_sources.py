@@ -100,18 +100,19 @@ def test_stored_names_come_from_the_content_hash_whatever_the_url(workdir, proje
     stored name too long to write and stopped the whole ingest."""
     rows = [{"path": f"{server}/long.png?v={'a' * 300}", "caption": "long"},
             {"path": f"{server}/..%2F..%2Fescape", "caption": "no suffix"}]
+    rows += [{"path": f"{server}/filler-{index}.png", "caption": "enough images for the preflight"} for index in range(4)]
     manifest, rejected = ingest_manifest(workdir, project_params, rows)
-    assert not rejected and len(manifest) == 2
-    assert [Path(path).parent.as_posix() for path in manifest["path"]] == ["data/ingested/images"] * 2
+    assert not rejected and len(manifest) == 6
+    assert [Path(path).parent.as_posix() for path in manifest["path"]] == ["data/ingested/images"] * 6
     assert all(re.fullmatch(r"[0-9a-f]{16}\.png", Path(path).name) for path in manifest["path"])
     assert sorted(path.name for path in (workdir / ".lanskap-cache/downloads").iterdir()) == sorted(
         hashlib.sha256(row["path"].encode()).hexdigest() for row in rows)
 
 
 def test_downloads_resume_from_the_cache(workdir, project_params, server):
-    rows = [{"path": f"{server}/cached-{i}.png", "caption": "x"} for i in range(3)]
+    rows = [{"path": f"{server}/cached-{i}.png", "caption": "x"} for i in range(6)]
     ingest_manifest(workdir, project_params, rows)
-    hits_after_first = {path: HITS[path] for path in (f"/cached-{i}.png" for i in range(3))}
+    hits_after_first = {path: HITS[path] for path in (f"/cached-{i}.png" for i in range(6))}
     ingest_manifest(workdir, project_params, rows)
     assert {path: HITS[path] for path in hits_after_first} == hits_after_first
 
@@ -162,9 +163,10 @@ def test_near_duplicates_are_reported_not_rejected(workdir, project_params):
     image, _ = generate_item(0, 128, 0)
     (folder / "a.png").write_bytes(image_bytes(image, "PNG"))
     (folder / "b.jpg").write_bytes(image_bytes(image.resize((120, 120)), "JPEG", quality=85))
-    (folder / "c.png").write_bytes(image_bytes(generate_item(1, 128, 0)[0], "PNG"))
+    for index in range(1, 5):  # other pictures
+        (folder / f"c{index}.png").write_bytes(image_bytes(generate_item(index, 128, 0)[0], "PNG"))
     write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
     ingest.main(["--out", "data/ingested"])
     near = pd.read_csv(workdir / "data/ingested/near_duplicates.csv")
-    assert len(pd.read_csv(workdir / "data/ingested/manifest.csv")) == 3
+    assert len(pd.read_csv(workdir / "data/ingested/manifest.csv")) == 6
     assert [(a.rsplit("/", 1)[1], b.rsplit("/", 1)[1]) for a, b in zip(near["source_a"], near["source_b"])] == [("a.png", "b.jpg")]
