@@ -1,0 +1,109 @@
+"""The built-in models: the builder runs and is reproducible (a miniature build, in seconds), a missing weight is a
+clear error, and the shipped stand-ins learnt what evaluate relies on (on procedural pairs none of them saw)."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lanskap import builtin
+from lanskap.builtin.build import main as build_main
+from lanskap.builtin.clip import retrieval_accuracy
+from lanskap.builtin.worlds import render_world
+from lanskap.errors import UserError
+from lanskap.features import BUILTIN_TINY_CLIP, BUILTIN_TINY_INCEPTION, load_clip, load_inception
+from lanskap.metrics import frechet_distance
+from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
+
+FRESH_SEED = 4242  # neither the builder's training (TRAIN_SEED) nor its held-out seed, nor the demo's (0)
+
+
+@pytest.fixture(scope="module")
+def miniature_builds(tmp_path_factory) -> list[Path]:
+    """Two miniature builds from scratch, each with its own work folder."""
+    outs = []
+    for attempt in range(2):
+        root = tmp_path_factory.mktemp(f"build{attempt}")
+        build_main(["--miniature", "--out", str(root / "out"), "--work", str(root / "work")])
+        outs.append(root / "out")
+    return outs
+
+
+def weight_files(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_miniature_build_writes_every_model_with_its_card(miniature_builds):
+    out = miniature_builds[0]
+    for name in builtin.BUILTIN_FOLDERS.values():
+        card = (out / name / "README.md").read_text()
+        for section in ("## Data", "## Training", "## Results", "build time", "commit", "builder sources sha256"):
+            assert section in card, (name, section)
+        assert (out / name / "training_log.tsv").is_file() and (out / name / "loss.png").is_file()
+        assert weight_files(out / name)
+    assert (out / "tiny-sd2" / "samples.png").is_file()
+
+
+def test_same_builder_same_weights(miniature_builds):
+    first, second = miniature_builds
+    for name in builtin.BUILTIN_FOLDERS.values():
+        assert weight_files(first / name) == weight_files(second / name), name
+
+
+def test_built_folders_load_through_the_real_loaders(miniature_builds):
+    out = miniature_builds[0]
+    assert resolve_base_model(str(out / "tiny-sd2"), None).path == out / "tiny-sd2"
+    clip = load_clip(str(out / "tiny-clip"), None, device="cpu")
+    assert clip.text_embeddings(["a fantasy landscape"]).shape == (1, 32)
+
+
+def test_missing_builtin_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "builtin_assets", lambda: tmp_path)
+    for spec, load in ((BUILTIN_TINY_SD2, lambda: resolve_base_model(BUILTIN_TINY_SD2, None)),
+                       (BUILTIN_TINY_CLIP, lambda: load_clip(BUILTIN_TINY_CLIP, None, device="cpu")),
+                       (BUILTIN_TINY_INCEPTION, lambda: load_inception(BUILTIN_TINY_INCEPTION, device="cpu"))):
+        with pytest.raises(UserError, match="make builtins") as error:
+            load()
+        assert spec in str(error.value)
+
+
+def test_builtin_revision_is_the_digest_of_the_shipped_weights():
+    resolved = resolve_base_model(BUILTIN_TINY_SD2, None)
+    assert resolved.path == builtin.builtin_assets() / "tiny-sd2"
+    assert resolved.revision and len(resolved.revision) == 16
+
+
+# ------------------------------------------------------------- what the shipped stand-ins learnt
+
+
+@pytest.fixture(scope="module")
+def fresh_pairs(tmp_path_factory):
+    """Procedural image files and captions of both worlds that no built-in model was trained or checked on."""
+    folder = tmp_path_factory.mktemp("fresh")
+    paths, captions = {}, {}
+    for world in ("base", "fantasy"):
+        images = render_world(world, 40, FRESH_SEED, render_size=128, resolution=64)
+        paths[world] = []
+        for index, pixels in enumerate(images.pixels):
+            path = folder / f"{world}-{index:02d}.png"
+            Image.fromarray(pixels).save(path)
+            paths[world].append(path)
+        captions[world] = images.captions
+    return paths, captions
+
+
+def test_tiny_clip_retrieves_captions_far_above_chance(fresh_pairs):
+    paths, captions = fresh_pairs
+    clip = load_clip(BUILTIN_TINY_CLIP, None, device="cpu")
+    all_paths, all_captions = paths["base"] + paths["fantasy"], captions["base"] + captions["fantasy"]
+    scores = retrieval_accuracy(clip.image_embeddings(all_paths), clip.text_embeddings(all_captions), all_captions)
+    assert scores["image_to_caption_top1"] > 5 * scores["chance"], scores
+
+
+def test_tiny_inception_features_tell_the_worlds_apart(fresh_pairs):
+    paths, _ = fresh_pairs
+    inception = load_inception(BUILTIN_TINY_INCEPTION, device="cpu")
+    base, fantasy = inception.features(paths["base"]), inception.features(paths["fantasy"])
+    within = frechet_distance(fantasy[:20], fantasy[20:])
+    between = frechet_distance(base[:20], fantasy[20:])
+    assert between > 3 * within, (between, within)
