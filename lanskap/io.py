@@ -3,8 +3,8 @@
 DVC records whatever a stage leaves behind, so a stage must never leave a half-written output: every
 file and folder is written under a temporary name beside its target and renamed into place only when
 complete (rename is atomic within one filesystem). A process killed mid-write (kill -9, power loss) leaves
-its temporary name behind, never a partial output; a folder's temporary names carry the writer's pid, and the
-next write of the same folder removes those whose process is gone.
+its temporary name behind, never a partial output; temporary names carry the writer's pid, and the
+next write of the same file or folder removes those whose process is gone.
 """
 
 import contextlib
@@ -42,12 +42,16 @@ def temporary_prefix(target: Path, kind: str) -> str:
 
 
 def remove_stale_temporaries(target: Path) -> None:
-    """Remove the staging and trash folders beside `target` left by writers that no longer run (killed mid-write)."""
+    """Remove the staging files and folders and trash folders beside `target` left by writers that no longer run
+    (killed mid-write)."""
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-")
     for path in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
         match = pattern.match(path.name)
         if match and int(match.group(2)) != os.getpid() and not process_exists(int(match.group(2))):
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -92,7 +96,8 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is renamed onto `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=target.parent)
+    remove_stale_temporaries(target)
+    handle, staging = tempfile.mkstemp(prefix=temporary_prefix(target, "tmp"), suffix=target.suffix, dir=target.parent)
     os.close(handle)
     staging = Path(staging)
     try:

@@ -13,6 +13,10 @@ a fixed seed (KILL_SEED; set $LANSKAP_KILL_SEED to explore others; the points dr
   run that resumes from the complete step-4 checkpoint, never the half-written one, and ends with the LoRA (tensors
   and metadata) and loss log of an uninterrupted run.
 - generate, mid-run (`dvc repro`): after k of the base and LoRA images are written.
+- caption, split, preprocess (`dvc repro`): each with its output complete under its staging name, just before the
+  rename that publishes it; preprocess also after k of its images are written.
+- dvc itself, in its commit step (after the first output went into its cache) and just before it writes dvc.lock.
+- Ctrl-C (SIGINT to dvc and the stage) in train_lora's loop: the git-tracked log and the LoRA stay as they were.
 
 After each kill, dvc.lock is untouched and each output is absent or the previous complete version; after the
 rerun, the outputs equal the reference and `dvc status` is clean. The reference is the same project's
@@ -50,7 +54,8 @@ KILL_SEED = int(os.environ.get("LANSKAP_KILL_SEED", "0"))
 EXTRA_OVERRIDES = {"train": {"steps": 12, "checkpoint_every": 4, "images_every": 0},
                    "generate": {"batch_size": 1}}  # keys this checkout lacks are skipped
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+# LANSKAP_PYTHON: the copies have no .venv of their own for stages/python to find
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LANSKAP_PYTHON": sys.executable}
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
@@ -339,7 +344,7 @@ def test_dvc_repro_killed_mid_step_and_mid_checkpoint_write_resumes_to_the_same_
     # 1. Mid-step, before the first checkpoint (step 4): a random moment in the first steps of the loop.
     delay = draw("train_lora seconds into the loop", [0.0, 0.01, 0.02, 0.05])
     Run(repo, *force).kill_when(lambda run: "/12 [" in run.output, "the training loop", delay)
-    assert checkpoints(repo, "*") == [] and not (repo / "models/lora").exists()
+    assert checkpoints(repo, "*") == [] and tree_digest(repo / "models/lora") == reference  # persist: kept
     assert (repo / "dvc.lock").read_text() == lock
 
     # 2. Mid-write of the step-8 checkpoint, after one of its files; step 4 is complete by then.
@@ -352,7 +357,7 @@ def test_dvc_repro_killed_mid_step_and_mid_checkpoint_write_resumes_to_the_same_
                                                      "the step-8 checkpoint write")
     assert "resuming from" not in second.output  # run 1 left nothing to resume from
     assert checkpoints(repo) == ["step-00000004"] and checkpoints(repo, ".step-00000008.tmp-*")
-    assert not (repo / "models/lora").exists()
+    assert tree_digest(repo / "models/lora") == reference
     assert (repo / "dvc.lock").read_text() == lock
 
     # 3. The next repro resumes from step 4, not from the half-written step 8, and trains to the same LoRA.
@@ -397,3 +402,123 @@ def test_remove_dir_renames_a_folder_away_before_deleting_it(tmp_path, monkeypat
     monkeypatch.setattr(lanskap.io.shutil, "rmtree", observing_rmtree)
     remove_dir(target)
     assert name_present_while_deleting == [False] and list(tmp_path.iterdir()) == []
+
+
+# Injected through PYTHONPATH into the stage (`-m stages.*`) or into dvc itself: pause, say so, and hang - until killed.
+#  LANSKAP_PAUSE_BEFORE_RENAME=PATH  the stage, once its output PATH is complete under its staging name, before the
+#                                    rename that publishes it (the last moment a kill can catch)
+#  LANSKAP_PAUSE_DVC=commit          dvc, after it copied the stage's first output into its cache, holding its lock
+#  LANSKAP_PAUSE_DVC=lock            dvc, with every output committed, just before it writes dvc.lock
+SECOND_HOOK = """
+import os, sys, time
+
+def pause(what):
+    print("PAUSED", what, flush=True)
+    time.sleep(3600)
+
+rename_target = os.environ.get("LANSKAP_PAUSE_BEFORE_RENAME")
+if rename_target and sys.orig_argv[1:2] == ["-m"]:
+    real_replace = os.replace
+
+    def replace(source, destination, *args, **kwargs):
+        if os.path.abspath(destination) == os.path.abspath(rename_target):
+            pause("before renaming onto " + rename_target)
+        return real_replace(source, destination, *args, **kwargs)
+
+    os.replace = replace
+dvc_point = os.environ.get("LANSKAP_PAUSE_DVC")
+if dvc_point and len(sys.orig_argv) > 1 and os.path.basename(sys.orig_argv[1]) == "dvc":
+    if dvc_point == "commit":
+        from dvc.output import Output
+        real_commit = Output.commit
+
+        def commit(self, *args, **kwargs):
+            result = real_commit(self, *args, **kwargs)
+            pause("in dvc's commit after " + str(self))
+            return result
+
+        Output.commit = commit
+    else:
+        from dvc.dvcfile import Lockfile
+        real_dump = Lockfile.dump_stages
+
+        def dump_stages(self, *args, **kwargs):
+            pause("in dvc before writing dvc.lock")
+            return real_dump(self, *args, **kwargs)
+
+        Lockfile.dump_stages = dump_stages
+"""
+DATA_OUTPUTS = {"caption": ["data/captions.csv"], "split": ["data/split"],
+                "preprocess": ["data/processed", "reports/preprocess"]}
+
+
+def hooked_env(tmp_path: Path, **variables: str) -> dict:
+    (tmp_path / "hook").mkdir(exist_ok=True)
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SECOND_HOOK)
+    return {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), ENV.get("PYTHONPATH")])),
+            **variables}
+
+
+def rerun_gives_the_reference(repo: Path, stage: str, lock: str, reference: dict) -> None:
+    """The next plain `dvc repro` completes with the uninterrupted outputs, dvc.lock as before, `dvc status` clean."""
+    run(repo, "dvc", "repro", stage)
+    assert digests(repo, *reference) == reference
+    assert (repo / "dvc.lock").read_text() == lock and "up to date" in dvc_status(repo, stage)
+    assert all(temporaries(repo, output) == [] for output in reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["caption", "split", "preprocess"])
+def test_dvc_repro_killed_before_a_data_stage_publishes_its_output(repo, tmp_path, stage):
+    output = DATA_OUTPUTS[stage][0]
+    lock, reference = (repo / "dvc.lock").read_text(), digests(repo, *DATA_OUTPUTS[stage])
+    evict(repo, stage)
+    env = hooked_env(tmp_path, LANSKAP_PAUSE_BEFORE_RENAME=str(repo / output))
+    Run(repo, "dvc", "repro", "--force", "--single-item", stage, env=env).kill_when(
+        lambda run: "PAUSED before renaming" in run.output, f"{stage} before publishing {output}")
+    assert_nothing_recorded(repo, lock, reference)
+    rerun_gives_the_reference(repo, stage, lock, reference)
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_mid_preprocess_writes_the_same_output_next_time(repo):
+    lock, reference = (repo / "dvc.lock").read_text(), digests(repo, *DATA_OUTPUTS["preprocess"])
+    images = len([name for name in reference["data/processed"] if name.endswith(".png")])
+    written = draw("preprocess images written", range(1, images - 3))
+    evict(repo, "preprocess")
+    Run(repo, "dvc", "repro", "--force", "--single-item", "preprocess").kill_when(
+        lambda _: len(staged_files(repo, "data/processed", "**/*.png")) >= written, f"{written} images preprocessed")
+    assert_nothing_recorded(repo, lock, reference)
+    rerun_gives_the_reference(repo, "preprocess", lock, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["commit", "lock"])
+def test_dvc_killed_in_its_own_commit_and_lock_step_recovers_on_the_next_repro(repo, tmp_path, point):
+    lock, reference = (repo / "dvc.lock").read_text(), digests(repo, *DATA_OUTPUTS["split"])
+    evict(repo, "split")
+    Run(repo, "dvc", "repro", "--force", "--single-item", "split", env=hooked_env(tmp_path, LANSKAP_PAUSE_DVC=point)
+        ).kill_when(lambda run: "PAUSED in dvc" in run.output, f"dvc's {point} step")
+    assert (repo / "dvc.lock").read_text() == lock  # killed before it wrote the lock
+    rerun_gives_the_reference(repo, "split", lock, reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_train_lora_leaves_the_tracked_outputs_as_they_were_and_says_so(repo):
+    """The user's Ctrl-C reaches dvc and the stage (the terminal's whole process group): git stays clean."""
+    lock, before = (repo / "dvc.lock").read_text(), digests(repo, "models/lora", "dvclive/train")
+    evict(repo, "train_lora")
+    interrupted = Run(repo, "dvc", "repro", "--force", "--single-item", "train_lora")
+    deadline = time.monotonic() + 300
+    while "/12 [" not in interrupted.output:  # in the training loop
+        assert interrupted.process.poll() is None and time.monotonic() < deadline, interrupted.output[-3000:]
+        time.sleep(0.01)
+    os.killpg(interrupted.process.pid, signal.SIGINT)
+    interrupted.process.wait(120)
+    interrupted.reader.join()
+    assert interrupted.process.returncode != 0
+    assert "models/lora and dvclive/train are as they were before this run" in interrupted.output
+    assert "interrupted: no output was written" in interrupted.output
+    assert digests(repo, "models/lora", "dvclive/train") == before and (repo / "dvc.lock").read_text() == lock
+    assert run(repo, "git", "status", "--porcelain") == ""  # the git-tracked log and metrics untouched
+    shutil.rmtree(repo / ".lanskap-cache/checkpoints", ignore_errors=True)
