@@ -180,7 +180,8 @@ def data_card_section(text: str, source: str) -> str:
 
 
 def extractor_line(role: str, name: str) -> str:
-    flag = " **stand-in with random weights: the numbers carry no meaning**" if name.startswith(STAND_IN_PREFIX) else ""
+    flag = (" (stand-in trained on procedural images, see its card in lanskap/assets/builtin/: the numbers compare "
+            "runs of this demo, not real-world CMMD or FID)") if name.startswith(STAND_IN_PREFIX) else ""
     return f"- {role}: `{name}`{flag}"
 
 

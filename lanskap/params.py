@@ -164,7 +164,6 @@ class EvaluateParams(Group):
     clip_revision: str | None = None
     inception_weights: str = "builtin:tiny-inception"  # or a path to inception-2015-12-05.pt
     kid_subsets: int = Field(100, ge=1)
-    resamples: int = Field(200, ge=10)
     permutations: int = Field(200, ge=10)
     seed: int = 0
 

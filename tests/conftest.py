@@ -17,7 +17,7 @@ TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays a
     "preprocess": {"resolution": 32, "preview_samples": 2},
     "train": {"steps": 4, "batch_size": 2, "validation_every": 2},
     "generate": {"steps": 2, "batch_size": 4},
-    "evaluate": {"kid_subsets": 10, "resamples": 20, "permutations": 20},
+    "evaluate": {"kid_subsets": 10, "permutations": 20},
 }
 
 

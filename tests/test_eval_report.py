@@ -47,7 +47,7 @@ def provenance(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(provenance) -> ReportInputs:
-    return ReportInputs(clip_name="builtin:tiny-clip (random weights)",
+    return ReportInputs(clip_name="builtin:tiny-clip@0123456789abcdef",
                         inception_name="clean-fid inception-2015-12-05.pt (/w/inception-2015-12-05.pt)",
                         loss_curve="loss.png", comparison_grid="../generate/comparison.png",
                         data_card="../preprocess/data_card.md", data_card_text=DATA_CARD, provenance=provenance)
@@ -66,7 +66,7 @@ def metrics() -> dict[str, float]:
     clip = {name: unit_rows(n_test) for name in ("test", "base", "lora", "text")}
     inception = {name: rng.normal(size=(n_test, dim)) for name in ("test", "base", "lora")}
     features = Features(clip, inception, np.arange(n_test))
-    params = EvaluateParams(kid_subsets=5, resamples=10, permutations=10)
+    params = EvaluateParams(kid_subsets=5, permutations=10)
     results = {**set_comparisons(features, params), **lora_minus_base(features, params)}
     return {key: float(value) for key, value in results.items()}
 
@@ -243,7 +243,7 @@ def test_evaluate_stage_writes_table_loss_curve_and_reports(metrics, tmp_path, m
     args.data_card.parent.mkdir(parents=True)
     args.data_card.write_text(DATA_CARD)
     write_model_card(tmp_path)
-    write_reports(metrics, ("builtin:tiny-clip (random weights)", "builtin:tiny-inception (random weights)"), args,
+    write_reports(metrics, ("builtin:tiny-clip@0123456789abcdef", "builtin:tiny-inception@0123456789abcdef"), args,
                   read_report_sources(args))
     written = sorted(path.name for path in args.reports.iterdir())
     assert written == ["base_vs_lora.csv", "loss.png", "report.html", "report.md"]
