@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lanskap.determinism import PINNED, SWITCH  # noqa: E402
-from tests.conftest import copy_project, shrink  # noqa: E402
+from tests.conftest import DATA_STAGE_COMMANDS, copy_project, shrink  # noqa: E402
 
 SETTINGS = {"pinned": {}, "native": {SWITCH: "native"}}
 
@@ -42,11 +42,8 @@ def prepare(workdir: Path, steps: int, resolution: int) -> Path:
     params["preprocess"]["resolution"] = resolution
     params["train"].update(steps=steps, validation_every=steps, batch_size=4)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    stage(project, {}, "stages.ingest", "--out", "data/ingested")
-    stage(project, {}, "stages.caption", "--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv")
-    stage(project, {}, "stages.split", "--captions", "data/captions.csv", "--out", "data/split")
-    stage(project, {}, "stages.preprocess", "--split", "data/split", "--ingested", "data/ingested",
-          "--out", "data/processed", "--reports", "reports/preprocess")
+    for command in DATA_STAGE_COMMANDS:
+        stage(project, {}, *command)
     return project
 
 

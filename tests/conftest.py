@@ -20,6 +20,15 @@ TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays a
     "evaluate": {"kid_subsets": 10, "permutations": 20},
 }
 
+# `python -m` arguments of the stages before training, with dvc.yaml's paths
+DATA_STAGE_COMMANDS = [
+    ("stages.ingest", "--out", "data/ingested"),
+    ("stages.caption", "--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"),
+    ("stages.split", "--captions", "data/captions.csv", "--out", "data/split"),
+    ("stages.preprocess", "--split", "data/split", "--ingested", "data/ingested", "--out", "data/processed",
+     "--reports", "reports/preprocess"),
+]
+
 
 def shrink(params: dict) -> dict:
     shrunk = {group: dict(values) for group, values in params.items() if isinstance(values, dict)}

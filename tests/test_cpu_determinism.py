@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from lanskap.determinism import PINNED, SWITCH, cpu_flags, pinned_settings
-from tests.conftest import ROOT, copy_project, shrink, write_params
+from tests.conftest import DATA_STAGE_COMMANDS, ROOT, copy_project, shrink, write_params
 
 OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE",
                  "OMP_NUM_THREADS": "2"}
@@ -55,11 +55,8 @@ def lora_and_images_digest(project: Path, env: dict, name: str) -> str:
 def project(tmp_path_factory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("cpu-math") / "project")
     write_params(project, shrink(yaml.safe_load((ROOT / "params.yaml").read_text())))
-    stage(project, {}, "stages.ingest", "--out", "data/ingested")
-    stage(project, {}, "stages.caption", "--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv")
-    stage(project, {}, "stages.split", "--captions", "data/captions.csv", "--out", "data/split")
-    stage(project, {}, "stages.preprocess", "--split", "data/split", "--ingested", "data/ingested",
-          "--out", "data/processed", "--reports", "reports/preprocess")
+    for command in DATA_STAGE_COMMANDS:
+        stage(project, {}, *command)
     return project
 
 
