@@ -34,6 +34,7 @@ from PIL import Image
 from lanskap.console import progress
 from lanskap.errors import UserError
 from lanskap.builtin import builtin_folder
+from lanskap.model_folders import check_model_folder
 from lanskap.models import fetch_hub_snapshot, require_safetensors, weights_digest
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"
@@ -136,6 +137,7 @@ def resolve_clip_folder(spec: str, revision: str | None) -> tuple[Path, str]:
                             f"the built-in model is {BUILTIN_TINY_CLIP!r}")
         folder = builtin_folder(spec, "evaluate.clip_model")
         return folder, f"{spec}@{weights_digest(folder)}"
+    check_model_folder(spec, "evaluate.clip_model")
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

@@ -56,8 +56,10 @@ def remove_stale_temporaries(target: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces `target`, on error it is removed."""
+    """Yield an empty temporary folder; on success it replaces `target`, on error it is removed, and so is the
+    parent folder if this call created it: a failed run leaves the tree as it found it."""
     target = Path(target)
+    created_parent = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
     staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "tmp"), dir=target.parent))
@@ -66,6 +68,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created_parent and not any(target.parent.iterdir()):
+            target.parent.rmdir()
         raise
     if target.exists():
         trash = move_aside(target)

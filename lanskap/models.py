@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lanskap.builtin import builtin_folder
 from lanskap.errors import UserError
+from lanskap.model_folders import check_model_folder
 
 BUILTIN_TINY_SD2 = "builtin:tiny-sd2"
 # Files a diffusers StableDiffusionPipeline folder needs; other weight formats in a hub repo are skipped.
@@ -71,6 +72,7 @@ def resolve_base_model(base: str, revision: str | None) -> ResolvedModel:
             raise UserError(f"model.base: unknown built-in {base!r}; the built-in model is {BUILTIN_TINY_SD2!r}")
         folder = builtin_folder(base, "model.base")
         return ResolvedModel(folder, base, weights_digest(folder))
+    check_model_folder(base, "model.base")
     local = Path(base).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
