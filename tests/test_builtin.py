@@ -9,6 +9,7 @@ from PIL import Image
 from lanskap import builtin
 from lanskap.builtin.build import main as build_main
 from lanskap.builtin.clip import retrieval_accuracy
+from lanskap.builtin.config import FULL
 from lanskap.builtin.worlds import render_world
 from lanskap.errors import UserError
 from lanskap.features import BUILTIN_TINY_CLIP, BUILTIN_TINY_INCEPTION, load_clip, load_inception
@@ -82,7 +83,7 @@ def fresh_pairs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fresh")
     paths, captions = {}, {}
     for world in ("base", "fantasy"):
-        images = render_world(world, 40, FRESH_SEED, render_size=128, resolution=64)
+        images = render_world(world, 40, FRESH_SEED, FULL.render_size, FULL.resolution)
         paths[world] = []
         for index, pixels in enumerate(images.pixels):
             path = folder / f"{world}-{index:02d}.png"
