@@ -298,6 +298,14 @@ def test_dvc_repro_killed_mid_ingest_writes_the_same_output_next_time(repo):
     assert (repo / "dvc.lock").read_text() == lock and "up to date" in dvc_status(repo, "preprocess")
 
 
+def paused_in_checkpoint(tmp_path: Path, file_name: str, checkpoint: str) -> dict:
+    """ENV for a train_lora that pauses (sleeps) right after writing `file_name` of `checkpoint` (PAUSE_HOOK)."""
+    (tmp_path / "hook").mkdir(exist_ok=True)
+    (tmp_path / "hook" / "sitecustomize.py").write_text(PAUSE_HOOK)
+    return {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), ENV.get("PYTHONPATH")])),
+            "LANSKAP_PAUSE_AFTER": file_name, "LANSKAP_PAUSE_CHECKPOINT": checkpoint}
+
+
 # Injected into `python -m stages.train_lora` through PYTHONPATH: once the checkpoint file named by
 # $LANSKAP_PAUSE_AFTER has been written into the staging folder of $LANSKAP_PAUSE_CHECKPOINT, say so and hang.
 PAUSE_HOOK = '''
@@ -349,11 +357,7 @@ def test_dvc_repro_killed_mid_step_and_mid_checkpoint_write_resumes_to_the_same_
 
     # 2. Mid-write of the step-8 checkpoint, after one of its files; step 4 is complete by then.
     written = draw("checkpoint file written", ["lora.safetensors", "optimizer.pt", "state.json"])
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(PAUSE_HOOK)
-    hooked = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), ENV.get("PYTHONPATH")])),
-              "LANSKAP_PAUSE_AFTER": written, "LANSKAP_PAUSE_CHECKPOINT": "step-00000008"}
-    second = Run(repo, *force, env=hooked).kill_when(lambda run: "PAUSED IN CHECKPOINT WRITE" in run.output,
+    second = Run(repo, *force, env=paused_in_checkpoint(tmp_path, written, "step-00000008")).kill_when(lambda run: "PAUSED IN CHECKPOINT WRITE" in run.output,
                                                      "the step-8 checkpoint write")
     assert "resuming from" not in second.output  # run 1 left nothing to resume from
     assert checkpoints(repo) == ["step-00000004"] and checkpoints(repo, ".step-00000008.tmp-*")
@@ -504,13 +508,17 @@ def test_dvc_killed_in_its_own_commit_and_lock_step_recovers_on_the_next_repro(r
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_train_lora_leaves_the_tracked_outputs_as_they_were_and_says_so(repo):
+def test_ctrl_c_in_train_lora_leaves_the_tracked_outputs_as_they_were_and_says_so(repo, tmp_path):
     """The user's Ctrl-C reaches dvc and the stage (the terminal's whole process group): git stays clean."""
+    run(repo, *GIT, "add", "-A")  # what earlier tests left is the baseline
+    run(repo, *GIT, "commit", "-qm", "before the Ctrl-C", "--allow-empty")
     lock, before = (repo / "dvc.lock").read_text(), digests(repo, "models/lora", "dvclive/train")
     evict(repo, "train_lora")
-    interrupted = Run(repo, "dvc", "repro", "--force", "--single-item", "train_lora")
+    # Held mid-training (in the step-4 checkpoint write), so that the Ctrl-C cannot come after a fast loop ended.
+    interrupted = Run(repo, "dvc", "repro", "--force", "--single-item", "train_lora",
+                      env=paused_in_checkpoint(tmp_path, "lora.safetensors", "step-00000004"))
     deadline = time.monotonic() + 300
-    while "/12 [" not in interrupted.output:  # in the training loop
+    while "PAUSED IN CHECKPOINT WRITE" not in interrupted.output:
         assert interrupted.process.poll() is None and time.monotonic() < deadline, interrupted.output[-3000:]
         time.sleep(0.01)
     os.killpg(interrupted.process.pid, signal.SIGINT)
