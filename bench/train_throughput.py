@@ -25,7 +25,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from lanskap import train
+from lanskap.train.batches import BatchShare, training_batches
+from lanskap.train.optimizers import make_optimizer
+from lanskap.train.setup import Components, Trainer, attach_adapters, load_components
+from lanskap.train.step import CaptionEncoder, accumulate_gradients, optimizer_step
 from lanskap.params import AugmentParams, LoraParams, TrainParams
 
 TFLOP_PER_IMAGE_768 = 5.2  # UNet forward + backward of one 768 px image (anchors.md)
@@ -63,10 +66,10 @@ def write_images(folder: Path, resolution: int, count: int) -> list[str]:
     return paths
 
 
-def prepare_unet(parts: train.Components, args) -> tuple[dict, list[dict]]:
+def prepare_unet(parts: Components, args) -> tuple[dict, list[dict]]:
     """Attach the project's LoRA and apply the requested levers; return the named LoRA parameters and the
     optimizer's parameter groups."""
-    lora_parameters, groups = train.attach_adapters(parts, LoraParams(), TrainParams(mixed_precision="bf16"))
+    lora_parameters, groups = attach_adapters(parts, LoraParams(), TrainParams(mixed_precision="bf16"))
     if args.channels_last:
         parts.unet.to(memory_format=torch.channels_last)
         parts.vae.to(memory_format=torch.channels_last)
@@ -82,17 +85,17 @@ def prepare_unet(parts: train.Components, args) -> tuple[dict, list[dict]]:
 def measure(parts, lora_parameters: dict, groups: list[dict], paths, batch_size: int, args, accelerator) -> dict:
     """Seconds per step of train_lora's step at `batch_size`, after warm-up steps (more when compiling)."""
     params = TrainParams(batch_size=batch_size, steps=10_000, mixed_precision="bf16", dataloader_workers=args.workers)
-    optimizer, lr_scheduler = train.make_optimizer(groups, params, fused=args.fused_adamw or None)
-    trainer = train.Trainer(parts, parts, lora_parameters, train.BatchShare(batch_size), accelerator)
+    optimizer, lr_scheduler = make_optimizer(groups, params, fused=args.fused_adamw or None)
+    trainer = Trainer(parts, parts, lora_parameters, BatchShare(batch_size), accelerator)
     table = pd.DataFrame({"path": paths, "caption": "a fantasy landscape"})
-    batches, captions = train.training_batches(table, AugmentParams(), args.resolution, params, trainer.share, 0)
-    caption_encoder = train.CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains=False)
+    batches, captions = training_batches(table, AugmentParams(), args.resolution, params, trainer.share, 0)
+    caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains=False)
     steps_done = 0
 
     def step():
         nonlocal steps_done
-        train.accumulate_gradients(trainer, batches, caption_encoder, params, first_micro_batch=steps_done)
-        train.optimizer_step(accelerator, list(lora_parameters.values()), optimizer, lr_scheduler,
+        accumulate_gradients(trainer, batches, caption_encoder, params, first_micro_batch=steps_done)
+        optimizer_step(accelerator, list(lora_parameters.values()), optimizer, lr_scheduler,
                              params.max_grad_norm)
         steps_done += 1
 
@@ -151,7 +154,7 @@ def main(argv=None):
     model = resolve_model(args)
     accelerator = Accelerator(mixed_precision="bf16")
     weight_dtype = torch.bfloat16 if args.weight_dtype == "bf16" else torch.float32
-    parts = train.load_components(model, weight_dtype, accelerator.device)
+    parts = load_components(model, weight_dtype, accelerator.device)
     lora_parameters, groups = prepare_unet(parts, args)
     print(f"train_throughput: {model} at {args.resolution} px, weights {args.weight_dtype}, regional_compile="
           f"{args.regional_compile}, channels_last={args.channels_last}, fused_adamw={args.fused_adamw}, "

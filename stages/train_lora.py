@@ -81,7 +81,7 @@ def main(argv=None):
     quiet_libraries()
 
     from lanskap.models import resolve_base_model
-    from lanskap.train import train_lora
+    from lanskap.train.loop import train_lora
 
     processes = process_state()
     with processes.main_process_first():  # one process downloads or builds the base model, the others then read it
@@ -114,7 +114,7 @@ def train_and_export(args, loaded: dict, model, train_table, test_table, resolut
     them `persist`, so that DVC does not delete them before the run either."""
     from dvclive import Live
 
-    from lanskap.train import summarise, train_lora
+    from lanskap.train.loop import summarise, train_lora
 
     with atomic_dir(args.live) as live_dir, atomic_dir(args.out) as staging:
         with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:

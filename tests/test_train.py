@@ -7,11 +7,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from lanskap import train
 from lanskap.errors import UserError
 from lanskap.lora import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, add_unet_lora, export_lora, kohya_alpha
 from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.params import LoraParams, TrainParams, validate_group
+from lanskap.train import loop, step
+from lanskap.train.batches import BatchShare, global_batch_size
+from lanskap.train.loop import check_same_start
+from lanskap.train.optimizers import make_optimizer
+from lanskap.train.step import drop_captions, min_snr_weights
 from stages import train_lora
 from tests.conftest import write_params
 from tests.test_data_stages import run_data_stages, tree_digest
@@ -56,7 +60,7 @@ def test_held_out_validation_loss_falls(workdir, project_params):
 
 def test_nan_loss_stops_naming_fp16_and_learning_rate_and_writes_nothing(workdir, monkeypatch):
     run_data_stages(workdir)
-    monkeypatch.setattr(train, "diffusion_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(step, "diffusion_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(UserError, match="(?s)fp16.*learning_rate"):
         run_train_stage()
     assert not (workdir / "models").exists()
@@ -71,18 +75,18 @@ def test_interrupted_run_resumes_to_bit_identical_weights(workdir, project_param
     uninterrupted_log = training_log(workdir)
 
     with_train(workdir, project_params, steps=12, checkpoint_every=5, images_every=5)
-    saved_steps, save_checkpoint = [], train.save_checkpoint
+    saved_steps, save_checkpoint = [], loop.save_checkpoint
 
     def save_then_die_on_the_second(checkpoint_dir, state, *args):
         saved_steps.append(save_checkpoint(checkpoint_dir, state, *args).name)
         if len(saved_steps) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die_on_the_second)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         run_train_stage("models/resumed")
     assert saved_steps == ["step-00000005", "step-00000010"] and not (workdir / "models/resumed").exists()
-    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(loop, "save_checkpoint", save_checkpoint)
 
     resumed = run_train_stage("models/resumed")
     assert resumed.keys() == uninterrupted.keys()
@@ -110,22 +114,22 @@ def test_min_snr_weights_match_the_formula(prediction_type):
     gamma = 5.0
     divisor = snr + 1 if prediction_type == "v_prediction" else snr
     expected = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / divisor
-    weights = train.min_snr_weights(noise_scheduler, timesteps, gamma)
+    weights = min_snr_weights(noise_scheduler, timesteps, gamma)
     torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=0)
     assert snr[0] > gamma > snr[-1]  # both branches of the min are exercised
 
 
 def test_caption_dropout_replaces_captions_at_the_given_rate_whatever_the_process_split():
     ids, empty_id, total = torch.arange(20_000), -1, 20_000
-    whole = train.drop_captions(ids, empty_id, 0.3, torch.Generator().manual_seed(0), train.BatchShare(total))
+    whole = drop_captions(ids, empty_id, 0.3, torch.Generator().manual_seed(0), BatchShare(total))
     assert (whole == empty_id).float().mean().item() == pytest.approx(0.3, abs=0.015)
     assert ((whole == ids) | (whole == empty_id)).all()
-    halves = [train.drop_captions(ids[start:start + total // 2], empty_id, 0.3, torch.Generator().manual_seed(0),
-                                  train.BatchShare(total, start, total // 2)) for start in (0, total // 2)]
+    halves = [drop_captions(ids[start:start + total // 2], empty_id, 0.3, torch.Generator().manual_seed(0),
+                                  BatchShare(total, start, total // 2)) for start in (0, total // 2)]
     assert torch.equal(torch.cat(halves), whole)  # two processes drop exactly what one process drops
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
-    assert train.drop_captions(ids, empty_id, 0.0, generator, train.BatchShare(total)) is ids
+    assert drop_captions(ids, empty_id, 0.0, generator, BatchShare(total)) is ids
     assert torch.equal(generator.get_state(), state)  # off: no draw, so runs without it are unchanged
 
 
@@ -146,7 +150,7 @@ def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandby
     unet_weight, text_weight = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     params = TrainParams(learning_rate=1.0e-4, text_encoder_learning_rate=5.0e-5, lr_scheduler="linear",
                          warmup_steps=10, steps=100)
-    optimizer, lr_scheduler = train.make_optimizer(
+    optimizer, lr_scheduler = make_optimizer(
         [{"params": [unet_weight], "lr": 1.0e-4}, {"params": [text_weight], "lr": 5.0e-5}], params)
     for _ in range(5):
         optimizer.step()
@@ -154,11 +158,11 @@ def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandby
     assert lr_scheduler.get_last_lr() == pytest.approx([0.5e-4, 2.5e-5])  # half-way through the warm-up, each
     if importlib.util.find_spec("bitsandbytes") is None:  # not a dependency: the option says what to install
         with pytest.raises(UserError, match="adamw8bit needs bitsandbytes"):
-            train.make_optimizer([{"params": [unet_weight]}], TrainParams(optimizer="adamw8bit"))
+            make_optimizer([{"params": [unet_weight]}], TrainParams(optimizer="adamw8bit"))
 
 
 def test_global_batch_size_and_trainer_option_validation():
-    assert train.global_batch_size(TrainParams(batch_size=4, gradient_accumulation_steps=3), num_processes=2) == 24
+    assert global_batch_size(TrainParams(batch_size=4, gradient_accumulation_steps=3), num_processes=2) == 24
     for key, value in [("snr_gamma", 0.0), ("gradient_accumulation_steps", 0), ("caption_dropout", 1.0),
                        ("noise_offset", -0.1)]:
         with pytest.raises(UserError, match=f"train.{key}"):
@@ -237,7 +241,7 @@ def test_gpu_preflight_names_the_batch_that_fits_and_the_probe_leaves_no_trace(w
 
     run_data_stages(workdir)
     with_train(workdir, project_params, batch_size=2)
-    probed, real_probe = [], train.probe_step
+    probed, real_probe = [], loop.probe_step
 
     def probe_on_a_small_gpu(trainer, captions, params, resolution, batch):
         probed.append(batch)
@@ -250,7 +254,7 @@ def test_gpu_preflight_names_the_batch_that_fits_and_the_probe_leaves_no_trace(w
 
     monkeypatch.setattr(preflight, "is_cuda", lambda device: True)
     monkeypatch.setattr(preflight, "gpu_memory", lambda device: (24 * 2**30, 20 * 2**30))
-    monkeypatch.setattr(train, "probe_step", probe_on_a_small_gpu)
+    monkeypatch.setattr(loop, "probe_step", probe_on_a_small_gpu)
     with pytest.raises(UserError, match="train.batch_size=2 does not fit .* batch 1 fits: set train.batch_size: 1 "
                                         "and train.gradient_accumulation_steps: 2 to keep the global batch of 2"):
         run_train_stage()
@@ -272,6 +276,6 @@ def test_processes_that_would_resume_from_different_steps_stop():
         def gather(self, tensor):
             return torch.cat([tensor, torch.tensor([0])])
 
-    train.check_same_start(TwoMachines(), 0, None)  # both start fresh: fine
+    check_same_start(TwoMachines(), 0, None)  # both start fresh: fine
     with pytest.raises(UserError, match=r"different steps \[8, 0\].*filesystem every machine shares"):
-        train.check_same_start(TwoMachines(), 8, "/local/checkpoints")
+        check_same_start(TwoMachines(), 8, "/local/checkpoints")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lanskap.builtin.config import TINY_SD2, BuildConfig
 from lanskap.builtin.training import LossLog, batch_indices, optimizer_and_schedule, train_loop
 from lanskap.builtin.worlds import WorldImages, to_unit_range
-from lanskap.train import tokenize
+from lanskap.train.step import tokenize
 
 HELD_OUT_DRAWS = 4  # noise and timestep draws per held-out image, fixed, so the held-out loss is comparable
 

@@ -1,0 +1,145 @@
+"""The training loop: set up, resume, preflight, then steps with monitoring and checkpoints."""
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lanskap.console import progress
+from lanskap.errors import UserError
+from lanskap.params import AugmentParams, LoraParams, TrainParams
+from lanskap.train.batches import global_batch_size, training_batches
+from lanskap.train.checkpoints import CHECKPOINTS_KEPT, load_checkpoint, save_checkpoint
+from lanskap.train.monitor import HeldOut, Monitor
+from lanskap.train.setup import Trainer, prepare_trainer
+from lanskap.train.step import CaptionEncoder, accumulate_gradients, check_finite, diffusion_loss, optimizer_step
+
+DEFAULT_IMAGE_PROMPTS = 4  # validation images of the first test captions when train.image_prompts is empty
+
+
+@dataclass
+class TrainResult:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None  # None: the text encoder was frozen
+    losses: list[float]
+    validation_losses: dict[int, float]
+    seconds: float  # this run's, not counting steps restored from a checkpoint
+    images_per_second: float
+    prediction_type: str
+
+
+def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFrame, lora: LoraParams,
+               params: TrainParams, augment: AugmentParams, resolution: int, live=None,
+               checkpoint_dir: Path | None = None) -> TrainResult:
+    """Train a LoRA on the UNet (and the text encoder if train.text_encoder_learning_rate is set); return the
+    trained modules (adapters attached) and the loss history. Run by each of `accelerate launch`'s processes;
+    only the main one logs, samples and writes checkpoints (pass `live` there only).
+
+    With `checkpoint_dir` and `params.checkpoint_every`, the full training state is saved there every that many
+    steps, and a run finding a checkpoint there resumes from it, bit-identically to an uninterrupted run."""
+    from accelerate.utils import set_seed
+
+    set_seed(params.seed)
+    trainer, optimizer, lr_scheduler = prepare_trainer(model_dir, lora, params)
+    parts, accelerator = trainer.parts, trainer.accelerator
+    text_encoder_trains = params.text_encoder_learning_rate is not None
+    resumed = load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler) if checkpoint_dir else None
+    first_step = resumed.step if resumed else 0
+    check_same_start(accelerator, first_step, checkpoint_dir)
+    batches, captions = training_batches(train_table, augment, resolution, params, trainer.share,
+                                         first_batch=first_step * params.gradient_accumulation_steps)
+    caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains)
+    preflight(trainer, caption_encoder, params, resolution, checkpoint_dir)
+    monitor = Monitor(live, HeldOut.load(test_table, parts, accelerator.device, resolution, text_encoder_trains),
+                      params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS], resolution,
+                      params, checkpoint_dir / "images" if checkpoint_dir and params.checkpoint_every else None,
+                      accelerator.is_main_process)
+    state = monitor.start(parts, resumed)
+    if monitor.main:
+        print(f"train_lora: global batch {global_batch_size(params, accelerator.num_processes)} = batch_size "
+              f"{params.batch_size} x gradient_accumulation_steps {params.gradient_accumulation_steps} x processes "
+              f"{accelerator.num_processes}")
+    images_seen, start = 0, time.perf_counter()
+    bar = progress(range(first_step + 1, params.steps + 1), desc="train_lora", unit="step", initial=first_step,
+                    total=params.steps, disable=not monitor.main)
+    for step in bar:
+        loss, images = accumulate_gradients(trainer, batches, caption_encoder, params,
+                                            first_micro_batch=(step - 1) * params.gradient_accumulation_steps)
+        check_finite(loss, step, params)
+        optimizer_step(accelerator, list(trainer.lora_parameters.values()), optimizer, lr_scheduler,
+                       params.max_grad_norm)
+        state.step = step
+        state.losses.append(loss.item())
+        images_seen += images * accelerator.num_processes
+        images_per_second = images_seen / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}")
+        monitor.record(parts, state, lr_scheduler.get_last_lr()[0], images_per_second)
+        if monitor.main and checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
+            save_checkpoint(checkpoint_dir, state, trainer.lora_parameters, optimizer, lr_scheduler)
+    seconds = time.perf_counter() - start
+    return TrainResult(parts.unet, parts.text_encoder if text_encoder_trains else None, state.losses,
+                       state.validation_losses, seconds, images_seen / seconds if images_seen else 0.0,
+                       parts.noise_scheduler.config.prediction_type)
+
+
+def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, resolution: int,
+              checkpoint_dir: Path | None) -> None:
+    """Stop before training, not hours in, when the disk cannot hold the checkpoints and outputs or the GPU cannot
+    hold a step at train.batch_size (the error names the batch that fits)."""
+    from lanskap.preflight import require_batch_fits, require_free_space, train_lora_bytes
+
+    trainable = sum(parameter.numel() for parameter in trainer.lora_parameters.values())
+    require_free_space(checkpoint_dir or Path("."), train_lora_bytes(trainable, CHECKPOINTS_KEPT), "train_lora",
+                       "lora.rank, or train.checkpoint_every: 0")
+    require_batch_fits(lambda batch: probe_step(trainer, captions, params, resolution, batch), params.batch_size,
+                       "train.batch_size", trainer.accelerator.device,
+                       if_none_fits="set train.mixed_precision: bf16 and train.gradient_checkpointing: true, or lower "
+                                    "preprocess.resolution",
+                       accumulation_key="train.gradient_accumulation_steps",
+                       accumulation_steps=params.gradient_accumulation_steps)
+
+
+def probe_step(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, resolution: int, batch: int) -> None:
+    """One forward and backward at `batch` on blank images, on the unwrapped modules (no cross-process sync),
+    leaving no gradient and no random draw behind."""
+    parts, device = trainer.parts, trainer.accelerator.device
+    pixel_values = torch.zeros(batch, 3, resolution, resolution, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with trainer.accelerator.autocast():
+            states = captions(parts.text_encoder, torch.zeros(batch, dtype=torch.long, device=device))
+            loss = diffusion_loss(parts, pixel_values, states, torch.Generator(device).manual_seed(0),
+                                  noise_offset=params.noise_offset, snr_gamma=params.snr_gamma)
+        loss.backward()
+    for parameter in trainer.lora_parameters.values():
+        parameter.grad = None
+
+
+def check_same_start(accelerator, first_step: int, checkpoint_dir: Path | None) -> None:
+    """Every process must resume from the same step: on several machines the checkpoint folder has to be on a
+    filesystem they all see, or they would train on different steps and the run would be garbage."""
+    starts = accelerator.gather(torch.tensor([first_step], device=accelerator.device)).tolist()
+    if len(set(starts)) > 1:
+        raise UserError(f"train_lora: processes would start at different steps {starts}: {checkpoint_dir} must be on "
+                        "a filesystem every machine shares (or delete it to start over)")
+
+
+def summarise(result: TrainResult) -> dict:
+    best_step = min(result.validation_losses, key=result.validation_losses.get)
+    last_step = max(result.validation_losses)
+    tail = result.losses[-max(1, len(result.losses) // 10):]
+    return {
+        "steps": len(result.losses),
+        "loss_first": result.losses[0],
+        "loss_final": sum(tail) / len(tail),
+        "validation_loss_base": result.validation_losses[0],
+        "validation_loss_final": result.validation_losses[last_step],
+        "validation_loss_best": result.validation_losses[best_step],
+        "validation_loss_best_step": best_step,
+        "seconds": round(result.seconds, 2),
+        "images_per_second": round(result.images_per_second, 3),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else 0.0,
+        "peak_process_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # KiB on Linux
+    }
