@@ -157,8 +157,8 @@ class TrainParams(Group):
             raise ValueError("optimizer=prodigy takes one learning rate for all parameters: set "
                              f"text_encoder_learning_rate to learning_rate ({self.learning_rate}) or to null")
         if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
-            raise ValueError(f"optimizer=adamw_schedulefree replaces the lr schedule: lr_scheduler={self.lr_scheduler!r}"
-                             " must be constant (warmup_steps is its own warm-up)")
+            raise ValueError("optimizer=adamw_schedulefree replaces the lr schedule: "
+                             f"lr_scheduler={self.lr_scheduler!r} must be constant (warmup_steps is its own warm-up)")
         if self.optimizer == "adamw_schedulefree" and self.ema_decay is not None:
             raise ValueError("ema_decay with optimizer=adamw_schedulefree: schedule-free already averages its "
                              "iterates (its evaluation weights are the ones exported); set ema_decay: null")

@@ -40,8 +40,8 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
                checkpoint_dir: Path | None = None) -> TrainResult:
     """Train a LoRA on the UNet (and the text encoder if train.text_encoder_learning_rate is set); return the
     trained modules (adapters attached, holding the weights to export: schedule-free AdamW's average) and the loss
-    history. Run by each of `accelerate launch`'s processes;
-    only the main one logs, samples and writes checkpoints (pass `live` there only).
+    history. Run by each of `accelerate launch`'s processes; only the main one logs, samples and writes
+    checkpoints (pass `live` there only).
 
     With `checkpoint_dir` and `params.checkpoint_every`, the full training state is saved there every that many
     steps, and a run finding a checkpoint there resumes from it, bit-identically to an uninterrupted run."""
@@ -103,8 +103,9 @@ def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, r
     from lanskap.preflight import require_batch_fits, require_free_space, train_lora_bytes
 
     trainable = sum(parameter.numel() for parameter in trainer.lora_parameters.values())
-    require_free_space(checkpoint_dir or Path("."), train_lora_bytes(trainable, CHECKPOINTS_KEPT), "train_lora",
-                       "lora.rank, or train.checkpoint_every: 0")
+    require_free_space(checkpoint_dir or Path("."),
+                       train_lora_bytes(trainable, CHECKPOINTS_KEPT, params.optimizer, params.ema_decay is not None),
+                       "train_lora", "lora.rank, or train.checkpoint_every: 0")
     require_batch_fits(lambda batch: probe_step(trainer, captions, params, resolution, batch), params.batch_size,
                        "train.batch_size", trainer.accelerator.device,
                        if_none_fits="set train.mixed_precision: bf16 and train.gradient_checkpointing: true, or lower "
