@@ -41,21 +41,27 @@ def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) 
     """The card travels with the weights: timings stay in the training log, so the same run gives the same bytes."""
     params = {name: group.model_dump(mode="json") for name, group in loaded.items()}
     summary = {key: value for key, value in summary.items() if key not in MACHINE_DEPENDENT}
-    from lanskap.lora import EMA_SUBDIR
-
-    ema = loaded["train"].ema_decay
-    ema_line = [f"- `{EMA_SUBDIR}/`: the same files for the exponential moving average of the weights (train.ema_decay "
-                f"{ema}, warm-up {'on' if loaded['train'].ema_warmup else 'off'}); the files above hold the "
-                "weights of the last step"] if ema is not None else []
     return "\n".join([
         f"# LoRA for {base['model']}", "",
         f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
         f"- trained at {base['resolution']} px on {base['train_images']} images; data sha256 `{base['data_sha256']}`",
         f"- adapters: {base['adapters']}",
-        "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()), *ema_line, "",
+        "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()),
+        *ema_card_lines(loaded["train"]), "",
         "## Training summary", "", "```json", json.dumps(summary, indent=2), "```", "",
         "## Params", "", "```json", json.dumps(params, indent=2), "```", "",
     ])
+
+
+def ema_card_lines(train) -> list[str]:
+    """The model card's line on the EMA weights, when train.ema_decay trained them."""
+    from lanskap.lora import EMA_SUBDIR
+
+    if train.ema_decay is None:
+        return []
+    return [f"- `{EMA_SUBDIR}/`: the same files for the exponential moving average of the weights (train.ema_decay "
+            f"{train.ema_decay}, warm-up {'on' if train.ema_warmup else 'off'}); the files above hold the last step's "
+            "weights"]
 
 
 def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str], base_revision: str | None) -> Path:
