@@ -192,7 +192,8 @@ def report_markdown(metrics: dict[str, float], inputs: ReportInputs) -> str:
     sections = [
         "# Evaluation report",
         provenance_section(inputs.provenance),
-        f"Images: {metrics['n_test']:.0f} test, {metrics['n_base']:.0f} base, {metrics['n_lora']:.0f} LoRA.",
+        f"Images: {metrics['n_test']:.0f} test, {metrics['n_base']:.0f} base, {metrics['n_lora']:.0f} LoRA (from "
+        + ("the EMA weights, models/lora/ema/)." if metrics["ema_weights_scored"] else "the trained weights)."),
         "Feature extractors:\n\n" + extractor_line("CLIP (CMMD, CLIP score)", inputs.clip_name) + "\n"
         + extractor_line("Inception (FID, KID)", inputs.inception_name),
         gaps_section(metrics),

@@ -66,6 +66,16 @@ def lora_minus_base(f: Features, params: EvaluateParams) -> dict[str, float]:
     return out
 
 
+def scored_weights(generated: pd.DataFrame, source: str) -> dict[str, float]:
+    """Which LoRA weights generate scored (its lora_weights column, from generate.lora_weights), as a flat metric:
+    ema_weights_scored is 1.0 for the EMA weights, 0.0 for the raw ones."""
+    weights = set(generated.loc[generated["model"] == "lora", "lora_weights"])
+    if len(weights) != 1 or not weights <= {"raw", "ema"}:
+        raise UserError(f"evaluate: {source} has LoRA images of lora_weights {sorted(map(str, weights))}, expected "
+                        "one of raw or ema. Rerun generate (`dvc repro generate`).")
+    return {"ema_weights_scored": float(weights == {"ema"})}
+
+
 def check_pairing(test: pd.DataFrame, generated: pd.DataFrame, source: str) -> None:
     """Refuse generated images that do not pair with the test set: every test caption (prompt i: row i of
     test.csv) needs the same samples from base and LoRA, with the same caption and seed in both."""

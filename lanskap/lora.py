@@ -42,6 +42,7 @@ from lanskap.params import LoraParams
 ADAPTER_NAME = "default"  # the name `add_adapter` gives the adapter it trains
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+EMA_SUBDIR = "ema"  # train_lora writes the EMA weights' files here, inside its output (train.ema_decay)
 LOADED_ADAPTER_NAME = "lora"  # the name generate (and the export check) loads the diffusers file under
 MODULE_COUNT_KEY = "lanskap_lora_modules"  # diffusers-file metadata: {"unet": n, "text_encoder": m} modules trained
 KOHYA_UNET_PREFIX = "lora_unet_"
@@ -222,6 +223,19 @@ def require_all_modules_loaded(pipeline, lora_dir: Path, adapter_name: str) -> N
                         f"number of LoRA modules than were trained ({found}), so the model would differ from the "
                         f"trained one. Export it again with this version of lanskap (dvc repro train_lora); if "
                         f"train_lora wrote it just now, report a bug with this message")
+
+
+def lora_weights_dir(lora_dir: Path, weights: str) -> Path:
+    """The folder of the weights generate.lora_weights names: raw (the trained ones) or ema (their moving average,
+    written only when train.ema_decay was set)."""
+    if weights == "raw":
+        return Path(lora_dir)
+    ema_dir = Path(lora_dir) / EMA_SUBDIR
+    if not (ema_dir / DIFFUSERS_WEIGHT_NAME).is_file():
+        raise UserError(f"generate.lora_weights=ema but {ema_dir / DIFFUSERS_WEIGHT_NAME} does not exist: the LoRA was "
+                        "trained without an EMA. Set train.ema_decay (e.g. 0.99) and rerun train_lora, or set "
+                        "generate.lora_weights: raw")
+    return ema_dir
 
 
 def load_lora_into_pipeline(pipeline, lora_dir: Path, scale: float) -> None:

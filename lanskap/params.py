@@ -103,13 +103,18 @@ class LoraParams(Group):
     init_lora_weights: Literal["gaussian", "kaiming"] = "gaussian"
 
 
+PRODIGY_MIN_LEARNING_RATE = 0.1  # below this, an Adam-sized learning rate was most likely carried over
+
+
 class TrainParams(Group):
     steps: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1.0e-4, gt=0.0, le=1.0)
     # None: the text encoder stays frozen; a value also trains a text-encoder LoRA, at this learning rate
     text_encoder_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (and a GPU)
+    # adamw8bit needs bitsandbytes (and a GPU); prodigy (prodigyopt) estimates its own step size, which
+    # learning_rate multiplies (1.0 is usual); adamw_schedulefree (schedulefree) needs no lr schedule
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adamw_schedulefree"] = "adamw"
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -134,11 +139,35 @@ class TrainParams(Group):
     image_prompts: list[str] = Field(default_factory=list)
     image_inference_steps: int = Field(20, ge=1, le=1000)
     image_guidance_scale: float = Field(7.5, ge=0.0)
+    # EMA of the LoRA weights, exported beside the raw ones (models/lora/ema/); None: off. The decay of update t
+    # is min(ema_decay, (1 + t) / (10 + t)) with ema_warmup (diffusers' EMAModel), ema_decay from the first
+    # update without it
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    ema_warmup: bool = True
     seed: int = 0
 
     @model_validator(mode="after")
+    def _optimizer_settings_take_effect(self):
+        if self.optimizer == "prodigy" and self.learning_rate < PRODIGY_MIN_LEARNING_RATE:
+            raise ValueError(f"optimizer=prodigy estimates its own step size and learning_rate multiplies it: "
+                             f"learning_rate={self.learning_rate} looks like an Adam learning rate; set "
+                             f"learning_rate: 1.0 (values from {PRODIGY_MIN_LEARNING_RATE} to 1.0 are accepted)")
+        if (self.optimizer == "prodigy" and self.text_encoder_learning_rate is not None
+                and self.text_encoder_learning_rate != self.learning_rate):
+            raise ValueError("optimizer=prodigy takes one learning rate for all parameters: set "
+                             f"text_encoder_learning_rate to learning_rate ({self.learning_rate}) or to null")
+        if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
+            raise ValueError("optimizer=adamw_schedulefree replaces the lr schedule: "
+                             f"lr_scheduler={self.lr_scheduler!r} must be constant (warmup_steps is its own warm-up)")
+        if self.optimizer == "adamw_schedulefree" and self.ema_decay is not None:
+            raise ValueError("ema_decay with optimizer=adamw_schedulefree: schedule-free already averages its "
+                             "iterates (its evaluation weights are the ones exported); set ema_decay: null")
+        return self
+
+    @model_validator(mode="after")
     def _warmup_takes_effect(self):
-        if self.warmup_steps and self.lr_scheduler == "constant":  # diffusers' "constant" ignores the warmup
+        # diffusers' "constant" ignores the warmup; schedule-free warms up itself, under a constant schedule
+        if self.warmup_steps and self.lr_scheduler == "constant" and self.optimizer != "adamw_schedulefree":
             raise ValueError(f"warmup_steps={self.warmup_steps} has no effect with lr_scheduler=constant: use "
                              "constant_with_warmup, linear or cosine, or set warmup_steps: 0")
         if self.warmup_steps >= self.steps:
@@ -155,6 +184,7 @@ class GenerateParams(Group):
     resolution: int | None = Field(None, ge=32, multiple_of=8)  # None: the model's native size
     batch_size: int = Field(4, ge=1)
     lora_scale: float = 1.0
+    lora_weights: Literal["raw", "ema"] = "raw"  # ema: the EMA weights train.ema_decay trained (models/lora/ema/)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0
 

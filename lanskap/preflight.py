@@ -31,7 +31,9 @@ HEADROOM_BYTES = 256 * 2**20  # never fill the disk to the last byte: other prog
 RGB_BYTES = 3  # an 8-bit RGB pixel; PNG compresses below this, so pixels x 3 bounds a PNG's size
 NOMINAL_DOWNLOAD_BYTES = 4 * 2**20  # a URL's image before it is fetched: a large JPEG photo
 FLOAT32_BYTES = 4  # LoRA weights stay float32 whatever the base model's dtype (see lanskap.lora)
-ADAM_STATES = 2  # AdamW keeps exp_avg and exp_avg_sq per parameter
+# float32 tensors each train.optimizer keeps per parameter: AdamW exp_avg and exp_avg_sq (8-bit AdamW less);
+# Prodigy those and s, p0; schedule-free AdamW z and exp_avg_sq
+OPTIMIZER_STATES = {"adamw": 2, "adamw8bit": 2, "prodigy": 4, "adamw_schedulefree": 2}
 
 
 # -------------------------------------------------------------------------------------------- disk
@@ -107,11 +109,14 @@ def generate_bytes(prompts: int, images_per_prompt: int, resolution: int, grid_r
     return rgb_image_bytes(2 * prompts * images_per_prompt, resolution) + rgb_image_bytes(3 * grid_rows, resolution)
 
 
-def train_lora_bytes(trainable_parameters: int, checkpoints_kept: int) -> int:
-    """The exported LoRA (diffusers and kohya files) and the resume checkpoints (LoRA weights and AdamW
-    state); one more checkpoint than kept exists while the newest is written, before the oldest goes."""
+def train_lora_bytes(trainable_parameters: int, checkpoints_kept: int, optimizer: str = "adamw",
+                     ema: bool = False) -> int:
+    """The exported LoRA (diffusers and kohya files) and the resume checkpoints (LoRA weights and optimizer
+    state); one more checkpoint than kept exists while the newest is written, before the oldest goes. An EMA
+    (train.ema_decay) is exported too and saved in every checkpoint."""
     weights = trainable_parameters * FLOAT32_BYTES
-    return 2 * weights + (checkpoints_kept + 1) * weights * (1 + ADAM_STATES)
+    copies = 2 if ema else 1
+    return 2 * weights * copies + (checkpoints_kept + 1) * weights * (copies + OPTIMIZER_STATES[optimizer])
 
 
 # ------------------------------------------------------------------------------- pipeline inputs

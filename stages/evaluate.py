@@ -4,7 +4,8 @@ Inputs:  PROCESSED/test.csv (reference images and captions), GENERATED/index.csv
          TRAINING_LOG/{train,validation}/loss.tsv (dvclive, for the loss curve; optional)
          COMPARISON (from generate), DATA_CARD (from preprocess), MODEL_CARD (from train_lora: base model,
          LoRA shape, steps, data hash), params.yaml's `preset`, and the git commit when there is one
-Outputs: OUT  metrics JSON with flat numeric keys (for `dvc metrics diff`)
+Outputs: OUT  metrics JSON with flat numeric keys (for `dvc metrics diff`); ema_weights_scored says which LoRA
+              weights generate used (1: the EMA weights, 0: the raw ones)
          REPORTS/base_vs_lora.csv  metric, model, value, bar: base and LoRA per metric (`dvc plots` bar chart)
          REPORTS/report.md, loss.png  the run's report for a reviewer (figures linked by relative path)
          REPORTS/report.html          the same, one self-contained file (figures inline) that opens offline
@@ -104,18 +105,20 @@ def main(argv=None):
     params = load_params("evaluate")["evaluate"]
     quiet_libraries()
 
-    from lanskap.evaluation import FID_STABLE_N, check_pairing, lora_minus_base, set_comparisons
+    from lanskap.evaluation import FID_STABLE_N, check_pairing, lora_minus_base, scored_weights, set_comparisons
     from lanskap.split import MIN_TEST_PROMPTS
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
-    generated = read_table(args.generated / "index.csv", ["prompt_index", "sample", "caption", "seed", "model", "path"])
+    generated = read_table(args.generated / "index.csv",
+                           ["prompt_index", "sample", "caption", "seed", "model", "path", "lora_weights"])
     if len(test) < MIN_TEST_PROMPTS:
         raise UserError(f"evaluate: {len(test)} test image(s) in {args.data / 'test.csv'}; the paired statistics "
                         f"need at least {MIN_TEST_PROMPTS}: add images or raise split.test_fraction")
     check_pairing(test, generated, str(args.generated / "index.csv"))
+    scored = scored_weights(generated, str(args.generated / "index.csv"))
     report_sources = read_report_sources(args)
     features, clip_name, inception_name = extract_features(test, generated, params)
-    results = {**set_comparisons(features, params), **lora_minus_base(features, params)}
+    results = {**set_comparisons(features, params), **lora_minus_base(features, params), **scored}
     results = {key: float(np.round(value, 6)) for key, value in results.items()}
     write_json(args.out, results)
     write_reports(results, (clip_name, inception_name), args, report_sources)

@@ -1,9 +1,11 @@
 """generate: images for every test caption from the base model and from base + LoRA, paired by seed.
 
-Inputs:  PROCESSED/test.csv (captions and reference images), LORA/pytorch_lora_weights.safetensors
+Inputs:  PROCESSED/test.csv (captions and reference images), LORA/pytorch_lora_weights.safetensors, or
+         LORA/ema/pytorch_lora_weights.safetensors with generate.lora_weights: ema
          (refused unless every module it records as trained is restored on loading)
 Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same seed per pair
-         OUT/index.csv                   prompt_index, sample, caption, seed, model, path, reference_path
+         OUT/index.csv                   prompt_index, sample, caption, seed, model, path, reference_path,
+                                         lora_weights (raw or ema on LoRA rows, none on base rows)
          REPORTS/comparison.png          reference | base | LoRA per test caption (the paper's Figures 6-7)
 Params:  model, generate
 """
@@ -25,10 +27,12 @@ from lanskap.report import image_grid, save_png
 GRID_ROWS = 10  # captions shown in the git-tracked comparison grid
 
 
-def index_rows(jobs, paths, model: str, test: pd.DataFrame, out: Path, staging: Path) -> list[dict]:
+def index_rows(jobs, paths, model: str, test: pd.DataFrame, out: Path, staging: Path,
+               lora_weights: str = "none") -> list[dict]:
     return [{"prompt_index": job.prompt_index, "sample": job.sample, "caption": job.caption, "seed": job.seed,
              "model": model, "path": (out / path.relative_to(staging)).as_posix(),
-             "reference_path": test["path"][job.prompt_index]} for job, path in zip(jobs, paths)]
+             "reference_path": test["path"][job.prompt_index], "lora_weights": lora_weights}
+            for job, path in zip(jobs, paths)]
 
 
 def comparison_grid(index: pd.DataFrame, staging: Path, out: Path) -> Image.Image:
@@ -57,11 +61,12 @@ def main(argv=None):
 
     import torch
 
-    from lanskap.lora import load_lora_into_pipeline
+    from lanskap.lora import load_lora_into_pipeline, lora_weights_dir
     from lanskap.models import resolve_base_model
     from lanskap.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
+    lora_dir = lora_weights_dir(args.lora, params.lora_weights)
     model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_pipeline(model.path, params, device)
@@ -75,15 +80,16 @@ def main(argv=None):
     with atomic_dir(args.out) as staging:
         rows = index_rows(jobs, generate_images(pipeline, jobs, params, staging / "base", "base"), "base",
                           test, args.out, staging)
-        load_lora_into_pipeline(pipeline, args.lora, params.lora_scale)
+        load_lora_into_pipeline(pipeline, lora_dir, params.lora_scale)
         rows += index_rows(jobs, generate_images(pipeline, jobs, params, staging / "lora", "lora"), "lora",
-                           test, args.out, staging)
+                           test, args.out, staging, params.lora_weights)
         index = pd.DataFrame(rows)
         write_csv(staging / "index.csv", index)
         with atomic_dir(args.reports) as reports:
             save_png(comparison_grid(index, staging, args.out), reports / "comparison.png")
-    print(f"generate: {len(jobs)} base + {len(jobs)} LoRA images ({params.scheduler}, {params.steps} steps, "
-          f"guidance {params.guidance_scale}, LoRA scale {params.lora_scale}) -> {args.out}; grid -> {args.reports}")
+    print(f"generate: {len(jobs)} base + {len(jobs)} LoRA images ({params.lora_weights} LoRA weights, "
+          f"{params.scheduler}, {params.steps} steps, guidance {params.guidance_scale}, LoRA scale {params.lora_scale})"
+          f" -> {args.out}; grid -> {args.reports}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ Inputs:  PROCESSED/train.csv, PROCESSED/test.csv and their images (from preproce
 Outputs: OUT/pytorch_lora_weights.safetensors  diffusers/PEFT format, alpha kept in the adapter metadata
                                               (checked: diffusers' loader restores every trained module)
          OUT/lora_kohya.safetensors           kohya format for AUTOMATIC1111 / ComfyUI / Forge
+         OUT/ema/                             with train.ema_decay: the same two files for the EMA weights
          OUT/README.md                        model card: base model, params, data hash, training summary
          LIVE/                                DVCLive log: per-step loss, validation loss, lr, images/s,
                                               validation images
 Params:  model, lora, train, augment
+The weights in OUT are the last step's (with train.optimizer=adamw_schedulefree: its averaged evaluation weights).
 
 Several GPUs or machines: `accelerate launch --multi_gpu --num_processes N -m stages.train_lora ...` (the global
 batch is batch_size x gradient_accumulation_steps x N; the main process logs and writes the outputs).
@@ -44,10 +46,22 @@ def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) 
         f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
         f"- trained at {base['resolution']} px on {base['train_images']} images; data sha256 `{base['data_sha256']}`",
         f"- adapters: {base['adapters']}",
-        "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()), "",
+        "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()),
+        *ema_card_lines(loaded["train"]), "",
         "## Training summary", "", "```json", json.dumps(summary, indent=2), "```", "",
         "## Params", "", "```json", json.dumps(params, indent=2), "```", "",
     ])
+
+
+def ema_card_lines(train) -> list[str]:
+    """The model card's line on the EMA weights, when train.ema_decay trained them."""
+    from lanskap.lora import EMA_SUBDIR
+
+    if train.ema_decay is None:
+        return []
+    return [f"- `{EMA_SUBDIR}/`: the same files for the exponential moving average of the weights (train.ema_decay "
+            f"{train.ema_decay}, warm-up {'on' if train.ema_warmup else 'off'}); the files above hold the last step's "
+            "weights"]
 
 
 def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str], base_revision: str | None) -> Path:
@@ -129,7 +143,7 @@ def train_and_export(args, loaded: dict, model, train_table, test_table, resolut
 
 def write_lora(staging: Path, result, summary: dict, loaded: dict, model, data: Path, train_images: int,
                resolution: int) -> None:
-    from lanskap.lora import export_lora, require_lora_reloads
+    from lanskap.lora import EMA_SUBDIR, export_lora, require_lora_reloads
 
     base = {
         "model": model.spec, "revision": model.revision or "n/a", "resolution": resolution,
@@ -140,6 +154,11 @@ def write_lora(staging: Path, result, summary: dict, loaded: dict, model, data: 
     }
     files = export_lora(result.unet, staging, loaded["lora"], base, result.text_encoder)
     require_lora_reloads(model.path, staging)  # every trained module comes back through diffusers' loader
+    if result.ema is not None:
+        (staging / EMA_SUBDIR).mkdir()
+        with result.ema.applied():
+            export_lora(result.unet, staging / EMA_SUBDIR, loaded["lora"], base, result.text_encoder)
+        require_lora_reloads(model.path, staging / EMA_SUBDIR)
     (staging / "README.md").write_text(model_card(base, summary, loaded, files))
 
 

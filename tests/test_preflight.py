@@ -72,6 +72,8 @@ def test_output_estimates_for_generate_and_train_lora():
     assert preflight.generate_bytes(5, 2, 64, 5) == (2 * 5 * 2 + 3 * 5) * 64 * 64 * 3
     # 2 exported files + 3 checkpoints (2 kept, 1 being written) of weights and two AdamW moments, float32.
     assert preflight.train_lora_bytes(1000, checkpoints_kept=2) == 2 * 4000 + 3 * 4000 * 3
+    # Prodigy keeps four tensors per parameter; an EMA doubles the exported files and adds a copy per checkpoint
+    assert preflight.train_lora_bytes(1000, 2, "prodigy", ema=True) == 2 * 2 * 4000 + 3 * 4000 * (2 + 4)
 
 
 def test_ingest_stops_before_writing_when_the_disk_is_too_small(workdir, small_disk):

@@ -96,6 +96,24 @@ def test_interrupted_run_resumes_to_bit_identical_weights(workdir, project_param
     assert not any((workdir / ".lanskap-cache/checkpoints").iterdir())
 
 
+def run_interrupted_then_resumed(monkeypatch, out: str, stop_after: int = 1) -> dict[str, torch.Tensor]:
+    """Run train_lora until its `stop_after`-th checkpoint is written, kill it there, and run it again: the resumed
+    run's diffusers-format LoRA tensors (params.yaml must set train.checkpoint_every)."""
+    saved, save_checkpoint = [], loop.save_checkpoint
+
+    def save_then_die(checkpoint_dir, state, *args):
+        saved.append(save_checkpoint(checkpoint_dir, state, *args))
+        if len(saved) == stop_after:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run_train_stage(out)
+    assert len(saved) == stop_after
+    return run_train_stage(out)
+
+
 def training_log(workdir) -> dict:
     """The DVCLive log's validation-loss rows and validation images (bytes), which must not depend on timing."""
     plots = workdir / "dvclive/train/plots"

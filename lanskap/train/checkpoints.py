@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lanskap.io import atomic_dir, remove_dir
+from lanskap.train.ema import LoraEMA
 
 CHECKPOINTS_KEPT = 2  # the newest is complete (atomic rename); the one before is a spare
 
@@ -20,18 +21,22 @@ class TrainingState:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     validation_losses: dict[int, float] = field(default_factory=dict)
+    ema_validation_losses: dict[int, float] = field(default_factory=dict)  # of the EMA weights, when train.ema_decay
     logged: list[dict] = field(default_factory=list)  # DVCLive rows, replayed on resume (DVC deletes the log)
 
 
 def save_checkpoint(checkpoint_dir: Path, state: TrainingState, lora_parameters: dict[str, torch.nn.Parameter],
-                    optimizer, lr_scheduler) -> Path:
-    """The full training state after `state.step`, written atomically; only the newest CHECKPOINTS_KEPT stay."""
+                    optimizer, lr_scheduler, ema: LoraEMA | None = None) -> Path:
+    """The full training state after `state.step` (the EMA shadows too, when on), written atomically; only the
+    newest CHECKPOINTS_KEPT stay."""
     import safetensors.torch
 
     target = checkpoint_dir / f"step-{state.step:08d}"
     with atomic_dir(target) as staging:
         lora_tensors = {name: parameter.detach().contiguous() for name, parameter in lora_parameters.items()}
         safetensors.torch.save_file(lora_tensors, staging / "lora.safetensors")
+        if ema is not None:
+            safetensors.torch.save_file(ema.shadow, staging / "ema.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -47,8 +52,10 @@ def save_checkpoint(checkpoint_dir: Path, state: TrainingState, lora_parameters:
 
 
 def load_checkpoint(checkpoint_dir: Path, lora_parameters: dict[str, torch.nn.Parameter], optimizer,
-                    lr_scheduler) -> TrainingState | None:
-    """Restore the newest checkpoint into the LoRA parameters, optimizer, lr scheduler and RNGs; None if none."""
+                    lr_scheduler, ema: LoraEMA | None = None) -> TrainingState | None:
+    """Restore the newest checkpoint into the LoRA parameters, EMA, optimizer, lr scheduler and RNGs; None if
+    none. (The folder is keyed by the params, train.ema_decay included: an EMA run never finds a checkpoint
+    without its shadows.)"""
     import safetensors.torch
 
     saved = sorted(checkpoint_dir.glob("step-*"))
@@ -58,6 +65,8 @@ def load_checkpoint(checkpoint_dir: Path, lora_parameters: dict[str, torch.nn.Pa
     with torch.no_grad():
         for name, parameter in lora_parameters.items():
             parameter.copy_(tensors[name])
+    if ema is not None:
+        ema.load(safetensors.torch.load_file(saved[-1] / "ema.safetensors"))
     states = torch.load(saved[-1] / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     lr_scheduler.load_state_dict(states["lr_scheduler"])
@@ -70,6 +79,8 @@ def load_checkpoint(checkpoint_dir: Path, lora_parameters: dict[str, torch.nn.Pa
     name, keys, *rest = document["numpy_rng"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     state = TrainingState(**document["state"])
-    state.validation_losses = {int(step): loss for step, loss in state.validation_losses.items()}  # JSON keys are str
+    state.validation_losses, state.ema_validation_losses = (  # JSON keys are str
+        {int(step): loss for step, loss in losses.items()} for losses in (state.validation_losses,
+                                                                          state.ema_validation_losses))
     print(f"train_lora: resuming from {saved[-1]} (step {state.step})")
     return state

@@ -13,7 +13,9 @@ from lanskap.errors import UserError
 from lanskap.params import AugmentParams, LoraParams, TrainParams
 from lanskap.train.batches import global_batch_size, training_batches
 from lanskap.train.checkpoints import CHECKPOINTS_KEPT, load_checkpoint, save_checkpoint
+from lanskap.train.ema import LoraEMA, make_ema
 from lanskap.train.monitor import HeldOut, Monitor
+from lanskap.train.optimizers import evaluation_weights, keep_evaluation_weights
 from lanskap.train.setup import Trainer, prepare_trainer
 from lanskap.train.step import CaptionEncoder, accumulate_gradients, check_finite, diffusion_loss, optimizer_step
 
@@ -29,14 +31,17 @@ class TrainResult:
     seconds: float  # this run's, not counting steps restored from a checkpoint
     images_per_second: float
     prediction_type: str
+    ema: LoraEMA | None  # None: train.ema_decay is off
+    ema_validation_losses: dict[int, float]
 
 
 def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFrame, lora: LoraParams,
                params: TrainParams, augment: AugmentParams, resolution: int, live=None,
                checkpoint_dir: Path | None = None) -> TrainResult:
     """Train a LoRA on the UNet (and the text encoder if train.text_encoder_learning_rate is set); return the
-    trained modules (adapters attached) and the loss history. Run by each of `accelerate launch`'s processes;
-    only the main one logs, samples and writes checkpoints (pass `live` there only).
+    trained modules (adapters attached, holding the weights to export: schedule-free AdamW's average) and the loss
+    history. Run by each of `accelerate launch`'s processes; only the main one logs, samples and writes
+    checkpoints (pass `live` there only).
 
     With `checkpoint_dir` and `params.checkpoint_every`, the full training state is saved there every that many
     steps, and a run finding a checkpoint there resumes from it, bit-identically to an uninterrupted run."""
@@ -46,7 +51,9 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     trainer, optimizer, lr_scheduler = prepare_trainer(model_dir, lora, params)
     parts, accelerator = trainer.parts, trainer.accelerator
     text_encoder_trains = params.text_encoder_learning_rate is not None
-    resumed = load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler) if checkpoint_dir else None
+    ema = make_ema(trainer.lora_parameters, params)
+    resumed = (load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler, ema)
+               if checkpoint_dir else None)
     first_step = resumed.step if resumed else 0
     check_same_start(accelerator, first_step, checkpoint_dir)
     batches, captions = training_batches(train_table, augment, resolution, params, trainer.share,
@@ -56,7 +63,8 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     monitor = Monitor(live, HeldOut.load(test_table, parts, accelerator.device, resolution, text_encoder_trains),
                       params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS], resolution,
                       params, checkpoint_dir / "images" if checkpoint_dir and params.checkpoint_every else None,
-                      accelerator.is_main_process)
+                      accelerator.is_main_process,
+                      lambda: evaluation_weights(optimizer, params, list(trainer.lora_parameters.values())), ema)
     state = monitor.start(parts, resumed)
     if monitor.main:
         print(f"train_lora: global batch {global_batch_size(params, accelerator.num_processes)} = batch_size "
@@ -71,6 +79,8 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
         check_finite(loss, step, params)
         optimizer_step(accelerator, list(trainer.lora_parameters.values()), optimizer, lr_scheduler,
                        params.max_grad_norm)
+        if ema is not None:
+            ema.update(step)
         state.step = step
         state.losses.append(loss.item())
         images_seen += images * accelerator.num_processes
@@ -78,11 +88,12 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
         bar.set_postfix(loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}")
         monitor.record(parts, state, lr_scheduler.get_last_lr()[0], images_per_second)
         if monitor.main and checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, state, trainer.lora_parameters, optimizer, lr_scheduler)
+            save_checkpoint(checkpoint_dir, state, trainer.lora_parameters, optimizer, lr_scheduler, ema)
     seconds = time.perf_counter() - start
+    keep_evaluation_weights(optimizer, params)
     return TrainResult(parts.unet, parts.text_encoder if text_encoder_trains else None, state.losses,
                        state.validation_losses, seconds, images_seen / seconds if images_seen else 0.0,
-                       parts.noise_scheduler.config.prediction_type)
+                       parts.noise_scheduler.config.prediction_type, ema, state.ema_validation_losses)
 
 
 def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, resolution: int,
@@ -92,8 +103,9 @@ def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, r
     from lanskap.preflight import require_batch_fits, require_free_space, train_lora_bytes
 
     trainable = sum(parameter.numel() for parameter in trainer.lora_parameters.values())
-    require_free_space(checkpoint_dir or Path("."), train_lora_bytes(trainable, CHECKPOINTS_KEPT), "train_lora",
-                       "lora.rank, or train.checkpoint_every: 0")
+    require_free_space(checkpoint_dir or Path("."),
+                       train_lora_bytes(trainable, CHECKPOINTS_KEPT, params.optimizer, params.ema_decay is not None),
+                       "train_lora", "lora.rank, or train.checkpoint_every: 0")
     require_batch_fits(lambda batch: probe_step(trainer, captions, params, resolution, batch), params.batch_size,
                        "train.batch_size", trainer.accelerator.device,
                        if_none_fits="set train.mixed_precision: bf16 and train.gradient_checkpointing: true, or lower "
@@ -130,6 +142,7 @@ def summarise(result: TrainResult) -> dict:
     best_step = min(result.validation_losses, key=result.validation_losses.get)
     last_step = max(result.validation_losses)
     tail = result.losses[-max(1, len(result.losses) // 10):]
+    ema = {"validation_loss_ema_final": result.ema_validation_losses[last_step]} if result.ema else {}
     return {
         "steps": len(result.losses),
         "loss_first": result.losses[0],
@@ -138,6 +151,7 @@ def summarise(result: TrainResult) -> dict:
         "validation_loss_final": result.validation_losses[last_step],
         "validation_loss_best": result.validation_losses[best_step],
         "validation_loss_best_step": best_step,
+        **ema,
         "seconds": round(result.seconds, 2),
         "images_per_second": round(result.images_per_second, 3),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else 0.0,

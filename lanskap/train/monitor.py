@@ -1,6 +1,7 @@
 """What a run records: the held-out validation loss, validation images and the DVCLive log, and its summary."""
 
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 from lanskap.augment import eval_transform
 from lanskap.params import TrainParams
 from lanskap.train.checkpoints import TrainingState
+from lanskap.train.ema import LoraEMA
 from lanskap.train.setup import Components
 from lanskap.train.step import CaptionEncoder, diffusion_loss
 
@@ -74,8 +76,9 @@ def validation_images(parts: Components, prompts: list[str], params: TrainParams
 @dataclass
 class Monitor:
     """What the main process records: DVCLive rows (loss, lr, images/s every step; the held-out loss every
-    validation_every steps and at step 0), validation images every images_every steps. Other processes record
-    nothing; `image_dir` keeps copies of the images beside the checkpoints, for a resumed run to log again."""
+    validation_every steps and at step 0, of the EMA weights too when on), validation images every images_every
+    steps. Other processes record nothing; `image_dir` keeps copies of the images beside the checkpoints, for a
+    resumed run to log again. Losses and images are of the weights `evaluated` puts in place (those exported)."""
 
     live: object
     held_out: HeldOut
@@ -84,14 +87,16 @@ class Monitor:
     params: TrainParams
     image_dir: Path | None
     main: bool
+    evaluated: Callable[[], AbstractContextManager]  # the weights that are exported, in place for the block
+    ema: LoraEMA | None = None
 
     def start(self, parts: Components, resumed: "TrainingState | None") -> "TrainingState":
         """The resumed state with its log replayed, or a fresh one with the base model's loss and images."""
         if resumed is not None:
             replay_log(self.live, resumed, self.image_dir)
             return resumed
-        base_loss = self.held_out.loss(parts, self.params.seed)
-        state = TrainingState(validation_losses={0: base_loss}, logged=[{"step": 0, "validation/loss": base_loss}])
+        state = TrainingState()
+        state.logged.append({"step": 0, **self.validate(parts, state)})
         log_row(self.live, state.logged[0])
         self.images(parts, 0)
         return state
@@ -103,15 +108,26 @@ class Monitor:
         row = {"step": step, "train/loss": state.losses[-1], "learning_rate": learning_rate,
                "images_per_second": images_per_second}
         if step % self.params.validation_every == 0 or last:
-            state.validation_losses[step] = row["validation/loss"] = self.held_out.loss(parts, self.params.seed)
+            row |= self.validate(parts, state)
         state.logged.append(row)
         log_row(self.live, row)
         if self.params.images_every and (step % self.params.images_every == 0 or last):
             self.images(parts, step)
 
+    def validate(self, parts: Components, state: "TrainingState") -> dict[str, float]:
+        """The held-out loss at state.step, recorded in `state`, as DVCLive metrics."""
+        with self.evaluated():
+            state.validation_losses[state.step] = loss = self.held_out.loss(parts, self.params.seed)
+        if self.ema is None:
+            return {"validation/loss": loss}
+        with self.ema.applied():
+            state.ema_validation_losses[state.step] = ema_loss = self.held_out.loss(parts, self.params.seed)
+        return {"validation/loss": loss, "validation/loss_ema": ema_loss}
+
     def images(self, parts: Components, step: int) -> None:
         if self.main and self.params.images_every:
-            grid = validation_images(parts, self.prompts, self.params, self.resolution)
+            with self.evaluated():
+                grid = validation_images(parts, self.prompts, self.params, self.resolution)
             log_image(self.live, self.image_dir, step, grid)
 
 
