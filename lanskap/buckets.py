@@ -60,16 +60,17 @@ def untrained_buckets(groups: dict[Size, list[int]], global_micro_batch: int) ->
     return {size: len(rows) for size, rows in groups.items() if len(rows) < global_micro_batch}
 
 
-def require_trainable_bucket(groups: dict[Size, list[int]], global_micro_batch: int, batch_key: str) -> None:
+def require_trainable_bucket(groups: dict[Size, list[int]], global_micro_batch: int, stage: str,
+                             batch_key: str) -> None:
     """UserError when no bucket holds a whole global micro-batch: training would have no batch to draw."""
     if len(untrained_buckets(groups, global_micro_batch)) < len(groups):
         return
     if len(groups) == 1:
-        raise UserError(f"{batch_key} = {global_micro_batch} exceeds the {sum(map(len, groups.values()))} "
+        raise UserError(f"{stage}: {batch_key} = {global_micro_batch} exceeds the {sum(map(len, groups.values()))} "
                         "training images; lower train.batch_size and raise train.gradient_accumulation_steps to keep "
                         "the global batch")
     largest = max(groups.items(), key=lambda item: len(item[1]))
-    raise UserError(f"no aspect-ratio bucket holds {batch_key} = {global_micro_batch} training images (the fullest, "
+    raise UserError(f"{stage}: no aspect-ratio bucket holds {batch_key} = {global_micro_batch} training images (the fullest, "
                     f"{size_name(largest[0])}, holds {len(largest[1])}): lower train.batch_size (raising "
                     "train.gradient_accumulation_steps keeps the global batch), or make fewer, fuller buckets with a "
                     "lower preprocess.bucket_max_aspect_ratio or a larger preprocess.bucket_reso_steps")

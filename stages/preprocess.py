@@ -127,7 +127,7 @@ def main(argv=None):
     train, test = (with_training_sizes(read_table(args.split / f"{side}.csv", columns), params)
                    for side in ("train", "test"))
     if params.buckets:  # one process: train_lora checks again at the global micro-batch of its processes
-        require_trainable_bucket(bucket_groups(table_sizes(train)), batch_size, "preprocess: train.batch_size")
+        require_trainable_bucket(bucket_groups(table_sizes(train)), batch_size, "preprocess", "train.batch_size")
     both = pd.concat([train, test])
     planned = preprocess_bytes(zip(both["width"], both["height"]), params.resolution,
                                params.center_crop or params.buckets, params.preview_samples)

@@ -121,7 +121,7 @@ def training_batches(train_table: pd.DataFrame, augment: AugmentParams, params: 
     paths, caption_index, captions = load_split(train_table)
     sizes = table_sizes(train_table)
     groups = bucket_groups(sizes)
-    require_trainable_bucket(groups, share.total, "train_lora: train.batch_size x processes")
+    require_trainable_bucket(groups, share.total, "train_lora", "train.batch_size x processes")
     transforms = {size: train_transform(augment, size) for size in groups}
     dataset = CaptionedImages(paths, caption_index, [transforms[size] for size in sizes])
     sampler = process_batches(global_batches(list(groups.values()), share.total, params.seed, first_batch), share)
