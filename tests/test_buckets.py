@@ -15,7 +15,7 @@ from lanskap.buckets import (bucket_groups, bucket_sizes, nearest_bucket, nomina
                              untrained_message)
 from lanskap.errors import UserError
 from lanskap.params import AugmentParams, validate_group
-from lanskap.train import step
+from lanskap.train import loop, step
 from lanskap.train.batches import BatchShare, global_batches
 from lanskap.train.setup import check_training_sizes
 from stages import evaluate, generate
@@ -221,3 +221,28 @@ def test_bucketed_training_trains_each_micro_batch_at_one_buckets_shape(workdir,
                    "--reports", "reports/generate"])  # downstream stages take the bucketed held-out images
     evaluate.main(["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"])
     assert math.isfinite(json.loads((workdir / "metrics/eval.json").read_text())["fid_test_vs_lora"])
+
+
+@pytest.mark.slow
+def test_a_bucketed_run_resumes_to_bit_identical_weights(workdir, project_params, monkeypatch):
+    """Killed after its checkpoint at step 4 (mid second epoch of 3 one-bucket batches), then rerun: the same
+    weights as a run never interrupted."""
+    params = mixed_aspect_workdir(workdir, project_params, buckets=True, bucket_reso_steps=8)
+    run_data_stages(workdir)
+    write_params(workdir, {**params, "train": {**params["train"], "steps": 6, "images_every": 0}})
+    uninterrupted = run_train_stage("models/uninterrupted")
+    write_params(workdir, {**params, "train": {**params["train"], "steps": 6, "images_every": 0,
+                                               "checkpoint_every": 4}})
+    save_checkpoint = loop.save_checkpoint
+
+    def save_then_die(checkpoint_dir, state, *args):
+        save_checkpoint(checkpoint_dir, state, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train_stage("models/resumed")
+    monkeypatch.setattr(loop, "save_checkpoint", save_checkpoint)
+    resumed = run_train_stage("models/resumed")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
