@@ -70,8 +70,8 @@ def require_trainable_bucket(groups: dict[Size, list[int]], global_micro_batch: 
                         "training images; lower train.batch_size and raise train.gradient_accumulation_steps to keep "
                         "the global batch")
     largest = max(groups.items(), key=lambda item: len(item[1]))
-    raise UserError(f"{stage}: no aspect-ratio bucket holds {batch_key} = {global_micro_batch} training images (the fullest, "
-                    f"{size_name(largest[0])}, holds {len(largest[1])}): lower train.batch_size (raising "
+    raise UserError(f"{stage}: no aspect-ratio bucket holds {batch_key} = {global_micro_batch} training images "
+                    f"(the fullest, {size_name(largest[0])}, holds {len(largest[1])}): lower train.batch_size (raising "
                     "train.gradient_accumulation_steps keeps the global batch), or make fewer, fuller buckets with a "
                     "lower preprocess.bucket_max_aspect_ratio or a larger preprocess.bucket_reso_steps")
 

@@ -69,8 +69,8 @@ def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: in
             draw.text((PADDING, top + PADDING + line_index * line_height), line, fill="black", font=font)
         for column, image in enumerate(row):
             scale = cell / max(image.size)  # a square fills its cell; a panorama keeps its shape
-            tile = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                               Image.Resampling.LANCZOS)
+            fitted = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+            tile = image.convert("RGB").resize(fitted, Image.Resampling.LANCZOS)
             grid.paste(tile, (text_width + column * cell + (cell - tile.width) // 2, top + (cell - tile.height) // 2))
         if row_labels and row_index:  # a rule between labels, which may run taller than their images
             draw.line([(0, top), (text_width - 1, top)], fill="#bbbbbb")

@@ -113,7 +113,8 @@ def check_training_sizes(parts: Components, sizes: list[tuple[int, int]]) -> Non
     if uneven:
         raise UserError(f"train_lora: aspect-ratio buckets {', '.join(f'{w}x{h}' for w, h in uneven)} have sides "
                         f"that are not multiples of {multiple}, which this base model needs (its VAE and UNet "
-                        f"downsample by {multiple} in all); set preprocess.bucket_reso_steps to a multiple of {multiple}")
+                        f"downsample by {multiple} in all); set preprocess.bucket_reso_steps to a multiple of "
+                        f"{multiple}")
 
 
 def prepare_trainer(model_dir: Path, lora: LoraParams, params: TrainParams) -> tuple[Trainer, object, object]:
