@@ -87,8 +87,9 @@ def measure(parts, lora_parameters: dict, groups: list[dict], paths, batch_size:
     params = TrainParams(batch_size=batch_size, steps=10_000, mixed_precision="bf16", dataloader_workers=args.workers)
     optimizer, lr_scheduler = make_optimizer(groups, params, fused=args.fused_adamw or None)
     trainer = Trainer(parts, parts, lora_parameters, BatchShare(batch_size), accelerator)
-    table = pd.DataFrame({"path": paths, "caption": "a fantasy landscape"})
-    batches, captions = training_batches(table, AugmentParams(), args.resolution, params, trainer.share, 0)
+    table = pd.DataFrame({"path": paths, "caption": "a fantasy landscape", "bucket_width": args.resolution,
+                          "bucket_height": args.resolution})
+    batches, captions = training_batches(table, AugmentParams(), params, trainer.share, 0)
     caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains=False)
     steps_done = 0
 

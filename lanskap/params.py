@@ -61,8 +61,21 @@ class SplitParams(Group):
 class PreprocessParams(Group):
     resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
     center_crop: bool = True  # False: shorter side resized, aspect ratio kept (the random crop squares it)
+    # Aspect-ratio buckets (lanskap/buckets.py): each image at the size of about resolution^2 pixels nearest its
+    # aspect ratio, sides multiples of bucket_reso_steps, at most bucket_max_aspect_ratio:1; center_crop then unused
+    buckets: bool = False
+    bucket_reso_steps: int = Field(64, ge=8, multiple_of=8)
+    bucket_max_aspect_ratio: float = Field(4.0, ge=1.0, le=16.0)
     preview_samples: int = Field(6, ge=1, le=32)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _square_bucket_exists(self):
+        if self.buckets and self.resolution % self.bucket_reso_steps:
+            raise ValueError(f"with buckets: true, resolution={self.resolution} must be a multiple of "
+                             f"bucket_reso_steps={self.bucket_reso_steps} (so the square bucket has resolution^2 "
+                             "pixels)")
+        return self
 
 
 class AugmentParams(Group):

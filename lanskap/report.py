@@ -42,7 +42,8 @@ def column_label_lines(label: str, font, width: int) -> list[str]:
 
 def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: int = 128,
                row_labels: list[str] | None = None, row_header: str = "") -> Image.Image:
-    """Rows of images resized to `cell` px squares under a header of column labels (wrapped in the cell's width).
+    """Rows of images fitted into `cell` px squares (aspect ratio kept, centred on white) under a header of column
+    labels (wrapped in the cell's width).
 
     With `row_labels` (one per row, e.g. its prompt), a text column on the left holds each label wrapped in full,
     headed `row_header`; a row grows taller than `cell` when its label needs it."""
@@ -67,8 +68,10 @@ def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: in
         for line_index, line in enumerate(wrapped[row_index]):
             draw.text((PADDING, top + PADDING + line_index * line_height), line, fill="black", font=font)
         for column, image in enumerate(row):
-            tile = image.convert("RGB").resize((cell, cell), Image.Resampling.LANCZOS)
-            grid.paste(tile, (text_width + column * cell, top))
+            scale = cell / max(image.size)  # a square fills its cell; a panorama keeps its shape
+            fitted = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+            tile = image.convert("RGB").resize(fitted, Image.Resampling.LANCZOS)
+            grid.paste(tile, (text_width + column * cell + (cell - tile.width) // 2, top + (cell - tile.height) // 2))
         if row_labels and row_index:  # a rule between labels, which may run taller than their images
             draw.line([(0, top), (text_width - 1, top)], fill="#bbbbbb")
         top += heights[row_index]

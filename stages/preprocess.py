@@ -2,11 +2,13 @@
 
 Inputs:  SPLIT/train.csv, SPLIT/test.csv (from split); the images they list; INGESTED/ reports for the card
 Outputs: OUT/images/<sha256 prefix>.png  RGB, shorter side resized to preprocess.resolution, centre-cropped
-                                         unless preprocess.center_crop is false
-         OUT/train.csv, OUT/test.csv     the split tables pointing at the canonical images
+                                         unless preprocess.center_crop is false; with preprocess.buckets, at
+                                         the size of the image's aspect-ratio bucket instead
+         OUT/train.csv, OUT/test.csv     the split tables pointing at the canonical images, with each image's
+                                         training size (bucket_width, bucket_height: square unless bucketed)
          REPORTS/preview.png             original | augmented samples (git-tracked; the paper's Figure 4)
-         REPORTS/data_card.md            counts, sizes, caption statistics, rejected items
-Params:  preprocess, augment
+         REPORTS/data_card.md            counts, sizes, caption statistics, rejected items, buckets
+Params:  preprocess, augment, train.batch_size (the buckets' batches per epoch)
 """
 
 import argparse
@@ -15,7 +17,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from lanskap.augment import canonical_image, to_pil, train_transform
+from lanskap.augment import canonical_image, fit_to_size, to_pil, train_transform
+from lanskap.buckets import (bucket_groups, bucket_sizes, nearest_bucket, require_trainable_bucket,
+                             size_name, table_sizes, untrained_message)
 from lanskap.console import progress
 from lanskap.data import open_rgb, read_table
 from lanskap.errors import run_stage
@@ -25,12 +29,24 @@ from lanskap.preflight import preprocess_bytes, require_free_space
 from lanskap.report import image_grid, save_png
 
 
+def with_training_sizes(table: pd.DataFrame, params: PreprocessParams) -> pd.DataFrame:
+    """The table with each image's training size: the square resolution, or its aspect-ratio bucket."""
+    if not params.buckets:
+        return table.assign(bucket_width=params.resolution, bucket_height=params.resolution)
+    sizes = bucket_sizes(params.resolution, params.bucket_reso_steps, params.bucket_max_aspect_ratio)
+    chosen = [nearest_bucket(width, height, sizes) for width, height in zip(table["width"], table["height"])]
+    return table.assign(bucket_width=[width for width, _ in chosen], bucket_height=[height for _, height in chosen])
+
+
 def write_canonical(table: pd.DataFrame, params: PreprocessParams, staging: Path, out: Path) -> pd.DataFrame:
-    """Write each listed image at training resolution; return the table pointing at the new files."""
+    """Write each listed image at its training size; return the table pointing at the new files."""
     paths = []
     for row in progress(table.itertuples(), total=len(table), desc="preprocess", unit="img"):
         name = f"{row.sha256[:16]}.png"
-        image = canonical_image(open_rgb(row.path), params.resolution, params.center_crop)
+        if params.buckets:  # the bucket's shape: only the excess beyond its aspect ratio is cropped
+            image = fit_to_size(open_rgb(row.path), row.bucket_width, row.bucket_height)
+        else:
+            image = canonical_image(open_rgb(row.path), params.resolution, params.center_crop)
         image.save(staging / "images" / name, compress_level=1)  # DVC-cached: speed over size
         paths.append((out / "images" / name).as_posix())
     return table.assign(source_path=table["path"], path=paths)
@@ -41,9 +57,10 @@ def augmentation_preview(train: pd.DataFrame, params: PreprocessParams, augment:
     import torch
 
     torch.manual_seed(params.seed)
-    transform = train_transform(augment, params.resolution)
     rows = []
-    for path in train["path"].head(params.preview_samples):
+    sampled = train.head(params.preview_samples)
+    for path, size in zip(sampled["path"], table_sizes(sampled)):
+        transform = train_transform(augment, size)
         original = Image.open(staging / "images" / Path(path).name).convert("RGB")
         rows.append([original] + [to_pil(transform(original)) for _ in range(3)])
     return image_grid(rows, ["original", "augmented", "augmented", "augmented"])
@@ -54,14 +71,15 @@ def histogram_rows(values: pd.Series, edges: list[int], unit: str) -> list[str]:
     return [f"| {interval.left:g}-{interval.right:g} {unit} | {count} |" for interval, count in counts.items() if count]
 
 
-def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolution: int) -> str:
+def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolution: int, bucketed: bool) -> str:
     rejected = read_table(ingested / "rejected.csv", ["source", "reason"])
     near = read_table(ingested / "near_duplicates.csv", ["source_a", "source_b", "hash_distance"])
     both = pd.concat([train.assign(side="train"), test.assign(side="test")])
     words = both["caption"].str.split().str.len()
     lines = [
         "# Data card", "",
-        f"- images: {len(both)} ({len(train)} train, {len(test)} test), trained at {resolution} px",
+        f"- images: {len(both)} ({len(train)} train, {len(test)} test), trained at {resolution} px"
+        + (" (in aspect-ratio buckets of about that area: see below)" if bucketed else ""),
         f"- rejected at ingest: {len(rejected)}; near-duplicate pairs kept: {len(near)}",
         f"- caption words: min {words.min()}, median {int(words.median())}, max {words.max()}; "
         f"CLIP tokens max {both['clip_tokens'].max()} ({(both['clip_tokens'] > 77).sum()} over 77, truncated)", "",
@@ -77,6 +95,24 @@ def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolutio
     return "\n".join(lines) + "\n"
 
 
+def bucket_section(train: pd.DataFrame, test: pd.DataFrame, batch_size: int) -> list[str]:
+    """The data card's bucket histogram: each bucket's size, images and whole micro-batches per epoch."""
+    train_groups, test_groups = bucket_groups(table_sizes(train)), bucket_groups(table_sizes(test))
+    rows = [f"| {size_name(size)} | {size[0] / size[1]:.2f} | {len(train_groups.get(size, []))} | "
+            f"{len(test_groups.get(size, []))} | {len(train_groups.get(size, [])) // batch_size} |"
+            for size in sorted(train_groups.keys() | test_groups.keys())]
+    untrained = untrained_message(train_groups, batch_size)
+    return [
+        "## Aspect-ratio buckets", "",
+        f"Each training micro-batch is drawn from one bucket. Batches per epoch at train.batch_size = {batch_size} on "
+        "one process (with N processes a micro-batch is N times larger); each epoch a bucket's last partial batch "
+        "is dropped (a different remainder each epoch, in a fresh order). Held-out images are evaluated at their "
+        "bucket's size.", "",
+        "| bucket (W x H) | aspect W/H | train images | test images | batches per epoch |", "|---|---|---|---|---|",
+        *rows, "", f"- {untrained}" if untrained else "- every training image is in a bucket that trains", "",
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", type=Path, required=True)
@@ -84,14 +120,17 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reports", type=Path, required=True)
     args = parser.parse_args(argv)
-    loaded = load_params("preprocess", "augment")
-    params, augment = loaded["preprocess"], loaded["augment"]
+    loaded = load_params("preprocess", "augment", "train")
+    params, augment, batch_size = loaded["preprocess"], loaded["augment"], loaded["train"].batch_size
 
     columns = ["path", "sha256", "caption", "width", "height", "clip_tokens"]
-    train, test = (read_table(args.split / f"{side}.csv", columns) for side in ("train", "test"))
+    train, test = (with_training_sizes(read_table(args.split / f"{side}.csv", columns), params)
+                   for side in ("train", "test"))
+    if params.buckets:  # one process: train_lora checks again at the global micro-batch of its processes
+        require_trainable_bucket(bucket_groups(table_sizes(train)), batch_size, "preprocess", "train.batch_size")
     both = pd.concat([train, test])
-    planned = preprocess_bytes(zip(both["width"], both["height"]), params.resolution, params.center_crop,
-                               params.preview_samples)
+    planned = preprocess_bytes(zip(both["width"], both["height"]), params.resolution,
+                               params.center_crop or params.buckets, params.preview_samples)
     require_free_space(args.out, planned, "preprocess", "preprocess.resolution, or fewer images at ingest")
     with atomic_dir(args.out) as staging:
         (staging / "images").mkdir()
@@ -101,7 +140,10 @@ def main(argv=None):
         write_csv(staging / "test.csv", test)
         with atomic_dir(args.reports) as reports:
             save_png(augmentation_preview(train, params, augment, staging), reports / "preview.png")
-            write_text(reports / "data_card.md", data_card(train, test, args.ingested, params.resolution))
+            card = data_card(train, test, args.ingested, params.resolution, params.buckets)
+            if params.buckets:
+                card += "\n" + "\n".join(bucket_section(train, test, batch_size))
+            write_text(reports / "data_card.md", card)
     print(f"preprocess: {len(train)} train + {len(test)} test images at {params.resolution} px -> {args.out}; "
           f"preview and data card -> {args.reports}")
 

@@ -21,8 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from PIL import Image
-
+from lanskap.buckets import BUCKET_COLUMNS, bucket_groups, nominal_resolution, size_name, table_sizes
 from lanskap.code_closure import code_digest
 from lanskap.console import quiet_libraries
 from lanskap.data import read_table
@@ -45,6 +44,7 @@ def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) 
         f"# LoRA for {base['model']}", "",
         f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
         f"- trained at {base['resolution']} px on {base['train_images']} images; data sha256 `{base['data_sha256']}`",
+        *([f"- aspect-ratio buckets (W x H: training images): {base['buckets']}"] if base.get("buckets") else []),
         f"- adapters: {base['adapters']}",
         "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()),
         *ema_card_lines(loaded["train"]), "",
@@ -100,16 +100,15 @@ def main(argv=None):
     processes = process_state()
     with processes.main_process_first():  # one process downloads or builds the base model, the others then read it
         model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
-    train_table = read_table(args.data / "train.csv", ["path", "caption"])
-    test_table = read_table(args.data / "test.csv", ["path", "caption"])
-    resolution = min(Image.open(train_table["path"][0]).size)  # the shorter side: preprocess.resolution
+    train_table = read_table(args.data / "train.csv", ["path", "caption", *BUCKET_COLUMNS])
+    test_table = read_table(args.data / "test.csv", ["path", "caption", *BUCKET_COLUMNS])
     checkpoints = checkpoint_dir(loaded, args.data, train_table["path"].tolist(), model.revision)
     if not processes.is_main_process:  # another of `accelerate launch`'s processes: trains its share, writes nothing
         train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"], loaded["augment"],
-                   resolution, checkpoint_dir=checkpoints)
+                   checkpoint_dir=checkpoints)
         return
     try:
-        summary = train_and_export(args, loaded, model, train_table, test_table, resolution, checkpoints)
+        summary = train_and_export(args, loaded, model, train_table, test_table, checkpoints)
     except KeyboardInterrupt:
         resume = (f"; the next run resumes from the newest checkpoint in {checkpoints}"
                   if any(checkpoints.glob("step-*")) else "")
@@ -122,7 +121,7 @@ def main(argv=None):
           f"{summary['validation_loss_best']:.4f} at step {summary['validation_loss_best_step']} -> {args.out}")
 
 
-def train_and_export(args, loaded: dict, model, train_table, test_table, resolution: int, checkpoints: Path) -> dict:
+def train_and_export(args, loaded: dict, model, train_table, test_table, checkpoints: Path) -> dict:
     """Train, then write the LoRA and the DVCLive log into staging folders swapped in only when both are complete:
     an interruption (Ctrl-C, an error) leaves the previous LoRA and log (tracked in git) as they were. dvc.yaml marks
     them `persist`, so that DVC does not delete them before the run either."""
@@ -133,23 +132,31 @@ def train_and_export(args, loaded: dict, model, train_table, test_table, resolut
     with atomic_dir(args.live) as live_dir, atomic_dir(args.out) as staging:
         with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
             result = train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"],
-                                loaded["augment"], resolution, live, checkpoints)
+                                loaded["augment"], live, checkpoints)
             summary = summarise(result)
             for key, value in summary.items():
                 live.summary[key] = value
-        write_lora(staging, result, summary, loaded, model, args.data, len(train_table), resolution)
+        write_lora(staging, result, summary, loaded, model, args.data, train_table)
     return summary
 
 
-def write_lora(staging: Path, result, summary: dict, loaded: dict, model, data: Path, train_images: int,
-               resolution: int) -> None:
+def bucket_summary(train_table) -> str | None:
+    """The training buckets and their image counts, or None for a single square size (no buckets)."""
+    groups = bucket_groups(table_sizes(train_table))
+    if len(groups) == 1 and next(iter(groups))[0] == next(iter(groups))[1]:
+        return None
+    return ", ".join(f"{size_name(size)}: {len(rows)}" for size, rows in groups.items())
+
+
+def write_lora(staging: Path, result, summary: dict, loaded: dict, model, data: Path, train_table) -> None:
     from lanskap.lora import EMA_SUBDIR, export_lora, require_lora_reloads
 
     base = {
-        "model": model.spec, "revision": model.revision or "n/a", "resolution": resolution,
+        "model": model.spec, "revision": model.revision or "n/a",
+        "resolution": nominal_resolution(table_sizes(train_table)), "buckets": bucket_summary(train_table),
         "prediction_type": result.prediction_type,
         "adapters": "UNet" if result.text_encoder is None else "UNet and text encoder",
-        "train_images": train_images, "steps": loaded["train"].steps,
+        "train_images": len(train_table), "steps": loaded["train"].steps,
         "data_sha256": hashlib.sha256((data / "train.csv").read_bytes()).hexdigest(),
     }
     files = export_lora(result.unet, staging, loaded["lora"], base, result.text_encoder)

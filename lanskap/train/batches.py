@@ -1,5 +1,6 @@
 """Training batches as a function of the position in the run only: which images, with which augmentation seed,
-and which rows of each global micro-batch this process trains on."""
+and which rows of each global micro-batch this process trains on. Every global micro-batch comes from one
+aspect-ratio bucket (a single one, the square resolution, unless preprocess.buckets is set)."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from lanskap.augment import train_transform
-from lanskap.errors import UserError
+from lanskap.buckets import bucket_groups, require_trainable_bucket, table_sizes
 from lanskap.params import AugmentParams, TrainParams
 
 AUGMENTATION_STREAM, NOISE_STREAM = 0, 1
@@ -50,11 +51,11 @@ class BatchShare:
 
 
 class CaptionedImages(Dataset):
-    """Canonical training images, transformed on access. A key is (image index, augmentation seed); an item is
-    (pixels [3, H, W], caption id)."""
+    """Canonical training images, transformed on access by each image's own transform (its bucket's size). A key
+    is (image index, augmentation seed); an item is (pixels [3, H, W], caption id)."""
 
-    def __init__(self, paths: list[str], caption_index: list[int], transform):
-        self.paths, self.caption_index, self.transform = paths, caption_index, transform
+    def __init__(self, paths: list[str], caption_index: list[int], transforms: list):
+        self.paths, self.caption_index, self.transforms = paths, caption_index, transforms
 
     def __len__(self):
         return len(self.paths)
@@ -63,7 +64,7 @@ class CaptionedImages(Dataset):
         index, seed = key
         with Image.open(self.paths[index]) as image, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # torchvision's random transforms draw from the global generator
-            return self.transform(image.convert("RGB")), self.caption_index[index]
+            return self.transforms[index](image.convert("RGB")), self.caption_index[index]
 
 
 def load_split(table: pd.DataFrame) -> tuple[list[str], list[int], list[str]]:
@@ -73,22 +74,35 @@ def load_split(table: pd.DataFrame) -> tuple[list[str], list[int], list[str]]:
     return table["path"].tolist(), [position[c] for c in table["caption"]], captions
 
 
-def global_batches(num_images: int, global_batch: int, seed: int, start: int) -> Iterator[list[tuple[int, int]]]:
-    """Global micro-batches of (image index, augmentation seed) forever, from micro-batch number `start` on.
+def epoch_batches(groups: list[list[int]], global_batch: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's global micro-batches of image indices: each bucket's images in a fresh random order cut into
+    whole batches (the partial rest dropped), then the buckets' batches shuffled together."""
+    batches = []
+    for group in groups:
+        order = torch.randperm(len(group), generator=generator).tolist()
+        batches += [[group[i] for i in order[start:start + global_batch]]
+                    for start in range(0, len(group) - global_batch + 1, global_batch)]
+    if len(groups) > 1:  # a single bucket's batches are in random order already (and unbucketed runs unchanged)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
 
-    Each epoch is a fresh permutation from one seeded generator and each image's augmentation seed depends on its
-    place in the sequence only, so the data a run sees is a function of the micro-batch count: a resumed run, or
-    a run split over N processes, sees the same. The last partial batch of an epoch is dropped."""
-    batches_per_epoch = num_images // global_batch
+
+def global_batches(groups: list[list[int]], global_batch: int, seed: int,
+                   start: int) -> Iterator[list[tuple[int, int]]]:
+    """Global micro-batches of (image index, augmentation seed) forever, from micro-batch number `start` on; each
+    from one group (bucket) of image indices.
+
+    Each epoch is drawn from one seeded generator and each image's augmentation seed depends on its place in the
+    sequence only, so the data a run sees is a function of the micro-batch count: a resumed run, or a run split
+    over N processes, sees the same."""
+    batches_per_epoch = sum(len(group) // global_batch for group in groups)
     epoch, position = divmod(start, batches_per_epoch)
     order_generator = torch.Generator().manual_seed(seed)
-    for _ in range(epoch):  # replay the permutations of the epochs already done
-        torch.randperm(num_images, generator=order_generator)
+    for _ in range(epoch):  # replay the draws of the epochs already done
+        epoch_batches(groups, global_batch, order_generator)
     number = start
     while True:
-        order = torch.randperm(num_images, generator=order_generator).tolist()
-        for batch in range(position, batches_per_epoch):
-            indices = order[batch * global_batch:(batch + 1) * global_batch]
+        for indices in epoch_batches(groups, global_batch, order_generator)[position:]:
             yield [(index, derived_seed(seed, AUGMENTATION_STREAM, number, k)) for k, index in enumerate(indices)]
             number += 1
         position = 0
@@ -100,14 +114,17 @@ def process_batches(batches: Iterator[list], share: BatchShare) -> Iterator[list
         yield share.rows(batch)
 
 
-def training_batches(train_table: pd.DataFrame, augment: AugmentParams, resolution: int, params: TrainParams,
-                     share: BatchShare, first_batch: int) -> tuple[Iterator, list[str]]:
+def training_batches(train_table: pd.DataFrame, augment: AugmentParams, params: TrainParams, share: BatchShare,
+                     first_batch: int) -> tuple[Iterator, list[str]]:
     """This process's (pixels [B, 3, H, W], caption ids [B]) micro-batches from micro-batch `first_batch` on, and
-    the distinct captions the ids index."""
+    the distinct captions the ids index. H, W: the micro-batch's bucket (the table's bucket columns)."""
     paths, caption_index, captions = load_split(train_table)
-    check_batch_within_data(len(paths), share.total)
-    dataset = CaptionedImages(paths, caption_index, train_transform(augment, resolution))
-    sampler = process_batches(global_batches(len(paths), share.total, params.seed, first_batch), share)
+    sizes = table_sizes(train_table)
+    groups = bucket_groups(sizes)
+    require_trainable_bucket(groups, share.total, "train_lora", "train.batch_size x processes")
+    transforms = {size: train_transform(augment, size) for size in groups}
+    dataset = CaptionedImages(paths, caption_index, [transforms[size] for size in sizes])
+    sampler = process_batches(global_batches(list(groups.values()), share.total, params.seed, first_batch), share)
     # Workers decode and augment the next batches while the GPU trains; each image's augmentation is seeded by its
     # place in the run, so their number changes no result. The loader's own generator: creating its iterator would
     # otherwise draw from the global RNG that a resume restored.
@@ -115,13 +132,6 @@ def training_batches(train_table: pd.DataFrame, augment: AugmentParams, resoluti
     loader = DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     return iter(loader), captions
-
-
-def check_batch_within_data(num_images: int, global_micro_batch: int) -> None:
-    if global_micro_batch > num_images:
-        raise UserError(f"train_lora: train.batch_size x processes = {global_micro_batch} exceeds the {num_images} "
-                        "training images; lower train.batch_size and raise train.gradient_accumulation_steps to keep "
-                        "the global batch")
 
 
 def global_batch_size(params: TrainParams, num_processes: int) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lanskap.buckets import bucket_groups, nominal_resolution, table_sizes, untrained_message
 from lanskap.console import progress
 from lanskap.errors import UserError
 from lanskap.params import AugmentParams, LoraParams, TrainParams
@@ -16,7 +17,7 @@ from lanskap.train.checkpoints import CHECKPOINTS_KEPT, load_checkpoint, save_ch
 from lanskap.train.ema import LoraEMA, make_ema
 from lanskap.train.monitor import HeldOut, Monitor
 from lanskap.train.optimizers import evaluation_weights, keep_evaluation_weights
-from lanskap.train.setup import Trainer, prepare_trainer
+from lanskap.train.setup import Trainer, check_training_sizes, prepare_trainer
 from lanskap.train.step import CaptionEncoder, accumulate_gradients, check_finite, diffusion_loss, optimizer_step
 
 DEFAULT_IMAGE_PROMPTS = 4  # validation images of the first test captions when train.image_prompts is empty
@@ -36,7 +37,7 @@ class TrainResult:
 
 
 def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFrame, lora: LoraParams,
-               params: TrainParams, augment: AugmentParams, resolution: int, live=None,
+               params: TrainParams, augment: AugmentParams, live=None,
                checkpoint_dir: Path | None = None) -> TrainResult:
     """Train a LoRA on the UNet (and the text encoder if train.text_encoder_learning_rate is set); return the
     trained modules (adapters attached, holding the weights to export: schedule-free AdamW's average) and the loss
@@ -44,25 +45,29 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
     checkpoints (pass `live` there only).
 
     With `checkpoint_dir` and `params.checkpoint_every`, the full training state is saved there every that many
-    steps, and a run finding a checkpoint there resumes from it, bit-identically to an uninterrupted run."""
+    steps, and a run finding a checkpoint there resumes from it, bit-identically to an uninterrupted run.
+    Each image trains at its table row's bucket size; validation images are squares of about the buckets' area."""
     from accelerate.utils import set_seed
 
     set_seed(params.seed)
     trainer, optimizer, lr_scheduler = prepare_trainer(model_dir, lora, params)
     parts, accelerator = trainer.parts, trainer.accelerator
+    sizes = table_sizes(train_table)
+    check_training_sizes(parts, sizes + table_sizes(test_table))
     text_encoder_trains = params.text_encoder_learning_rate is not None
     ema = make_ema(trainer.lora_parameters, params)
     resumed = (load_checkpoint(checkpoint_dir, trainer.lora_parameters, optimizer, lr_scheduler, ema)
                if checkpoint_dir else None)
     first_step = resumed.step if resumed else 0
     check_same_start(accelerator, first_step, checkpoint_dir)
-    batches, captions = training_batches(train_table, augment, resolution, params, trainer.share,
+    batches, captions = training_batches(train_table, augment, params, trainer.share,
                                          first_batch=first_step * params.gradient_accumulation_steps)
     caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains)
-    preflight(trainer, caption_encoder, params, resolution, checkpoint_dir)
-    monitor = Monitor(live, HeldOut.load(test_table, parts, accelerator.device, resolution, text_encoder_trains),
-                      params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS], resolution,
-                      params, checkpoint_dir / "images" if checkpoint_dir and params.checkpoint_every else None,
+    preflight(trainer, caption_encoder, params, max(sizes, key=lambda size: size[0] * size[1]), checkpoint_dir)
+    monitor = Monitor(live, HeldOut.load(test_table, parts, accelerator.device, text_encoder_trains),
+                      params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS],
+                      nominal_resolution(sizes), params,
+                      checkpoint_dir / "images" if checkpoint_dir and params.checkpoint_every else None,
                       accelerator.is_main_process,
                       lambda: evaluation_weights(optimizer, params, list(trainer.lora_parameters.values())), ema)
     state = monitor.start(parts, resumed)
@@ -70,6 +75,9 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
         print(f"train_lora: global batch {global_batch_size(params, accelerator.num_processes)} = batch_size "
               f"{params.batch_size} x gradient_accumulation_steps {params.gradient_accumulation_steps} x processes "
               f"{accelerator.num_processes}")
+        untrained = untrained_message(bucket_groups(sizes), trainer.share.total)
+        if untrained:
+            print(f"train_lora: warning: {untrained}")
     images_seen, start = 0, time.perf_counter()
     bar = progress(range(first_step + 1, params.steps + 1), desc="train_lora", unit="step", initial=first_step,
                     total=params.steps, disable=not monitor.main)
@@ -96,17 +104,17 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
                        parts.noise_scheduler.config.prediction_type, ema, state.ema_validation_losses)
 
 
-def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, resolution: int,
+def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, size: tuple[int, int],
               checkpoint_dir: Path | None) -> None:
     """Stop before training, not hours in, when the disk cannot hold the checkpoints and outputs or the GPU cannot
-    hold a step at train.batch_size (the error names the batch that fits)."""
+    hold a step at train.batch_size of the largest training size (the error names the batch that fits)."""
     from lanskap.preflight import require_batch_fits, require_free_space, train_lora_bytes
 
     trainable = sum(parameter.numel() for parameter in trainer.lora_parameters.values())
     require_free_space(checkpoint_dir or Path("."),
                        train_lora_bytes(trainable, CHECKPOINTS_KEPT, params.optimizer, params.ema_decay is not None),
                        "train_lora", "lora.rank, or train.checkpoint_every: 0")
-    require_batch_fits(lambda batch: probe_step(trainer, captions, params, resolution, batch), params.batch_size,
+    require_batch_fits(lambda batch: probe_step(trainer, captions, params, size, batch), params.batch_size,
                        "train.batch_size", trainer.accelerator.device,
                        if_none_fits="set train.mixed_precision: bf16 and train.gradient_checkpointing: true, or lower "
                                     "preprocess.resolution",
@@ -114,11 +122,12 @@ def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, r
                        accumulation_steps=params.gradient_accumulation_steps)
 
 
-def probe_step(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, resolution: int, batch: int) -> None:
-    """One forward and backward at `batch` on blank images, on the unwrapped modules (no cross-process sync),
-    leaving no gradient and no random draw behind."""
+def probe_step(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, size: tuple[int, int],
+               batch: int) -> None:
+    """One forward and backward at `batch` on blank images of size (width, height), on the unwrapped modules (no
+    cross-process sync), leaving no gradient and no random draw behind."""
     parts, device = trainer.parts, trainer.accelerator.device
-    pixel_values = torch.zeros(batch, 3, resolution, resolution, device=device)
+    pixel_values = torch.zeros(batch, 3, size[1], size[0], device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with trainer.accelerator.autocast():
             states = captions(parts.text_encoder, torch.zeros(batch, dtype=torch.long, device=device))

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from lanskap.augment import eval_transform
+from lanskap.buckets import bucket_groups, table_sizes
 from lanskap.params import TrainParams
 from lanskap.train.checkpoints import TrainingState
 from lanskap.train.ema import LoraEMA
@@ -31,28 +32,35 @@ def eval_mode(*modules: torch.nn.Module):
 
 @dataclass
 class HeldOut:
-    """The test images (canonical, centre-cropped, not augmented) and their captions, for the validation loss."""
+    """The test images (canonical, centre-cropped to their training size, not augmented) in one batch per bucket,
+    and their captions, for the validation loss."""
 
-    pixel_values: torch.Tensor  # [n_test, 3, H, W]
+    buckets: list[tuple[torch.Tensor, torch.Tensor]]  # per bucket: pixels [n_b, 3, H_b, W_b], caption ids [n_b]
     captions: CaptionEncoder
 
     @classmethod
-    def load(cls, table: pd.DataFrame, parts: Components, device, resolution: int, text_encoder_trains: bool):
-        to_tensor = eval_transform(resolution)
-        pixels = torch.stack([to_tensor(Image.open(path).convert("RGB")) for path in table["path"]])
-        return cls(pixels.to(device), CaptionEncoder(table["caption"].tolist(), parts, device, text_encoder_trains))
+    def load(cls, table: pd.DataFrame, parts: Components, device, text_encoder_trains: bool):
+        paths, buckets = table["path"].tolist(), []
+        for size, rows in bucket_groups(table_sizes(table)).items():
+            to_tensor = eval_transform(size)
+            pixels = torch.stack([to_tensor(Image.open(paths[row]).convert("RGB")) for row in rows])
+            buckets.append((pixels.to(device), torch.tensor(rows, device=device)))
+        return cls(buckets, CaptionEncoder(table["caption"].tolist(), parts, device, text_encoder_trains))
 
     def loss(self, parts: Components, seed: int) -> float:
-        """Loss with fixed noise and timesteps, so values are comparable across steps."""
-        generator = torch.Generator(self.pixel_values.device).manual_seed(seed)
+        """Mean loss over the images with fixed noise and timesteps, so values are comparable across steps."""
+        generator = torch.Generator(self.buckets[0][0].device).manual_seed(seed)
+        count, loss = sum(len(rows) for _, rows in self.buckets), 0.0
         with eval_mode(parts.unet, parts.text_encoder), torch.no_grad():
-            states = self.captions(parts.text_encoder, torch.arange(len(self.pixel_values), device=self.pixel_values.device))
-            return diffusion_loss(parts, self.pixel_values, states, generator).item()
+            for pixel_values, rows in self.buckets:  # weights n_b / n: exactly 1.0 for a single bucket
+                states = self.captions(parts.text_encoder, rows)
+                loss += diffusion_loss(parts, pixel_values, states, generator).item() * (len(rows) / count)
+        return loss
 
 
 def validation_images(parts: Components, prompts: list[str], params: TrainParams, resolution: int) -> Image.Image:
-    """One image per prompt, each from its own fixed seed (train.seed + position), as a labelled row: the same
-    prompts and noise at every interval, so successive rows show what training changed."""
+    """One square image per prompt, each from its own fixed seed (train.seed + position), as a labelled row: the
+    same prompts and noise at every interval, so successive rows show what training changed."""
     import diffusers
 
     from lanskap.report import image_grid

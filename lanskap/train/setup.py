@@ -97,6 +97,26 @@ def check_mixed_precision(model_dir: Path, params: TrainParams) -> None:
                         "a GPU without bf16)")
 
 
+def pixel_multiple(parts: Components) -> int:
+    """What an image side must be a multiple of for the latent to pass the UNet's downsampling evenly: the VAE's
+    factor (2 per block after the first: 8 for SD 2.x, 4 for the built-in) times the UNet's (8 for SD 2.x, 2 for the
+    built-in)."""
+    return 2 ** (len(parts.vae.config.block_out_channels) - 1) * 2 ** (len(parts.unet.config.down_block_types) - 1)
+
+
+def check_training_sizes(parts: Components, sizes: list[tuple[int, int]]) -> None:
+    """Refuse aspect-ratio buckets whose sides this model cannot take evenly. Square sizes are preprocess.resolution,
+    accepted at any multiple of 8 as before buckets existed."""
+    multiple = pixel_multiple(parts)
+    uneven = sorted({(width, height) for width, height in sizes if width != height and (width % multiple or
+                                                                                          height % multiple)})
+    if uneven:
+        raise UserError(f"train_lora: aspect-ratio buckets {', '.join(f'{w}x{h}' for w, h in uneven)} have sides "
+                        f"that are not multiples of {multiple}, which this base model needs (its VAE and UNet "
+                        f"downsample by {multiple} in all); set preprocess.bucket_reso_steps to a multiple of "
+                        f"{multiple}")
+
+
 def prepare_trainer(model_dir: Path, lora: LoraParams, params: TrainParams) -> tuple[Trainer, object, object]:
     """Load the base model, attach the adapters, and let accelerate wrap the trained modules and the optimizer."""
     check_mixed_precision(model_dir, params)
