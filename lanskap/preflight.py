@@ -30,7 +30,7 @@ MARGIN = 1.25  # file-system blocks, PNG headers and row filters, logs, temporar
 HEADROOM_BYTES = 256 * 2**20  # never fill the disk to the last byte: other programs share it
 RGB_BYTES = 3  # an 8-bit RGB pixel; PNG compresses below this, so pixels x 3 bounds a PNG's size
 NOMINAL_DOWNLOAD_BYTES = 4 * 2**20  # a URL's image before it is fetched: a large JPEG photo
-FLOAT32_BYTES = 4  # LoRA weights stay float32 whatever the base model's dtype (see lanskap.lora)
+FLOAT32_BYTES = 4  # LoRA weights stay float32 whatever the base model's dtype (see lanskap.lora.adapters)
 ADAM_STATES = 2  # AdamW keeps exp_avg and exp_avg_sq per parameter
 
 
