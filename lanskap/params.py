@@ -6,6 +6,7 @@ naming the key, the value and what is allowed. The defaults below are the demo p
 presets that compose `params.yaml` (see README).
 """
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -99,7 +100,16 @@ class AugmentParams(Group):
         return self
 
 
+# Keys that configure one adapter type only, with the value that leaves them off: a value set for another type is
+# an error, not a silent no-op.
+LORA_ONLY = {"dropout": 0.0, "use_dora": False, "use_rslora": False, "init_lora_weights": "gaussian"}
+LOKR_ONLY = {"decompose_factor": -1, "decompose_both": False}
+
+
 class LoraParams(Group):
+    # lora: low-rank B A; loha: Hadamard product of two low-rank products (LyCORIS LoHa); lokr: Kronecker product of
+    # two factors, the larger one low-rank (LyCORIS LoKr). All three train through peft.
+    type: Literal["lora", "loha", "lokr"] = "lora"
     rank: int = Field(4, ge=1, le=1024)
     alpha: float = Field(4.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -114,6 +124,22 @@ class LoraParams(Group):
     # Both start the adapter as a no-op (B = 0). PiSSA/OLoRA-style inits are not offered: they rewrite the base
     # weights, so the exported adapter would be wrong on the stock base model.
     init_lora_weights: Literal["gaussian", "kaiming"] = "gaussian"
+    # lokr: the first Kronecker factor's size for each layer dimension it divides (else the largest divisor below it);
+    # -1: the divisor nearest the square root
+    decompose_factor: int = Field(-1, ge=-1)
+    decompose_both: bool = False  # lokr: the first factor low-rank too (else a full small matrix)
+
+    @model_validator(mode="after")
+    def _keys_of_the_adapter_type(self):
+        if self.decompose_factor == 0:
+            raise ValueError("lora.decompose_factor must be -1 (near the square root) or a size >= 1, got 0")
+        for applies_to, keys in (("lora", LORA_ONLY), ("lokr", LOKR_ONLY)):
+            for key, off in keys.items():
+                if self.type != applies_to and getattr(self, key) != off:
+                    value = json.dumps(getattr(self, key))
+                    raise ValueError(f"lora.{key}={value} applies to lora.type={applies_to} only, not lora.type="
+                                     f"{self.type}: set lora.{key}: {json.dumps(off)} (off) or lora.type: {applies_to}")
+        return self
 
 
 PRODIGY_MIN_LEARNING_RATE = 0.1  # below this, an Adam-sized learning rate was most likely carried over

@@ -30,7 +30,7 @@ MARGIN = 1.25  # file-system blocks, PNG headers and row filters, logs, temporar
 HEADROOM_BYTES = 256 * 2**20  # never fill the disk to the last byte: other programs share it
 RGB_BYTES = 3  # an 8-bit RGB pixel; PNG compresses below this, so pixels x 3 bounds a PNG's size
 NOMINAL_DOWNLOAD_BYTES = 4 * 2**20  # a URL's image before it is fetched: a large JPEG photo
-FLOAT32_BYTES = 4  # LoRA weights stay float32 whatever the base model's dtype (see lanskap.lora)
+FLOAT32_BYTES = 4  # LoRA weights stay float32 whatever the base model's dtype (see lanskap.lora.adapters)
 # float32 tensors each train.optimizer keeps per parameter: AdamW exp_avg and exp_avg_sq (8-bit AdamW less);
 # Prodigy those and s, p0; schedule-free AdamW z and exp_avg_sq
 OPTIMIZER_STATES = {"adamw": 2, "adamw8bit": 2, "prodigy": 4, "adamw_schedulefree": 2}

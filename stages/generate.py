@@ -1,8 +1,8 @@
 """generate: images for every test caption from the base model and from base + LoRA, paired by seed.
 
-Inputs:  PROCESSED/test.csv (captions and reference images), LORA/pytorch_lora_weights.safetensors, or
-         LORA/ema/pytorch_lora_weights.safetensors with generate.lora_weights: ema
-         (refused unless every module it records as trained is restored on loading)
+Inputs:  PROCESSED/test.csv (captions and reference images), LORA/pytorch_lora_weights.safetensors (LoRA) or
+         LORA/peft_adapter_weights.safetensors (LoHa, LoKr), or the same under LORA/ema/ with
+         generate.lora_weights: ema; refused unless every module it records as trained is restored on loading
 Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same seed per pair
          OUT/index.csv                   prompt_index, sample, caption, seed, model, path, reference_path,
                                          lora_weights (raw or ema on LoRA rows, none on base rows)
@@ -61,7 +61,7 @@ def main(argv=None):
 
     import torch
 
-    from lanskap.lora import load_lora_into_pipeline, lora_weights_dir
+    from lanskap.lora.files import load_lora_into_pipeline, lora_weights_dir
     from lanskap.models import resolve_base_model
     from lanskap.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
 

@@ -1,10 +1,13 @@
-"""train_lora: fine-tune the base model's UNet with LoRA on the training images.
+"""train_lora: fine-tune the base model's UNet with LoRA (or LoHa, LoKr: lora.type) on the training images.
 
 Inputs:  PROCESSED/train.csv, PROCESSED/test.csv and their images (from preprocess); the base model
-Outputs: OUT/pytorch_lora_weights.safetensors  diffusers/PEFT format, alpha kept in the adapter metadata
-                                              (checked: diffusers' loader restores every trained module)
-         OUT/lora_kohya.safetensors           kohya format for AUTOMATIC1111 / ComfyUI / Forge
-         OUT/ema/                             with train.ema_decay: the same two files for the EMA weights
+Outputs: OUT/pytorch_lora_weights.safetensors  lora.type=lora: diffusers/PEFT format, alpha kept in the adapter
+                                              metadata (checked: diffusers' loader restores every trained module)
+         OUT/peft_adapter_weights.safetensors lora.type=loha/lokr: PEFT keys and configs, what generate loads
+                                              (checked: every trained module and tensor is restored)
+         OUT/<type>_kohya.safetensors         kohya format (LyCORIS keys for loha/lokr) for AUTOMATIC1111 /
+                                              ComfyUI / Forge; not written for DoRA
+         OUT/ema/                             with train.ema_decay: the same files for the EMA weights
          OUT/README.md                        model card: base model, params, data hash, training summary
          LIVE/                                DVCLive log: per-step loss, validation loss, lr, images/s,
                                               validation images
@@ -29,7 +32,8 @@ from lanskap.errors import run_stage
 from lanskap.io import atomic_dir, remove_dir, sha256_file
 from lanskap.params import load_params
 
-FILE_USE = {"diffusers": "diffusers: `pipe.load_lora_weights(dir)`", "kohya": "AUTOMATIC1111 / ComfyUI"}
+FILE_USE = {"diffusers": "diffusers: `pipe.load_lora_weights(dir)`", "kohya": "AUTOMATIC1111 / ComfyUI",
+            "peft": "peft: inject the config in its metadata, then `set_peft_model_state_dict`"}
 CHECKPOINT_ROOT = Path(".lanskap-cache/checkpoints")  # relative to the project root, outside DVC's outputs
 
 
@@ -38,10 +42,12 @@ MACHINE_DEPENDENT = ("seconds", "images_per_second", "peak_gpu_memory_gib", "pea
 
 def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) -> str:
     """The card travels with the weights: timings stay in the training log, so the same run gives the same bytes."""
+    from lanskap.lora.adapters import ADAPTER_TITLES
+
     params = {name: group.model_dump(mode="json") for name, group in loaded.items()}
     summary = {key: value for key, value in summary.items() if key not in MACHINE_DEPENDENT}
     return "\n".join([
-        f"# LoRA for {base['model']}", "",
+        f"# {ADAPTER_TITLES[loaded['lora'].type]} for {base['model']}", "",
         f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
         f"- trained at {base['resolution']} px on {base['train_images']} images; data sha256 `{base['data_sha256']}`",
         *([f"- aspect-ratio buckets (W x H: training images): {base['buckets']}"] if base.get("buckets") else []),
@@ -55,7 +61,7 @@ def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) 
 
 def ema_card_lines(train) -> list[str]:
     """The model card's line on the EMA weights, when train.ema_decay trained them."""
-    from lanskap.lora import EMA_SUBDIR
+    from lanskap.lora.files import EMA_SUBDIR
 
     if train.ema_decay is None:
         return []
@@ -149,7 +155,7 @@ def bucket_summary(train_table) -> str | None:
 
 
 def write_lora(staging: Path, result, summary: dict, loaded: dict, model, data: Path, train_table) -> None:
-    from lanskap.lora import EMA_SUBDIR, export_lora, require_lora_reloads
+    from lanskap.lora.files import EMA_SUBDIR, export_lora, require_lora_reloads
 
     base = {
         "model": model.spec, "revision": model.revision or "n/a",

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from lanskap.lora import DIFFUSERS_WEIGHT_NAME
+from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME
 from tests.conftest import ROOT, write_params
 from tests.test_data_stages import run_data_stages
 

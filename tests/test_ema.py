@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from lanskap.errors import UserError
-from lanskap.lora import DIFFUSERS_WEIGHT_NAME, EMA_SUBDIR, KOHYA_WEIGHT_NAME
+from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, EMA_SUBDIR
+from lanskap.lora.kohya import kohya_weight_name
 from lanskap.params import validate_group
 from lanskap.train.ema import LoraEMA
 from stages import evaluate, generate
@@ -83,7 +84,7 @@ def test_resumed_run_with_ema_gives_bit_identical_raw_and_ema_weights(workdir, p
     assert not all(torch.equal(resumed[key], resumed_ema[key]) for key in resumed)  # an average, not a copy
     card = (workdir / "models/resumed/README.md").read_text()
     assert f"`{EMA_SUBDIR}/`: the same files for the exponential moving average" in card
-    assert (workdir / f"models/resumed/{EMA_SUBDIR}/{KOHYA_WEIGHT_NAME}").is_file()
+    assert (workdir / f"models/resumed/{EMA_SUBDIR}/{kohya_weight_name('lora')}").is_file()
     metrics = json.loads((workdir / "dvclive/train/metrics.json").read_text())
     assert metrics["validation_loss_ema_final"] != metrics["validation_loss_final"]
 

@@ -13,9 +13,11 @@ import torch
 
 from lanskap.errors import UserError
 from lanskap.io import canonicalise_safetensors
-from lanskap.lora import (ADAPTER_NAME, DIFFUSERS_WEIGHT_NAME, LOADED_ADAPTER_NAME, MODULE_COUNT_KEY, add_lora,
-                          add_unet_lora, export_lora, kohya_metadata, kohya_state_dict, load_lora_into_pipeline,
-                          lora_module_count, require_lora_reloads)
+from lanskap.lora.adapters import (ADAPTER_NAME, LOADED_ADAPTER_NAME, adapter_module_count, add_lora,
+                                   add_unet_lora)
+from lanskap.lora.files import (DIFFUSERS_WEIGHT_NAME, MODULE_COUNT_KEY, export_lora, load_lora_into_pipeline,
+                                require_lora_reloads)
+from lanskap.lora.kohya import kohya_metadata, kohya_state_dict
 from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.params import LoraParams
 
@@ -169,8 +171,8 @@ def test_diffusers_file_restores_every_trained_module_with_its_weights(exported,
     load_lora_into_pipeline(pipeline, exported["files"]["diffusers"].parent, scale=1.0)  # checks the counts too
     for name, linears in exported["linears"].items():
         trained_model, loaded_model = exported[name], getattr(pipeline, name)
-        assert lora_module_count(loaded_model, LOADED_ADAPTER_NAME) == lora_module_count(trained_model, ADAPTER_NAME)
-        assert lora_module_count(loaded_model, LOADED_ADAPTER_NAME) == len(linears) > 0
+        assert adapter_module_count(loaded_model, LOADED_ADAPTER_NAME) == adapter_module_count(trained_model, ADAPTER_NAME)
+        assert adapter_module_count(loaded_model, LOADED_ADAPTER_NAME) == len(linears) > 0
         trained_state, loaded_state = adapter_state(trained_model, ADAPTER_NAME), adapter_state(loaded_model)
         assert loaded_state.keys() == trained_state.keys()
         assert all(torch.equal(loaded_state[key], trained_state[key]) for key in trained_state)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lanskap.errors import UserError
-from lanskap.lora import add_unet_lora
+from lanskap.lora.adapters import add_unet_lora
 from lanskap.params import LoraParams, TrainParams, validate_group
 from lanskap.train.optimizers import evaluation_weights, keep_evaluation_weights, make_optimizer
 from tests.test_data_stages import run_data_stages

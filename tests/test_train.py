@@ -8,7 +8,9 @@ import safetensors.torch
 import torch
 
 from lanskap.errors import UserError
-from lanskap.lora import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, add_unet_lora, export_lora, kohya_alpha
+from lanskap.lora.adapters import add_unet_lora
+from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, export_lora
+from lanskap.lora.kohya import kohya_alpha, kohya_weight_name
 from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.params import LoraParams, TrainParams, validate_group
 from lanskap.train import loop, step
@@ -157,7 +159,7 @@ def test_text_encoder_lora_trains_at_its_own_learning_rate_and_is_exported(workd
     weights = run_train_stage()
     text_up = [key for key in weights if key.startswith("text_encoder.") and ".lora_B." in key]
     assert text_up and all(weights[key].abs().max() > 0 for key in text_up)  # B moved off its zero init
-    kohya = safetensors.torch.load_file(f"models/lora/{KOHYA_WEIGHT_NAME}")
+    kohya = safetensors.torch.load_file(f"models/lora/{kohya_weight_name('lora')}")
     assert any(key.startswith("lora_te_text_model_encoder_layers_") for key in kohya)
     with_train(workdir, project_params, steps=2)
     frozen = run_train_stage("models/frozen")
@@ -205,7 +207,7 @@ def test_dora_adds_magnitude_vectors_and_skips_the_kohya_file(tmp_path, capsys):
             "train_images": 1, "data_sha256": "0" * 64}
     files = export_lora(unet, tmp_path, params, base)
     assert set(files) == {"diffusers"} and files["diffusers"].is_file()
-    assert not (tmp_path / KOHYA_WEIGHT_NAME).exists() and "kohya format has no DoRA" in capsys.readouterr().out
+    assert not (tmp_path / kohya_weight_name("lora")).exists() and "kohya format has no DoRA" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("use_rslora, scale", [(False, 8.0 / 4), (True, 8.0 / 2)])

@@ -56,7 +56,7 @@ class Trainer:
 def attach_adapters(parts: Components, lora: LoraParams, params: TrainParams) -> tuple[dict, list[dict]]:
     """LoRA on the UNet, and on the text encoder when it trains; return the named LoRA parameters and the
     optimizer's parameter groups (the text encoder's with its own learning rate)."""
-    from lanskap.lora import add_lora
+    from lanskap.lora.adapters import add_lora
 
     unet_parameters = add_lora(parts.unet, lora, lora.target_modules)
     named = {f"unet.{name}": p for name, p in parts.unet.named_parameters() if p.requires_grad}
