@@ -85,11 +85,14 @@ def test_interval_covers_the_true_mean_95_percent_of_sweeps(seeds):
     assert normal < 0.95 - 2 * TOLERANCE, normal
 
 
-@pytest.mark.parametrize("function", [welch_difference, paired_difference])
-def test_no_difference_is_found_in_5_percent_of_sweeps(function):
+# paired: exact for normal draws; Welch's approximate degrees of freedom make it conservative at 3 seeds a side
+# (about 0.037 of sweeps at a nominal 0.05), never liberal
+@pytest.mark.parametrize("function, low, high", [(paired_difference, 0.05 - TOLERANCE, 0.05 + TOLERANCE),
+                                                 (welch_difference, 0.025, 0.05 + TOLERANCE)])
+def test_no_difference_is_found_in_5_percent_of_sweeps(function, low, high):
     differences = [function(x, y) for x, y in zip(*simulated_sweeps(3))]
     rejected = np.mean([difference.pvalue < 0.05 for difference in differences])
-    assert abs(rejected - 0.05) < TOLERANCE, rejected
+    assert low < rejected < high, rejected
     covered = np.mean([difference.ci_low <= 0 <= difference.ci_high for difference in differences])
     assert covered == pytest.approx(1 - rejected, abs=1e-12)  # the interval and the p-value agree
     # directional control: a real difference of 5 sd of a seed is found far more often
