@@ -107,6 +107,15 @@ def test_input_errors_name_what_to_fix(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_outside_a_dvc_project_it_says_where_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"`dvc exp show --json` failed \(run this in the project root\)"):
+        main([])
+    (tmp_path / "saved.json").write_text("not json")
+    with pytest.raises(UserError, match="--from-json saved.json: cannot read it"):
+        main(["--from-json", "saved.json"])
+
+
 def test_the_chart_template_draws_from_summary_csv(tmp_path):
     """dvc.yaml's sweep plot: DVC fills .dvc/plots/sweep_bars.json with summary.csv's rows and its fields."""
     from dvc_render import VegaRenderer
