@@ -14,7 +14,7 @@ from lanskap.augment import train_transform
 from lanskap.errors import UserError
 from lanskap.params import AugmentParams, TrainParams
 
-AUGMENTATION_STREAM, NOISE_STREAM = 0, 1
+AUGMENTATION_STREAM, NOISE_STREAM, LATENT_VARIANT_STREAM = 0, 1, 2  # derived_seed streams: never reuse a number
 
 
 def derived_seed(seed: int, *position: int) -> int:
@@ -101,20 +101,25 @@ def process_batches(batches: Iterator[list], share: BatchShare) -> Iterator[list
 
 
 def training_batches(train_table: pd.DataFrame, augment: AugmentParams, resolution: int, params: TrainParams,
-                     share: BatchShare, first_batch: int) -> tuple[Iterator, list[str]]:
-    """This process's (pixels [B, 3, H, W], caption ids [B]) micro-batches from micro-batch `first_batch` on, and
-    the distinct captions the ids index."""
+                     share: BatchShare, first_batch: int) -> tuple[CaptionedImages, Iterator[list], list[str]]:
+    """The augmented training images, this process's keys of each micro-batch from micro-batch `first_batch` on,
+    and the distinct captions the images' caption ids index."""
     paths, caption_index, captions = load_split(train_table)
     check_batch_within_data(len(paths), share.total)
     dataset = CaptionedImages(paths, caption_index, train_transform(augment, resolution))
-    sampler = process_batches(global_batches(len(paths), share.total, params.seed, first_batch), share)
+    keys = process_batches(global_batches(len(paths), share.total, params.seed, first_batch), share)
+    return dataset, keys, captions
+
+
+def pixel_batches(dataset: CaptionedImages, keys: Iterator[list], params: TrainParams) -> Iterator:
+    """(pixels [B, 3, H, W], caption ids [B]) micro-batches of the keys, decoded and augmented on the fly."""
     # Workers decode and augment the next batches while the GPU trains; each image's augmentation is seeded by its
     # place in the run, so their number changes no result. The loader's own generator: creating its iterator would
     # otherwise draw from the global RNG that a resume restored.
     workers = params.dataloader_workers
-    loader = DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
+    loader = DataLoader(dataset, batch_sampler=keys, generator=torch.Generator().manual_seed(params.seed),
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    return iter(loader), captions
+    return iter(loader)
 
 
 def check_batch_within_data(num_images: int, global_micro_batch: int) -> None:

@@ -11,6 +11,7 @@ from PIL import Image
 from lanskap.augment import eval_transform
 from lanskap.params import TrainParams
 from lanskap.train.checkpoints import TrainingState
+from lanskap.train.latents import encode
 from lanskap.train.setup import Components
 from lanskap.train.step import CaptionEncoder, diffusion_loss
 
@@ -45,7 +46,7 @@ class HeldOut:
         generator = torch.Generator(self.pixel_values.device).manual_seed(seed)
         with eval_mode(parts.unet, parts.text_encoder), torch.no_grad():
             states = self.captions(parts.text_encoder, torch.arange(len(self.pixel_values), device=self.pixel_values.device))
-            return diffusion_loss(parts, self.pixel_values, states, generator).item()
+            return diffusion_loss(parts, encode(parts.vae, self.pixel_values), states, generator).item()
 
 
 def validation_images(parts: Components, prompts: list[str], params: TrainParams, resolution: int) -> Image.Image:
