@@ -4,8 +4,9 @@ The cache keeps augmentation, as OneTrainer's does: each training image is augme
 its index and variant number, and each variant is encoded once. A micro-batch key (image index, augmentation seed)
 then picks variant `seed % K`, so the data a run sees stays a function of its position (resume, process split).
 The cache stores the posterior's mean and std, not a sample: the latent is still drawn every step from the step's
-generator, as on the fly. It lives in memory, per image and variant (so images of different sizes can share it):
-2 x 4 x (H/8) x (W/8) values each, in the VAE's output dtype (fp32: 2 KiB at 64 px, 288 KiB at 768 px).
+generator, as on the fly. It lives in the CPU's memory, per image and variant (so images of different sizes can
+share it): 2 x 4 x (H/f) x (W/f) values each, f the VAE's downsampling, in its output dtype (fp32 SD 2.x: 288 KiB
+at 768 px; the built-in tiny model, f = 4: 8 KiB at 64 px). Every process of a split run builds the whole cache.
 """
 
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from lanskap.train.batches import LATENT_VARIANT_STREAM, CaptionedImages, derive
 
 @dataclass(frozen=True)
 class Posterior:
-    """The VAE's diagonal Gaussian over unscaled latents: mean and std [B, 4, H/8, W/8]."""
+    """The VAE's diagonal Gaussian over unscaled latents: mean and std [B, 4, H/f, W/f]."""
 
     mean: torch.Tensor
     std: torch.Tensor
