@@ -70,7 +70,8 @@ def test_loss_on_a_cached_variant_equals_the_loss_on_its_pixels_encoded_in_the_s
     cache = LatentCache.build(dataset, parts.vae, accelerator, 2, SEED)
     keys = [(2, 1), (0, 0), (1, 1)]  # seed % 2 = variant
     pixels = torch.stack([dataset[(index, variant_seed(SEED, index, variant))][0] for index, variant in keys])
-    states = torch.randn(len(keys), 77, parts.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = parts.text_encoder.config.hidden_size
+    states = torch.randn(len(keys), 77, hidden, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cached = diffusion_loss(parts, cache.batch(keys)[0], states, torch.Generator().manual_seed(3), snr_gamma=5.0)
         on_the_fly = diffusion_loss(parts, encode(parts.vae, pixels), states, torch.Generator().manual_seed(3),

@@ -26,7 +26,7 @@ class Posterior:
     std: torch.Tensor
 
     def to(self, device, non_blocking: bool = False) -> "Posterior":
-        return Posterior(self.mean.to(device, non_blocking=non_blocking), self.std.to(device, non_blocking=non_blocking))
+        return Posterior(*(tensor.to(device, non_blocking=non_blocking) for tensor in (self.mean, self.std)))
 
 
 def encode(vae, pixel_values: torch.Tensor) -> Posterior:
