@@ -58,6 +58,10 @@ def test_each_variant_is_its_seeded_augmentation_encoded_and_variants_differ(tmp
     assert posterior.mean.shape == (2, 4, *expected.mean.shape[2:]) and caption_ids.tolist() == [2, 0]
     assert torch.equal(posterior.mean[0], cache.posteriors[2][1].mean)
     assert torch.equal(posterior.std[1], cache.posteriors[0][2].std)
+    # loader workers decode and augment ahead, changing nothing
+    with_workers = LatentCache.build(dataset, parts.vae, accelerator, 3, SEED, workers=2)
+    assert all(torch.equal(with_workers.posteriors[index][variant].mean, cache.posteriors[index][variant].mean)
+               for index in range(IMAGES) for variant in range(3))
     # negative control: without augmentation the variants are the same image
     plain = LatentCache.build(images_dataset(tmp_path, AugmentParams(**NO_AUGMENTATION)), parts.vae, accelerator, 2,
                               SEED)
