@@ -167,6 +167,9 @@ class TrainParams(Group):
     gradient_accumulation_steps: int = Field(1, ge=1)  # global batch = batch_size x this x processes
     gradient_checkpointing: bool = False
     dataloader_workers: int = Field(0, ge=0, le=64)  # processes decoding and augmenting ahead; results unchanged
+    # K augmented variants of each training image VAE-encoded once before training, a step using variant
+    # (augmentation seed % K); 0: off (every step augments and encodes its images)
+    cached_latents: int = Field(0, ge=0, le=1024)
     # None: the base model's own target (its scheduler config). Setting the other one trains on a target the
     # model was not pretrained for, which does worse: a negative control, as diffusers' --prediction_type
     prediction_type: Literal["epsilon", "v_prediction"] | None = None

@@ -41,11 +41,13 @@ def train(workdir, out: str, launcher: list[str]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch_size, accumulation", [(4, 1), (2, 2)])  # (2, 2): gradients synced once per step
-def test_two_processes_match_one_at_the_same_global_batch(workdir, project_params, batch_size, accumulation):
+@pytest.mark.parametrize("batch_size, accumulation, cached_latents",
+                         [(4, 1, 0), (2, 2, 0), (4, 1, 3)])  # (2, 2): gradients synced once per step
+def test_two_processes_match_one_at_the_same_global_batch(workdir, project_params, batch_size, accumulation,
+                                                         cached_latents):
     run_data_stages(workdir)
     one_process = {"steps": 3, "batch_size": batch_size, "gradient_accumulation_steps": accumulation,
-                   "images_every": 0, "caption_dropout": 0.2}
+                   "images_every": 0, "caption_dropout": 0.2, "cached_latents": cached_latents}
     write_params(workdir, {**project_params, "train": {**project_params["train"], **one_process}})
     single = train(workdir, "models/one", [sys.executable])
 

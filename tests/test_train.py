@@ -68,15 +68,17 @@ def test_nan_loss_stops_naming_fp16_and_learning_rate_and_writes_nothing(workdir
     assert not (workdir / "models").exists()
 
 
-def test_interrupted_run_resumes_to_bit_identical_weights(workdir, project_params, monkeypatch):
+@pytest.mark.parametrize("cached_latents", [0, 3])
+def test_interrupted_run_resumes_to_bit_identical_weights(workdir, project_params, monkeypatch, cached_latents):
     """Kill the run right after its second checkpoint (step 10, mid second epoch), rerun: same weights, validation
-    losses and validation images as a run never interrupted, and no checkpoint left once the output is written."""
+    losses and validation images as a run never interrupted, and no checkpoint left once the output is written;
+    with augmented images encoded every step, or looked up in a latent cache the resumed run builds again."""
     run_data_stages(workdir)
-    with_train(workdir, project_params, steps=12, checkpoint_every=0, images_every=5)
+    with_train(workdir, project_params, steps=12, checkpoint_every=0, images_every=5, cached_latents=cached_latents)
     uninterrupted = run_train_stage("models/uninterrupted")
     uninterrupted_log = training_log(workdir)
 
-    with_train(workdir, project_params, steps=12, checkpoint_every=5, images_every=5)
+    with_train(workdir, project_params, steps=12, checkpoint_every=5, images_every=5, cached_latents=cached_latents)
     saved_steps, save_checkpoint = [], loop.save_checkpoint
 
     def save_then_die_on_the_second(checkpoint_dir, state, *args):

@@ -15,7 +15,7 @@ from lanskap.augment import train_transform
 from lanskap.buckets import bucket_groups, require_trainable_bucket, table_sizes
 from lanskap.params import AugmentParams, TrainParams
 
-AUGMENTATION_STREAM, NOISE_STREAM = 0, 1
+AUGMENTATION_STREAM, NOISE_STREAM, LATENT_VARIANT_STREAM = 0, 1, 2  # derived_seed streams: never reuse a number
 
 
 def derived_seed(seed: int, *position: int) -> int:
@@ -115,23 +115,30 @@ def process_batches(batches: Iterator[list], share: BatchShare) -> Iterator[list
 
 
 def training_batches(train_table: pd.DataFrame, augment: AugmentParams, params: TrainParams, share: BatchShare,
-                     first_batch: int) -> tuple[Iterator, list[str]]:
-    """This process's (pixels [B, 3, H, W], caption ids [B]) micro-batches from micro-batch `first_batch` on, and
-    the distinct captions the ids index. H, W: the micro-batch's bucket (the table's bucket columns)."""
+                     first_batch: int) -> tuple[CaptionedImages, Iterator[list], list[str]]:
+    """The augmented training images (each at its bucket's size: the table's bucket columns), this process's keys
+    of each micro-batch from micro-batch `first_batch` on, and the distinct captions the images' caption ids
+    index."""
     paths, caption_index, captions = load_split(train_table)
     sizes = table_sizes(train_table)
     groups = bucket_groups(sizes)
     require_trainable_bucket(groups, share.total, "train_lora", "train.batch_size x processes")
     transforms = {size: train_transform(augment, size) for size in groups}
     dataset = CaptionedImages(paths, caption_index, [transforms[size] for size in sizes])
-    sampler = process_batches(global_batches(list(groups.values()), share.total, params.seed, first_batch), share)
+    keys = process_batches(global_batches(list(groups.values()), share.total, params.seed, first_batch), share)
+    return dataset, keys, captions
+
+
+def pixel_batches(dataset: CaptionedImages, keys: Iterator[list], params: TrainParams) -> Iterator:
+    """(pixels [B, 3, H, W], caption ids [B]) micro-batches of the keys, decoded and augmented on the fly; H, W:
+    the micro-batch's bucket."""
     # Workers decode and augment the next batches while the GPU trains; each image's augmentation is seeded by its
     # place in the run, so their number changes no result. The loader's own generator: creating its iterator would
     # otherwise draw from the global RNG that a resume restored.
     workers = params.dataloader_workers
-    loader = DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
+    loader = DataLoader(dataset, batch_sampler=keys, generator=torch.Generator().manual_seed(params.seed),
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    return iter(loader), captions
+    return iter(loader)
 
 
 def global_batch_size(params: TrainParams, num_processes: int) -> int:

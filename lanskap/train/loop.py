@@ -12,9 +12,10 @@ from lanskap.buckets import bucket_groups, nominal_resolution, table_sizes, untr
 from lanskap.console import progress
 from lanskap.errors import UserError
 from lanskap.params import AugmentParams, LoraParams, TrainParams
-from lanskap.train.batches import global_batch_size, training_batches
+from lanskap.train.batches import global_batch_size, pixel_batches, training_batches
 from lanskap.train.checkpoints import CHECKPOINTS_KEPT, load_checkpoint, save_checkpoint
 from lanskap.train.ema import LoraEMA, make_ema
+from lanskap.train.latents import LatentCache, encode
 from lanskap.train.monitor import HeldOut, Monitor
 from lanskap.train.optimizers import evaluation_weights, keep_evaluation_weights
 from lanskap.train.setup import Trainer, check_training_sizes, prepare_trainer
@@ -60,10 +61,12 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
                if checkpoint_dir else None)
     first_step = resumed.step if resumed else 0
     check_same_start(accelerator, first_step, checkpoint_dir)
-    batches, captions = training_batches(train_table, augment, params, trainer.share,
-                                         first_batch=first_step * params.gradient_accumulation_steps)
+    dataset, keys, captions = training_batches(train_table, augment, params, trainer.share,
+                                               first_batch=first_step * params.gradient_accumulation_steps)
     caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains)
     preflight(trainer, caption_encoder, params, max(sizes, key=lambda size: size[0] * size[1]), checkpoint_dir)
+    batches = (cached_batches(dataset, keys, trainer, params) if params.cached_latents
+               else pixel_batches(dataset, keys, params))
     monitor = Monitor(live, HeldOut.load(test_table, parts, accelerator.device, text_encoder_trains),
                       params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS],
                       nominal_resolution(sizes), params,
@@ -104,6 +107,17 @@ def train_lora(model_dir: Path, train_table: pd.DataFrame, test_table: pd.DataFr
                        parts.noise_scheduler.config.prediction_type, ema, state.ema_validation_losses)
 
 
+def cached_batches(dataset, keys, trainer: Trainer, params: TrainParams):
+    """Micro-batches looked up in a latent cache of train.cached_latents augmented variants per image, built now."""
+    start = time.perf_counter()
+    cache = LatentCache.build(dataset, trainer.parts.vae, trainer.accelerator, params.cached_latents, params.seed,
+                              params.dataloader_workers)
+    if trainer.accelerator.is_main_process:
+        print(f"train_lora: cached {len(dataset)} images x {params.cached_latents} augmented variants "
+              f"({cache.nbytes() / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    return cache.batches(keys)
+
+
 def preflight(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, size: tuple[int, int],
               checkpoint_dir: Path | None) -> None:
     """Stop before training, not hours in, when the disk cannot hold the checkpoints and outputs or the GPU cannot
@@ -131,7 +145,8 @@ def probe_step(trainer: Trainer, captions: CaptionEncoder, params: TrainParams, 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with trainer.accelerator.autocast():
             states = captions(parts.text_encoder, torch.zeros(batch, dtype=torch.long, device=device))
-            loss = diffusion_loss(parts, pixel_values, states, torch.Generator(device).manual_seed(0),
+            generator = torch.Generator(device).manual_seed(0)
+            loss = diffusion_loss(parts, encode(parts.vae, pixel_values), states, generator,
                                   noise_offset=params.noise_offset, snr_gamma=params.snr_gamma)
         loss.backward()
     for parameter in trainer.lora_parameters.values():

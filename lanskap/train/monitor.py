@@ -14,6 +14,7 @@ from lanskap.buckets import bucket_groups, table_sizes
 from lanskap.params import TrainParams
 from lanskap.train.checkpoints import TrainingState
 from lanskap.train.ema import LoraEMA
+from lanskap.train.latents import encode
 from lanskap.train.setup import Components
 from lanskap.train.step import CaptionEncoder, diffusion_loss
 
@@ -54,7 +55,7 @@ class HeldOut:
         with eval_mode(parts.unet, parts.text_encoder), torch.no_grad():
             for pixel_values, rows in self.buckets:  # weights n_b / n: exactly 1.0 for a single bucket
                 states = self.captions(parts.text_encoder, rows)
-                loss += diffusion_loss(parts, pixel_values, states, generator).item() * (len(rows) / count)
+                loss += diffusion_loss(parts, encode(parts.vae, pixel_values), states, generator).item() * (len(rows) / count)
         return loss
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from lanskap.errors import UserError
 from lanskap.params import TrainParams
 from lanskap.train.batches import NOISE_STREAM, BatchShare, derived_seed
+from lanskap.train.latents import Posterior, posterior_of
 from lanskap.train.setup import Components, Trainer
 
 def tokenize(captions: list[str], tokenizer) -> torch.Tensor:
@@ -60,17 +61,17 @@ def min_snr_weights(noise_scheduler, timesteps, snr_gamma: float) -> torch.Tenso
     return clipped / snr
 
 
-def diffusion_loss(parts: Components, pixel_values, encoder_hidden_states, generator: torch.Generator,
+def diffusion_loss(parts: Components, posterior: Posterior, encoder_hidden_states, generator: torch.Generator,
                    share: BatchShare | None = None, noise_offset: float = 0.0,
                    snr_gamma: float | None = None) -> torch.Tensor:
-    """The denoising loss of one batch: pixels [B, 3, H, W] in [-1, 1], states [B, 77, hidden].
+    """The denoising loss of one batch: the VAE posterior of its images (latents.encode, or the latent cache),
+    states [B, 77, hidden].
 
-    Random draws come from `generator` for the global batch `share` belongs to (None: this batch is the whole).
+    Random draws come from `generator` for the global batch `share` belongs to (None: this batch is the whole),
+    the latent sampled from the posterior first, so a cached and an encoded posterior draw the same numbers.
     noise_offset adds per-channel constant noise (lets the model shift mean brightness); snr_gamma weights each
     sample by min-SNR. Both default off, as the validation loss uses it."""
-    share = share or BatchShare(pixel_values.shape[0])
-    vae_dtype = next(parts.vae.parameters()).dtype
-    posterior = parts.vae.encode(pixel_values.to(vae_dtype)).latent_dist
+    share = share or BatchShare(posterior.mean.shape[0])
     latents = posterior.mean + posterior.std * share.randn(posterior.mean.shape[1:], generator, posterior.mean.dtype)
     latents = latents * parts.vae.config.scaling_factor  # [B, 4, H/f, W/f]
     noise = share.randn(latents.shape[1:], generator, latents.dtype)
@@ -113,8 +114,8 @@ def accumulate_gradients(trainer: Trainer, batches, captions: CaptionEncoder, pa
     accelerator, parts = trainer.accelerator, trainer.wrapped
     losses, images = [], 0
     for micro in range(params.gradient_accumulation_steps):
-        pixel_values, caption_ids = next(batches)
-        pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
+        inputs, caption_ids = next(batches)  # pixels [B, 3, H, W] or, with train.cached_latents, a Posterior
+        inputs = inputs.to(accelerator.device, non_blocking=True)
         caption_ids = caption_ids.to(accelerator.device, non_blocking=True)
         generator = torch.Generator(accelerator.device).manual_seed(
             derived_seed(params.seed, NOISE_STREAM, first_micro_batch + micro))
@@ -125,11 +126,11 @@ def accumulate_gradients(trainer: Trainer, batches, captions: CaptionEncoder, pa
                     stack.enter_context(accelerator.no_sync(module))
             with accelerator.autocast():
                 encoder_hidden_states = captions(parts.text_encoder, caption_ids)
-                loss = diffusion_loss(parts, pixel_values, encoder_hidden_states, generator, trainer.share,
-                                      params.noise_offset, params.snr_gamma)
+                loss = diffusion_loss(parts, posterior_of(parts.vae, inputs), encoder_hidden_states, generator,
+                                      trainer.share, params.noise_offset, params.snr_gamma)
             accelerator.backward(loss / params.gradient_accumulation_steps)
         losses.append(loss.detach())
-        images += pixel_values.shape[0]
+        images += caption_ids.shape[0]
     return accelerator.reduce(torch.stack(losses).mean(), "mean"), images
 
 
