@@ -15,8 +15,9 @@ its place in the data sequence, and each micro-batch's noise, timesteps and capt
 global batch from a generator seeded by the micro-batch number. A resumed run, and a run split over N processes
 by `accelerate launch`, therefore train on exactly what one uninterrupted process trains on.
 
-Modules, in the order a run uses them: setup (model parts, adapters, accelerate), optimizers, batches (which
-images, augmentation seeds, process shares), latents (VAE posteriors, on the fly or cached), step (loss and
-update), monitor (validation loss, images, DVCLive), checkpoints (save and resume), loop (train_lora, which ties
+Modules, in the order a run uses them: setup (model parts, adapters, accelerate), optimizers (AdamW, 8-bit AdamW,
+Prodigy, schedule-free AdamW), batches (which images, aspect-ratio buckets, augmentation seeds, process shares),
+latents (VAE posteriors, on the fly or cached), step (loss and update), ema (moving average of the adapter
+weights), monitor (validation loss, images, DVCLive), checkpoints (save and resume), loop (train_lora, which ties
 them together).
 """
