@@ -206,9 +206,10 @@ def test_bucketed_training_trains_each_micro_batch_at_one_buckets_shape(workdir,
     run_data_stages(workdir)
     shapes, real_loss = [], step.diffusion_loss
 
-    def recording_loss(parts, pixel_values, *args, **kwargs):
-        shapes.append(tuple(pixel_values.shape[-2:]))
-        return real_loss(parts, pixel_values, *args, **kwargs)
+    def recording_loss(parts, posterior, *args, **kwargs):  # the pixel shape its latents [B, 4, H/f, W/f] came from
+        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        shapes.append(tuple(side * factor for side in posterior.mean.shape[-2:]))
+        return real_loss(parts, posterior, *args, **kwargs)
 
     monkeypatch.setattr(step, "diffusion_loss", recording_loss)
     weights = run_train_stage()
