@@ -20,6 +20,7 @@ from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.params import LoraParams
 from stages import generate, train_lora
 from tests.conftest import write_params
+from tests.test_lora import unet_inputs, with_and_without_adapter
 from tests.test_data_stages import run_data_stages
 
 BASE = {"model": BUILTIN_TINY_SD2, "revision": "n/a", "prediction_type": "v_prediction", "resolution": 64,
@@ -100,21 +101,6 @@ def randomise_adapter(model, generator) -> None:
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-
-
-def unet_inputs() -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randn(1, 4, 16, 16, generator=generator), torch.tensor([500]),
-            torch.randn(1, 8, 32, generator=generator))  # latents, timestep, encoder_hidden_states
-
-
-def with_and_without_adapter(model, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        adapted = model(*inputs)[0]
-        model.disable_adapters()
-        base = model(*inputs)[0]
-        model.enable_adapters()
-    return adapted, base
 
 
 @pytest.fixture(scope="module")
