@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 
 from lanskap.params import TrainParams
+from lanskap.train.optimizers import restored_afterwards
 
 WARMUP_OFFSET = 10  # diffusers' EMAModel: decay_t <= (1 + s) / (10 + s)
 
@@ -48,16 +49,11 @@ class LoraEMA:
     def applied(self):
         """The EMA weights in the LoRA parameters for the block (validation, export); the trained weights are
         restored from a copy afterwards, bit for bit."""
-        trained = {name: parameter.detach().clone() for name, parameter in self.parameters.items()}
-        with torch.no_grad():
-            for name, parameter in self.parameters.items():
-                parameter.copy_(self.shadow[name])
-        try:
-            yield
-        finally:
+        with restored_afterwards(list(self.parameters.values())):
             with torch.no_grad():
                 for name, parameter in self.parameters.items():
-                    parameter.copy_(trained[name])
+                    parameter.copy_(self.shadow[name])
+            yield
 
 
 def make_ema(parameters: dict[str, torch.nn.Parameter], params: TrainParams) -> LoraEMA | None:

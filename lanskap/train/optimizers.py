@@ -67,15 +67,25 @@ def evaluation_weights(optimizer, params: TrainParams, parameters: list[torch.nn
     if params.optimizer != SCHEDULE_FREE:
         yield
         return
-    training = [parameter.detach().clone() for parameter in parameters]
-    optimizer.eval()
+    with restored_afterwards(parameters):
+        optimizer.eval()
+        try:
+            yield
+        finally:
+            optimizer.train()
+
+
+@contextmanager
+def restored_afterwards(parameters: list[torch.nn.Parameter]):
+    """Whatever the block puts in the parameters, they hold their values again afterwards, bit for bit (from a
+    copy, not by undoing the change)."""
+    saved = [parameter.detach().clone() for parameter in parameters]
     try:
         yield
     finally:
-        optimizer.train()
         with torch.no_grad():
-            for parameter, saved in zip(parameters, training):
-                parameter.copy_(saved)
+            for parameter, value in zip(parameters, saved):
+                parameter.copy_(value)
 
 
 def keep_evaluation_weights(optimizer, params: TrainParams) -> None:
