@@ -32,7 +32,7 @@ builtins: install
 
 # Recompose params.yaml from conf/, e.g. `make params OVERRIDES="preset=paper"`.
 params: install
-	$(RUN) python -m lanskap.presets $(OVERRIDES)
+	$(RUN) python -m lanskap.core.presets $(OVERRIDES)
 
 clean-env:
 	rm -rf .venv .tools

@@ -1,6 +1,6 @@
 """How much of each source image preprocess keeps, with and without aspect-ratio buckets (preprocess.buckets).
 
-Exact geometry of lanskap.augment.fit_to_size: the image is resized to cover the target and the excess cropped, so
+Exact geometry of lanskap.data.augment.fit_to_size: the image is resized to cover the target and the excess cropped, so
 the kept fraction is target area / resized area. Without buckets the target is the square resolution^2; with them,
 the bucket nearest the image's aspect ratio. (train_lora's random resized crop then keeps augment.crop_scale of
 that in both cases.)
@@ -10,7 +10,7 @@ that in both cases.)
 
 import argparse
 
-from lanskap.buckets import bucket_sizes, nearest_bucket
+from lanskap.data.buckets import bucket_sizes, nearest_bucket
 
 SOURCES = [(1024, 1024), (1024, 768), (1200, 800), (1920, 1080), (2000, 1000), (2350, 1000), (3000, 1000),
            (4000, 1000), (1000, 1500), (1080, 1920)]

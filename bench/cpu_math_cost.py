@@ -1,4 +1,4 @@
-"""The speed cost of pinned CPU math (lanskap/determinism.py) against the libraries' own choice, side by side.
+"""The speed cost of pinned CPU math (lanskap/core/determinism.py) against the libraries' own choice, side by side.
 
     python bench/cpu_math_cost.py [--steps 20] [--resolution 64] [--rounds 3] [--workdir /tmp/lanskap-cpu-math]
 
@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lanskap.determinism import PINNED, SWITCH  # noqa: E402
+from lanskap.core.determinism import PINNED, SWITCH  # noqa: E402
 from tests.conftest import DATA_STAGE_COMMANDS, copy_project, shrink  # noqa: E402
 
 SETTINGS = {"pinned": {}, "native": {SWITCH: "native"}}

@@ -10,7 +10,7 @@ weights). Variants, each loaded fresh and measured on the same prompts, batch, s
 
 - `diffusers`: StableDiffusionPipeline, fp16, DPMSolverMultistepScheduler: the anchor (0.42 s/image on
   an H100 at batch 10, 25 steps, 768 px);
-- `lanskap`: `lanskap.sampling.load_pipeline` + `generate_images` (per-image seeded generators, negative
+- `lanskap`: `lanskap.generate.sampling.load_pipeline` + `generate_images` (per-image seeded generators, negative
   prompt, PNG writes), fp16 like the anchor;
 - `lanskap+LEVER`: the same with one lever (or `+`-joined levers) applied: `bf16` (the project's GPU
   default), `channels_last` (UNet and VAE memory layout), `compile` (torch.compile of the UNet),
@@ -32,10 +32,10 @@ import diffusers
 import torch
 import transformers
 
-from lanskap.io import atomic_dir
-from lanskap.models import clip_tokenizer_dir, resolve_base_model
-from lanskap.params import GenerateParams
-from lanskap.sampling import generate_images, inference_dtype, load_pipeline, plan_jobs
+from lanskap.core.io import atomic_dir
+from lanskap.models.resolve import clip_tokenizer_dir, resolve_base_model
+from lanskap.core.params import GenerateParams
+from lanskap.generate.sampling import generate_images, inference_dtype, load_pipeline, plan_jobs
 
 LEVERS = ("bf16", "channels_last", "compile", "eager_attention", "fuse_qkv")
 PROMPT = "a fantasy landscape with floating islands, waterfalls and a castle at dusk"

@@ -31,7 +31,7 @@ from lanskap.train.loop import cached_batches
 from lanskap.train.optimizers import make_optimizer
 from lanskap.train.setup import Components, Trainer, attach_adapters, load_components
 from lanskap.train.step import CaptionEncoder, accumulate_gradients, optimizer_step
-from lanskap.params import AugmentParams, LoraParams, TrainParams
+from lanskap.core.params import AugmentParams, LoraParams, TrainParams
 
 TFLOP_PER_IMAGE_768 = 5.2  # UNet forward + backward of one 768 px image (anchors.md)
 DATASET_IMAGES = 32
@@ -171,7 +171,7 @@ def tight_loop_images_per_second(script: Path, model: Path, batch_size: int, arg
 
 def resolve_model(args) -> Path:
     if args.dry_run or args.cpu_demo:
-        from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
+        from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 
         return resolve_base_model(BUILTIN_TINY_SD2, None).path
     if args.model is None:

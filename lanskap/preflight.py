@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lanskap.errors import UserError
-from lanskap.split import MIN_TEST_PROMPTS
+from lanskap.core.errors import UserError
+from lanskap.data.split import MIN_TEST_PROMPTS
 
 MARGIN = 1.25  # file-system blocks, PNG headers and row filters, logs, temporary files
 HEADROOM_BYTES = 256 * 2**20  # never fill the disk to the last byte: other programs share it
@@ -130,7 +130,7 @@ def images_needed(test_fraction: float) -> int:
 
 def source_image_count(source: str, num_images: int) -> int:
     """Images ingest will try: builtin:procedural's num_images, a folder's image files, a manifest's rows."""
-    from lanskap.sources import manifest_rows, scan_folder
+    from lanskap.data.sources import manifest_rows, scan_folder
 
     if source == "builtin:procedural":
         return num_images
@@ -152,7 +152,7 @@ def check_image_count(ingest, split) -> None:
 def check_inception(spec: str) -> None:
     """evaluate.inception_weights resolves, as features.load_inception would, without loading the network."""
     from lanskap.builtin import builtin_folder
-    from lanskap.features import BUILTIN_TINY_INCEPTION, INCEPTION_FILE, load_cleanfid_inception, require_torchscript
+    from lanskap.evaluate.features import BUILTIN_TINY_INCEPTION, INCEPTION_FILE, load_cleanfid_inception, require_torchscript
 
     if spec.startswith("builtin:"):
         if spec != BUILTIN_TINY_INCEPTION:
@@ -169,9 +169,9 @@ def check_inception(spec: str) -> None:
 def require_pipeline_inputs(params: dict) -> None:
     """Raise one UserError listing everything missing that a stage of this run would need, from the loaded
     `model`, `ingest`, `caption`, `split` and `evaluate` params groups."""
-    from lanskap.captions import resolve_captioner
-    from lanskap.features import resolve_clip_folder
-    from lanskap.models import resolve_base_model
+    from lanskap.data.captions import resolve_captioner
+    from lanskap.evaluate.features import resolve_clip_folder
+    from lanskap.models.resolve import resolve_base_model
 
     model, evaluate = params["model"], params["evaluate"]
     checks = [lambda: resolve_base_model(model.base, model.revision),

@@ -9,12 +9,12 @@ Captions longer than 77 CLIP tokens are reported: training truncates them.
 import argparse
 from pathlib import Path
 
-from lanskap.captions import CLIP_MAX_TOKENS, choose_captions, token_counts
-from lanskap.console import quiet_libraries
-from lanskap.data import MANIFEST_COLUMNS, read_table
-from lanskap.errors import run_stage
-from lanskap.io import write_csv
-from lanskap.params import load_params
+from lanskap.data.captions import CLIP_MAX_TOKENS, choose_captions, token_counts
+from lanskap.core.console import quiet_libraries
+from lanskap.data.manifest import MANIFEST_COLUMNS, read_table
+from lanskap.core.errors import run_stage
+from lanskap.core.io import write_csv
+from lanskap.core.params import load_params
 
 
 def main(argv=None):

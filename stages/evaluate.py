@@ -21,19 +21,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lanskap.console import quiet_libraries
-from lanskap.data import read_table
-from lanskap.errors import UserError, run_stage
-from lanskap.eval_report import ReportInputs, base_vs_lora_table, report_html, report_markdown
-from lanskap.io import atomic_dir, write_csv, write_json, write_text
-from lanskap.params import PARAMS_FILE, load_params
-from lanskap.provenance import Provenance, git_commit, read_model_card
-from lanskap.report import save_loss_curves
+from lanskap.core.console import quiet_libraries
+from lanskap.data.manifest import read_table
+from lanskap.core.errors import UserError, run_stage
+from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, report_html, report_markdown
+from lanskap.core.io import atomic_dir, write_csv, write_json, write_text
+from lanskap.core.params import PARAMS_FILE, load_params
+from lanskap.core.provenance import Provenance, git_commit, read_model_card
+from lanskap.core.figures import save_loss_curves
 
 
 def extract_features(test, generated, params):
-    from lanskap.evaluation import Features
-    from lanskap.features import load_clip, load_inception
+    from lanskap.evaluate.comparisons import Features
+    from lanskap.evaluate.features import load_clip, load_inception
 
     clip = load_clip(params.clip_model, params.clip_revision)
     inception = load_inception(params.inception_weights)
@@ -83,7 +83,7 @@ def write_reports(results: dict[str, float], names: tuple[str, str], args, sourc
 
 
 def interval_text(results: dict[str, float], gap: str) -> str:
-    from lanskap.paired import MIN_INTERVAL_PROMPTS
+    from lanskap.evaluate.paired import MIN_INTERVAL_PROMPTS
 
     if gap + "_ci_low" not in results:
         return f"no interval below {MIN_INTERVAL_PROMPTS} prompts"
@@ -105,8 +105,8 @@ def main(argv=None):
     params = load_params("evaluate")["evaluate"]
     quiet_libraries()
 
-    from lanskap.evaluation import FID_STABLE_N, check_pairing, lora_minus_base, scored_weights, set_comparisons
-    from lanskap.split import MIN_TEST_PROMPTS
+    from lanskap.evaluate.comparisons import FID_STABLE_N, check_pairing, lora_minus_base, scored_weights, set_comparisons
+    from lanskap.data.split import MIN_TEST_PROMPTS
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
     generated = read_table(args.generated / "index.csv",

@@ -16,13 +16,13 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from lanskap.console import quiet_libraries
-from lanskap.data import read_table
-from lanskap.errors import run_stage
-from lanskap.io import atomic_dir, write_csv
-from lanskap.params import load_params
+from lanskap.core.console import quiet_libraries
+from lanskap.data.manifest import read_table
+from lanskap.core.errors import run_stage
+from lanskap.core.io import atomic_dir, write_csv
+from lanskap.core.params import load_params
 from lanskap.preflight import generate_bytes, require_batch_fits, require_free_space
-from lanskap.report import image_grid, save_png
+from lanskap.core.figures import image_grid, save_png
 
 GRID_ROWS = 10  # captions shown in the git-tracked comparison grid
 
@@ -62,8 +62,8 @@ def main(argv=None):
     import torch
 
     from lanskap.lora.files import load_lora_into_pipeline, lora_weights_dir
-    from lanskap.models import resolve_base_model
-    from lanskap.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
+    from lanskap.models.resolve import resolve_base_model
+    from lanskap.generate.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
     lora_dir = lora_weights_dir(args.lora, params.lora_weights)

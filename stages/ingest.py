@@ -1,7 +1,7 @@
 """ingest: collect images from the configured source, validate them, and write a manifest.
 
 Inputs:  `ingest.source` - `builtin:procedural`, a folder (recursive; hidden files skipped; sidecar `.txt`
-         captions, see lanskap/sources.py), or a CSV/JSONL manifest whose `path` column holds paths relative to
+         captions, see lanskap/data/sources.py), or a CSV/JSONL manifest whose `path` column holds paths relative to
          it or http(s) URLs (optional columns caption, licence, attribution, group, sha256: checked when given)
 Outputs: OUT/images/<sha256 prefix><ext>  accepted images, byte-identical copies of the source files, the
                                   extension naming their real format
@@ -21,17 +21,17 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from lanskap.console import progress
-from lanskap.data import (MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, image_record, near_duplicate_pairs,
+from lanskap.core.console import progress
+from lanskap.data.manifest import (MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, image_record, near_duplicate_pairs,
                           require_sha256)
-from lanskap.download import DownloadPolicy, cache_path, download
-from lanskap.images import check_image
-from lanskap.errors import UserError, run_stage
-from lanskap.io import atomic_dir, write_csv
-from lanskap.params import IngestParams, load_params
+from lanskap.data.download import DownloadPolicy, cache_path, download
+from lanskap.data.images import check_image
+from lanskap.core.errors import UserError, run_stage
+from lanskap.core.io import atomic_dir, write_csv
+from lanskap.core.params import IngestParams, load_params
 from lanskap.preflight import procedural_ingest_bytes, require_free_space, require_pipeline_inputs, source_ingest_bytes
-from lanskap.procedural import generate_item
-from lanskap.sources import clean_caption, decode_caption, manifest_rows, scan_folder
+from lanskap.data.procedural import generate_item
+from lanskap.data.sources import clean_caption, decode_caption, manifest_rows, scan_folder
 
 DOWNLOAD_CACHE = Path(".lanskap-cache/downloads")
 USUAL_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tiff", "JPEG2000": ".jp2"}  # others: the format's name (.png, .webp, .ppm)

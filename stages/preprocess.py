@@ -17,16 +17,16 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from lanskap.augment import canonical_image, fit_to_size, to_pil, train_transform
-from lanskap.buckets import (bucket_groups, bucket_sizes, nearest_bucket, require_trainable_bucket,
+from lanskap.data.augment import canonical_image, fit_to_size, to_pil, train_transform
+from lanskap.data.buckets import (bucket_groups, bucket_sizes, nearest_bucket, require_trainable_bucket,
                              size_name, table_sizes, untrained_message)
-from lanskap.console import progress
-from lanskap.data import open_rgb, read_table
-from lanskap.errors import run_stage
-from lanskap.io import atomic_dir, write_csv, write_text
-from lanskap.params import AugmentParams, PreprocessParams, load_params
+from lanskap.core.console import progress
+from lanskap.data.manifest import open_rgb, read_table
+from lanskap.core.errors import run_stage
+from lanskap.core.io import atomic_dir, write_csv, write_text
+from lanskap.core.params import AugmentParams, PreprocessParams, load_params
 from lanskap.preflight import preprocess_bytes, require_free_space
-from lanskap.report import image_grid, save_png
+from lanskap.core.figures import image_grid, save_png
 
 
 def with_training_sizes(table: pd.DataFrame, params: PreprocessParams) -> pd.DataFrame:

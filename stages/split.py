@@ -8,11 +8,11 @@ Params:  split
 import argparse
 from pathlib import Path
 
-from lanskap.data import read_table
-from lanskap.errors import run_stage
-from lanskap.io import atomic_dir, write_csv
-from lanskap.params import load_params
-from lanskap.split import split_table
+from lanskap.data.manifest import read_table
+from lanskap.core.errors import run_stage
+from lanskap.core.io import atomic_dir, write_csv
+from lanskap.core.params import load_params
+from lanskap.data.split import split_table
 
 
 def main(argv=None):

@@ -24,13 +24,13 @@ import json
 import sys
 from pathlib import Path
 
-from lanskap.buckets import BUCKET_COLUMNS, bucket_groups, nominal_resolution, size_name, table_sizes
-from lanskap.code_closure import code_digest
-from lanskap.console import quiet_libraries
-from lanskap.data import read_table
-from lanskap.errors import run_stage
-from lanskap.io import atomic_dir, remove_dir, sha256_file
-from lanskap.params import load_params
+from lanskap.data.buckets import BUCKET_COLUMNS, bucket_groups, nominal_resolution, size_name, table_sizes
+from lanskap.core.code_closure import code_digest
+from lanskap.core.console import quiet_libraries
+from lanskap.data.manifest import read_table
+from lanskap.core.errors import run_stage
+from lanskap.core.io import atomic_dir, remove_dir, sha256_file
+from lanskap.core.params import load_params
 
 FILE_USE = {"diffusers": "diffusers: `pipe.load_lora_weights(dir)`", "kohya": "AUTOMATIC1111 / ComfyUI",
             "peft": "peft: inject the config in its metadata, then `set_peft_model_state_dict`"}
@@ -100,7 +100,7 @@ def main(argv=None):
     loaded = load_params("model", "lora", "train", "augment")
     quiet_libraries()
 
-    from lanskap.models import resolve_base_model
+    from lanskap.models.resolve import resolve_base_model
     from lanskap.train.loop import train_lora
 
     processes = process_state()

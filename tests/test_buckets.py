@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lanskap.augment import canonical_image, fit_to_size, train_transform
-from lanskap.buckets import (bucket_groups, bucket_sizes, nearest_bucket, nominal_resolution, require_trainable_bucket,
+from lanskap.data.augment import canonical_image, fit_to_size, train_transform
+from lanskap.data.buckets import (bucket_groups, bucket_sizes, nearest_bucket, nominal_resolution, require_trainable_bucket,
                              untrained_message)
-from lanskap.errors import UserError
-from lanskap.params import AugmentParams, validate_group
+from lanskap.core.errors import UserError
+from lanskap.core.params import AugmentParams, validate_group
 from lanskap.train import loop, step
 from lanskap.train.batches import BatchShare, global_batches
 from lanskap.train.setup import check_training_sizes

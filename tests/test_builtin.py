@@ -11,10 +11,10 @@ from lanskap.builtin.build import main as build_main
 from lanskap.builtin.clip import retrieval_accuracy
 from lanskap.builtin.config import FULL
 from lanskap.builtin.worlds import render_world
-from lanskap.errors import UserError
-from lanskap.features import BUILTIN_TINY_CLIP, BUILTIN_TINY_INCEPTION, load_clip, load_inception
-from lanskap.metrics import frechet_distance
-from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
+from lanskap.core.errors import UserError
+from lanskap.evaluate.features import BUILTIN_TINY_CLIP, BUILTIN_TINY_INCEPTION, load_clip, load_inception
+from lanskap.evaluate.metrics import frechet_distance
+from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 
 FRESH_SEED = 4242  # neither the builder's training (TRAIN_SEED) nor its held-out seed, nor the demo's (0)
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 from stages import caption, ingest
 from tests.conftest import write_params
 from tests.test_data_stages import make_folder

@@ -6,7 +6,7 @@ import re
 import pytest
 import tqdm.std
 
-from lanskap.console import LOG_REFRESH_SECONDS, progress, quiet_libraries
+from lanskap.core.console import LOG_REFRESH_SECONDS, progress, quiet_libraries
 
 STEPS, SECONDS_PER_STEP = 300, 1.0
 

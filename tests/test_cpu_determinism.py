@@ -1,5 +1,5 @@
 """The same bytes on any x86-64 CPU: training and generation do not depend on the code paths the machine's math
-libraries would pick, nor on its thread count (lanskap/determinism.py, applied by `stages/__init__.py`).
+libraries would pick, nor on its thread count (lanskap/core/determinism.py, applied by `stages/__init__.py`).
 
 One machine stands in for many: the libraries are told to take other paths (PyTorch's scalar kernels, oneDNN's
 SSE4.1, MKL's SSE2 branch, two threads), as a CPU without AVX2, or one with AVX-512 and more cores, would have
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lanskap.determinism import PINNED, SWITCH, cpu_flags, pinned_settings
+from lanskap.core.determinism import PINNED, SWITCH, cpu_flags, pinned_settings
 from tests.conftest import DATA_STAGE_COMMANDS, ROOT, copy_project, shrink, write_params
 
 OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE",
@@ -93,7 +93,7 @@ def test_an_unknown_switch_value_is_refused_naming_both_choices(monkeypatch):
 
 
 def test_a_cpu_without_avx2_is_told_how_to_run_anyway(monkeypatch):
-    from lanskap import determinism
+    from lanskap.core import determinism
 
     monkeypatch.delenv(SWITCH, raising=False)
     monkeypatch.setattr(determinism.platform, "machine", lambda: "x86_64")

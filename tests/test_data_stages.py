@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lanskap.errors import UserError
-from lanskap.procedural import generate_item
-from lanskap.split import split_table
+from lanskap.core.errors import UserError
+from lanskap.data.procedural import generate_item
+from lanskap.data.split import split_table
 from stages import caption, ingest, preprocess, split
 from tests.conftest import write_params
 

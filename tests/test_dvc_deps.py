@@ -6,8 +6,8 @@ import ast
 import pytest
 import yaml
 
-from lanskap import code_closure
-from lanskap.code_closure import ASSET_FOLDERS, ROOT, import_closure
+from lanskap.core import code_closure
+from lanskap.core.code_closure import ASSET_FOLDERS, ROOT, import_closure
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PROJECT_CODE = ("lanskap/", "stages/")
@@ -73,9 +73,9 @@ def test_every_module_that_reads_package_data_names_its_folders():
 
 def test_closure_follows_lazy_imports_and_stays_inside_the_stage():
     evaluate = import_closure("stages.evaluate")
-    assert {"lanskap.evaluation", "lanskap.eval_report", "lanskap.metrics"} <= set(evaluate)  # evaluation: lazy
+    assert {"lanskap.evaluate.comparisons", "lanskap.evaluate.report", "lanskap.evaluate.metrics"} <= set(evaluate)  # evaluation: lazy
     ingest = import_closure("stages.ingest")
-    assert "lanskap.eval_report" not in ingest and "lanskap.train" not in ingest  # negative controls
+    assert "lanskap.evaluate.report" not in ingest and "lanskap.train" not in ingest  # negative controls
 
 
 def make_project(root):

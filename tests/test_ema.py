@@ -9,10 +9,10 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, EMA_SUBDIR
 from lanskap.lora.kohya import kohya_weight_name
-from lanskap.params import validate_group
+from lanskap.core.params import validate_group
 from lanskap.train.ema import LoraEMA
 from stages import evaluate, generate
 from tests.conftest import write_params

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lanskap.errors import UserError
-from lanskap.eval_report import (BASE_VS_LORA_KEYS, FID_CAVEAT, ReportInputs, base_vs_lora_table, gap_verdict,
+from lanskap.core.errors import UserError
+from lanskap.evaluate.report import (BASE_VS_LORA_KEYS, FID_CAVEAT, ReportInputs, base_vs_lora_table, gap_verdict,
                                  report_html, report_markdown)
-from lanskap.evaluation import FID_STABLE_N, Features, lora_minus_base, set_comparisons
-from lanskap.params import GROUPS, EvaluateParams
-from lanskap.provenance import Commit, git_commit, read_model_card
-from lanskap.report import image_grid, save_loss_curves
+from lanskap.evaluate.comparisons import FID_STABLE_N, Features, lora_minus_base, set_comparisons
+from lanskap.core.params import GROUPS, EvaluateParams
+from lanskap.core.provenance import Commit, git_commit, read_model_card
+from lanskap.core.figures import image_grid, save_loss_curves
 from stages.train_lora import model_card
 
 DATA_SHA = "ab" * 32
@@ -181,7 +181,7 @@ def test_git_commit_reads_head_and_uncommitted_code_and_is_none_outside_git(tmp_
 
 
 def test_grid_shows_each_row_label_in_full_and_wraps_column_labels_in_the_cell():
-    from lanskap.report import COLUMN_LABEL_LINES, ROW_LABEL_WIDTH, column_label_lines, label_font, wrap_text
+    from lanskap.core.figures import COLUMN_LABEL_LINES, ROW_LABEL_WIDTH, column_label_lines, label_font, wrap_text
 
     tile = Image.new("RGB", (64, 64), "red")
     short, long = "a lake", " ".join(["a fantasy landscape under an emerald aurora with floating islands"] * 4)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lanskap.errors import UserError
-from lanskap.features import (
+from lanskap.core.errors import UserError
+from lanskap.evaluate.features import (
     BUILTIN_TINY_CLIP, BUILTIN_TINY_INCEPTION, CLIP_MEAN, CLIP_STD, INCEPTION_FILE, clip_crop_and_resize,
     clip_pixels, inception_pixels, load_clip, load_inception, read_rgb,
 )

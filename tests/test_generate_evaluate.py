@@ -7,9 +7,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from lanskap.errors import UserError
-from lanskap.models import resolve_base_model
-from lanskap.presets import compose_params
+from lanskap.core.errors import UserError
+from lanskap.models.resolve import resolve_base_model
+from lanskap.core.presets import compose_params
 from stages import evaluate, generate, ingest, train_lora
 from tests.conftest import ROOT, write_params
 from tests.test_data_stages import run_data_stages

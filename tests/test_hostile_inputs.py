@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lanskap.data import open_rgb
-from lanskap.errors import UserError
-from lanskap.params import IngestParams
+from lanskap.data.manifest import open_rgb
+from lanskap.core.errors import UserError
+from lanskap.core.params import IngestParams
 from stages import caption, ingest
 from tests.conftest import write_params
 from tests.icc_profiles import icc_profile, reference_to_srgb

@@ -15,7 +15,7 @@ from PIL import Image
 
 from stages import ingest
 from tests.conftest import write_params
-from lanskap.data import open_rgb
+from lanskap.data.manifest import open_rgb
 from tests.test_data_stages import photo, png_bytes, tree_digest
 
 HITS: dict[str, int] = {}
@@ -156,7 +156,7 @@ def test_modes_and_orientation_become_upright_rgb(workdir, project_params):
 
 
 def test_near_duplicates_are_reported_not_rejected(workdir, project_params):
-    from lanskap.procedural import generate_item
+    from lanskap.data.procedural import generate_item
 
     folder = workdir / "raw"
     folder.mkdir()

@@ -43,8 +43,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from lanskap.io import atomic_dir, remove_dir
-from lanskap.presets import compose_params
+from lanskap.core.io import atomic_dir, remove_dir
+from lanskap.core.presets import compose_params
 from stages import generate, ingest, train_lora
 from tests.conftest import ROOT, TINY_OVERRIDES, copy_project, write_params
 from tests.test_data_stages import png_bytes, run_data_stages, tree_digest
@@ -399,7 +399,7 @@ def test_dvc_repro_killed_mid_generate_writes_the_same_images_next_time(repo):
 def test_remove_dir_renames_a_folder_away_before_deleting_it(tmp_path, monkeypatch):
     """A kill during the delete must not leave a half-deleted checkpoint under its own name, where a resume would
     pick it (load_checkpoint takes the newest `step-*`)."""
-    import lanskap.io
+    import lanskap.core.io
 
     target = tmp_path / "step-00000004"
     (target / "inner").mkdir(parents=True)
@@ -410,7 +410,7 @@ def test_remove_dir_renames_a_folder_away_before_deleting_it(tmp_path, monkeypat
         name_present_while_deleting.append(target.exists())
         real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(lanskap.io.shutil, "rmtree", observing_rmtree)
+    monkeypatch.setattr(lanskap.core.io.shutil, "rmtree", observing_rmtree)
     remove_dir(target)
     assert name_present_while_deleting == [False] and list(tmp_path.iterdir()) == []
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lanskap.augment import train_transform
-from lanskap.errors import UserError
-from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
-from lanskap.params import AugmentParams, validate_group
+from lanskap.data.augment import train_transform
+from lanskap.core.errors import UserError
+from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
+from lanskap.core.params import AugmentParams, validate_group
 from lanskap.train.batches import CaptionedImages
 from lanskap.train.latents import LatentCache, encode, variant_seed
 from lanskap.train.setup import load_components

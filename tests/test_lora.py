@@ -11,15 +11,15 @@ import safetensors
 import safetensors.torch
 import torch
 
-from lanskap.errors import UserError
-from lanskap.io import canonicalise_safetensors
+from lanskap.core.errors import UserError
+from lanskap.core.io import canonicalise_safetensors
 from lanskap.lora.adapters import (ADAPTER_NAME, LOADED_ADAPTER_NAME, adapter_module_count, add_lora,
                                    add_unet_lora)
 from lanskap.lora.files import (DIFFUSERS_WEIGHT_NAME, MODULE_COUNT_KEY, export_lora, load_lora_into_pipeline,
                                 require_lora_reloads)
 from lanskap.lora.kohya import kohya_metadata, kohya_state_dict
-from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
-from lanskap.params import LoraParams
+from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
+from lanskap.core.params import LoraParams
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = LoraParams(rank=4, alpha=8.0)  # scale alpha / r = 2: a loader that assumes alpha = r is off by 2x

@@ -12,12 +12,12 @@ import safetensors
 import safetensors.torch
 import torch
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 from lanskap.lora.adapters import ADAPTER_NAME, add_lora
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, export_lora, load_lora_into_pipeline
 from lanskap.lora.kohya import kohya_weight_name
-from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
-from lanskap.params import LoraParams
+from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
+from lanskap.core.params import LoraParams
 from stages import generate, train_lora
 from tests.conftest import write_params
 from tests.test_lora import unet_inputs, with_and_without_adapter

@@ -1,10 +1,10 @@
-"""lanskap.metrics against the reference values in the project's metric notes and against clean-fid."""
+"""lanskap.evaluate.metrics against the reference values in the project's metric notes and against clean-fid."""
 
 import numpy as np
 import pytest
 from cleanfid import fid as cleanfid
 
-from lanskap import metrics
+from lanskap.evaluate import metrics
 
 # clean-fid 0.1.35 calls scipy.linalg.sqrtm(..., disp=False), deprecated in scipy 1.17
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")

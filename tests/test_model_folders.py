@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lanskap.errors import UserError
-from lanskap.model_folders import check_model_folder
+from lanskap.core.errors import UserError
+from lanskap.models.folders import check_model_folder
 
 
 def pipeline_folder(root):
@@ -58,8 +58,8 @@ def test_a_healthy_folder_passes_and_each_damage_is_named(tmp_path, monkeypatch)
 
 
 def test_the_captioner_folder_is_checked_too(tmp_path, monkeypatch):
-    from lanskap.captions import resolve_captioner
-    from lanskap.params import CaptionParams
+    from lanskap.data.captions import resolve_captioner
+    from lanskap.core.params import CaptionParams
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="caption.model: the folder ./blip does not exist"):

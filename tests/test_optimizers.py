@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 from lanskap.lora.adapters import add_unet_lora
-from lanskap.params import LoraParams, TrainParams, validate_group
+from lanskap.core.params import LoraParams, TrainParams, validate_group
 from lanskap.train.optimizers import evaluation_weights, keep_evaluation_weights, make_optimizer
 from tests.test_data_stages import run_data_stages
 from tests.test_train import run_interrupted_then_resumed, run_train_stage, tiny_unet, with_train

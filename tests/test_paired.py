@@ -1,4 +1,4 @@
-"""LoRA-minus-base gaps (lanskap.paired): the algebra against recomputation, the interval's coverage by
+"""LoRA-minus-base gaps (lanskap.evaluate.paired): the algebra against recomputation, the interval's coverage by
 simulation, the permutation p-value, and evaluate's refusal of unpaired images."""
 
 import numpy as np
@@ -6,10 +6,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from lanskap import metrics, paired
-from lanskap.errors import UserError
-from lanskap.evaluation import Features, check_pairing, lora_minus_base
-from lanskap.params import EvaluateParams
+from lanskap.evaluate import metrics
+
+from lanskap.evaluate import paired
+from lanskap.core.errors import UserError
+from lanskap.evaluate.comparisons import Features, check_pairing, lora_minus_base
+from lanskap.core.params import EvaluateParams
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -3,9 +3,9 @@
 import pytest
 import yaml
 
-from lanskap.errors import UserError
-from lanskap.params import GROUPS, load_params, validate_group
-from lanskap.presets import compose_params
+from lanskap.core.errors import UserError
+from lanskap.core.params import GROUPS, load_params, validate_group
+from lanskap.core.presets import compose_params
 from tests.conftest import ROOT
 
 

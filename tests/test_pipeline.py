@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lanskap.presets import compose_params
+from lanskap.core.presets import compose_params
 from tests.conftest import TINY_OVERRIDES, copy_project
 
 pytestmark = pytest.mark.slow

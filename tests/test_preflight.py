@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from lanskap import preflight
-from lanskap.augment import canonical_image
-from lanskap.errors import UserError
-from lanskap.features import INCEPTION_FILE, load_clip, load_inception
-from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
+from lanskap.data.augment import canonical_image
+from lanskap.core.errors import UserError
+from lanskap.evaluate.features import INCEPTION_FILE, load_clip, load_inception
+from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from stages import generate, ingest, preprocess
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
@@ -180,9 +180,9 @@ def test_errors_other_than_out_of_memory_are_not_taken_for_it():
 def test_generate_probes_the_real_pipeline_and_names_the_batch_that_fits(workdir, fake_gpu, monkeypatch):
     """A pretend GPU on which more than 2 images per sampling call run out of memory: the stage's probe
     samples for real at the batches that fit, and stops before writing anything."""
-    import lanskap.sampling
+    import lanskap.generate.sampling
 
-    real_sample, batches = lanskap.sampling.sample, []
+    real_sample, batches = lanskap.generate.sampling.sample, []
 
     def sample_with_small_memory(pipeline, captions, *args, **kwargs):
         batches.append(len(captions))
@@ -190,7 +190,7 @@ def test_generate_probes_the_real_pipeline_and_names_the_batch_that_fits(workdir
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real_sample(pipeline, captions, *args, **kwargs)
 
-    monkeypatch.setattr(lanskap.sampling, "sample", sample_with_small_memory)
+    monkeypatch.setattr(lanskap.generate.sampling, "sample", sample_with_small_memory)
     monkeypatch.setattr(preflight, "is_cuda", lambda device: True)
     write_split(workdir)
     expected = "generate.batch_size=4 does not fit .* batch 2 fits: set generate.batch_size: 2"
@@ -239,8 +239,8 @@ def test_base_model_with_only_bin_weights_is_refused_before_loading(tmp_path):
 
 def test_pipeline_loader_never_falls_back_to_pickle(tmp_path):
     """Even past resolve_base_model's check, the loader itself refuses .bin weights."""
-    from lanskap.params import GenerateParams
-    from lanskap.sampling import load_pipeline
+    from lanskap.core.params import GenerateParams
+    from lanskap.generate.sampling import load_pipeline
 
     marker = tmp_path / "unpickled"
     with pytest.raises(OSError, match="safetensors"):
@@ -249,8 +249,8 @@ def test_pipeline_loader_never_falls_back_to_pickle(tmp_path):
 
 
 def test_clip_and_captioner_folders_with_only_bin_weights_are_refused(tmp_path):
-    from lanskap.captions import resolve_captioner
-    from lanskap.params import CaptionParams
+    from lanskap.data.captions import resolve_captioner
+    from lanskap.core.params import CaptionParams
 
     marker = tmp_path / "unpickled"
     (tmp_path / "config.json").write_text("{}")
@@ -279,7 +279,7 @@ def test_inception_file_that_is_a_pickle_is_refused(tmp_path):
 def test_paper_preset_with_nothing_present_fails_at_ingest_naming_every_missing_piece(tmp_path, monkeypatch):
     """No base model, CLIP, Inception file or captioner in reach and too few images: ingest stops before
     reading anything, with one message naming each."""
-    from lanskap.presets import compose_params
+    from lanskap.core.presets import compose_params
     from tests.conftest import ROOT
 
     compose_params(["preset=paper", "caption.method=model", "caption.model_revision=main"], tmp_path / "params.yaml", ROOT / "conf")
@@ -303,7 +303,7 @@ def test_paper_preset_with_nothing_present_fails_at_ingest_naming_every_missing_
 
 
 def test_demo_preset_passes_the_pipeline_preflight(workdir):
-    from lanskap.params import load_params
+    from lanskap.core.params import load_params
 
     preflight.require_pipeline_inputs(load_params("ingest", "model", "caption", "split", "evaluate"))
 
@@ -331,7 +331,7 @@ def test_inception_check_refuses_a_misnamed_or_pickled_file_without_loading(tmp_
 def test_split_refuses_fewer_test_prompts_than_evaluate_needs():
     import hashlib
 
-    from lanskap.split import MIN_TEST_PROMPTS, split_table
+    from lanskap.data.split import MIN_TEST_PROMPTS, split_table
 
     table = pd.DataFrame({"sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20)],
                           "path": [f"{i}.png" for i in range(20)], "caption": "x"})

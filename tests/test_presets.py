@@ -1,4 +1,4 @@
-"""`make params` (python -m lanskap.presets): a bad override is one line naming it, and no stale params.yaml stays."""
+"""`make params` (python -m lanskap.core.presets): a bad override is one line naming it, and no stale params.yaml stays."""
 
 import subprocess
 import sys
@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from lanskap.errors import UserError
-from lanskap.presets import compose_params
+from lanskap.core.errors import UserError
+from lanskap.core.presets import compose_params
 from tests.conftest import ROOT
 
 
@@ -38,7 +38,7 @@ def test_a_good_override_replaces_params_yaml(tmp_path):
 def test_the_command_prints_one_line_and_no_traceback(tmp_path):
     (tmp_path / "conf").symlink_to(ROOT / "conf")
     (tmp_path / "params.yaml").write_text("lora: {rank: 4}\n")
-    run = subprocess.run([sys.executable, "-m", "lanskap.presets", "preset=papr"], cwd=tmp_path, capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "lanskap.core.presets", "preset=papr"], cwd=tmp_path, capture_output=True,
                          text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: cannot compose params.yaml")

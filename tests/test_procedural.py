@@ -4,7 +4,7 @@ the drawn Scene, and images with the smooth structure of landscapes rather than 
 import numpy as np
 import pytest
 
-from lanskap.procedural import NUMBER_WORDS, PALETTES, WORLDS, Scene, generate, render, sample_scene
+from lanskap.data.procedural import NUMBER_WORDS, PALETTES, WORLDS, Scene, generate, render, sample_scene
 
 SIZE = 64
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lanskap.errors import UserError
-from lanskap.seed_stats import paired_difference, summarise, welch_difference
+from lanskap.core.errors import UserError
+from lanskap.sweep.seed_stats import paired_difference, summarise, welch_difference
 
 SIMULATED_SWEEPS = 4000  # binomial sd of a 0.95 rate over 4000 sweeps: 0.0034; of 0.05: 0.0034
 TOLERANCE = 0.015  # over 4 sd: a correct method fails this by chance about once in 30000 runs

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from lanskap import seed_stats
-from lanskap.errors import UserError
-from lanskap.sweep import finished_experiments, group_by_setting, main
+from lanskap.sweep import seed_stats
+from lanskap.core.errors import UserError
+from lanskap.sweep.aggregate import finished_experiments, group_by_setting, main
 from tests.conftest import ROOT, copy_project
 
 FID = {0: 160.0, 1: 230.0, 2: 120.0, 3: 150.0, 4: 200.0, 5: 170.0}  # by seed

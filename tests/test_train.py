@@ -7,12 +7,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 from lanskap.lora.adapters import add_unet_lora
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, export_lora
 from lanskap.lora.kohya import kohya_alpha, kohya_weight_name
-from lanskap.models import BUILTIN_TINY_SD2, resolve_base_model
-from lanskap.params import LoraParams, TrainParams, validate_group
+from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
+from lanskap.core.params import LoraParams, TrainParams, validate_group
 from lanskap.train import loop, step
 from lanskap.train.batches import BatchShare, global_batch_size
 from lanskap.train.loop import check_same_start

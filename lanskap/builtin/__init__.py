@@ -15,7 +15,7 @@ build time and the commit that built it.
 from importlib import resources
 from pathlib import Path
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 
 BUILTIN_FOLDERS = {"builtin:tiny-sd2": "tiny-sd2", "builtin:tiny-clip": "tiny-clip",
                    "builtin:tiny-inception": "tiny-inception"}

@@ -1,4 +1,4 @@
-from lanskap.determinism import pin_cpu_math
+from lanskap.core.determinism import pin_cpu_math
 
 pin_cpu_math()  # before torch loads: the same builder then gives the same weights on any x86-64 CPU
 

@@ -22,7 +22,7 @@ from lanskap.builtin.card import Card, parameter_count
 from lanskap.builtin.config import FULL, HELD_OUT_SEED, MINIATURE, TRAIN_SEED, BuildConfig
 from lanskap.builtin.training import LossLog
 from lanskap.builtin.worlds import WorldImages, cached_world
-from lanskap.io import atomic_dir
+from lanskap.core.io import atomic_dir
 
 WORK = Path(".lanskap-cache/builtin-build")
 WORLDS = ("base", "fantasy")
@@ -59,7 +59,7 @@ class Data:
 def write_clip_tokenizer(folder: Path) -> None:
     """The shipped CLIP vocabulary and merges, which load as the same tokenizer at under half the size of the
     tokenizer.json that save_pretrained writes."""
-    from lanskap.models import clip_tokenizer_dir
+    from lanskap.models.resolve import clip_tokenizer_dir
 
     for stale in folder.glob("tokenizer*.json"):
         stale.unlink()
@@ -92,7 +92,7 @@ def build_tiny_sd2(config: BuildConfig, data: Data, out: Path, work: Path, threa
 
     from lanskap.builtin.diffusion import train_text_to_image
     from lanskap.builtin.samples import sample_grid
-    from lanskap.models import clip_tokenizer_dir
+    from lanskap.models.resolve import clip_tokenizer_dir
 
     vae, vae_log, vae_seconds = trained_vae(config, data, work)
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=77)
@@ -135,8 +135,8 @@ def build_tiny_clip(config: BuildConfig, data: Data, out: Path, work: Path, thre
     from transformers import CLIPTokenizer
 
     from lanskap.builtin.clip import retrieval_accuracy, train_clip
-    from lanskap.features import CLIP_CONTEXT_LENGTH, ClipEmbedder
-    from lanskap.models import clip_tokenizer_dir
+    from lanskap.evaluate.features import CLIP_CONTEXT_LENGTH, ClipEmbedder
+    from lanskap.models.resolve import clip_tokenizer_dir
 
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=CLIP_CONTEXT_LENGTH)
     log = LossLog()
@@ -169,8 +169,8 @@ def build_tiny_inception(config: BuildConfig, data: Data, out: Path, work: Path,
 
     from lanskap.builtin.config import TINY_INCEPTION
     from lanskap.builtin.inception import HEADS, train_inception
-    from lanskap.features import InceptionEmbedder, load_tiny_inception
-    from lanskap.metrics import frechet_distance
+    from lanskap.evaluate.features import InceptionEmbedder, load_tiny_inception
+    from lanskap.evaluate.metrics import frechet_distance
 
     log = LossLog()
     network, accuracy, seconds = train_inception(config, data.both_worlds(config.inception_images_per_world),

@@ -10,9 +10,9 @@ import pandas as pd
 import torch
 
 from lanskap.builtin.training import LossLog
-from lanskap.report import save_loss_curves
+from lanskap.core.figures import save_loss_curves
 
-BUILDER_SOURCES = ["lanskap/builtin", "lanskap/procedural.py", "lanskap/augment.py", "lanskap/features.py"]
+BUILDER_SOURCES = ["lanskap/builtin", "lanskap/data/procedural.py", "lanskap/data/augment.py", "lanskap/evaluate/features.py"]
 
 
 def project_root() -> Path:

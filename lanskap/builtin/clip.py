@@ -10,7 +10,7 @@ from PIL import Image
 from lanskap.builtin.config import TINY_CLIP, BuildConfig
 from lanskap.builtin.training import LossLog, batch_indices, optimizer_and_schedule, train_loop
 from lanskap.builtin.worlds import WorldImages
-from lanskap.features import CLIP_CONTEXT_LENGTH, clip_pixels
+from lanskap.evaluate.features import CLIP_CONTEXT_LENGTH, clip_pixels
 
 
 def clip_inputs(tokenizer, images: WorldImages, rows, image_size: int) -> dict:

@@ -12,8 +12,8 @@ from PIL import Image
 from lanskap.builtin.config import TINY_INCEPTION, BuildConfig
 from lanskap.builtin.training import LossLog, batch_indices, optimizer_and_schedule, train_loop
 from lanskap.builtin.worlds import WorldImages
-from lanskap.features import TinyInception, inception_pixels
-from lanskap.procedural import PALETTES
+from lanskap.evaluate.features import TinyInception, inception_pixels
+from lanskap.data.procedural import PALETTES
 
 PALETTE_NAMES = sorted(PALETTES)
 # Label heads: (name, number of classes); binary attributes are two-class heads too, so one loss serves all.

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from lanskap.params import GenerateParams
-from lanskap.report import image_grid, save_png
+from lanskap.core.params import GenerateParams
+from lanskap.core.figures import image_grid, save_png
 
 PROMPTS_PER_WORLD = 4
 
@@ -14,7 +14,7 @@ PROMPTS_PER_WORLD = 4
 def sample_grid(model_dir: Path, data, path: Path) -> None:
     import torch
 
-    from lanskap.sampling import load_pipeline, sample
+    from lanskap.generate.sampling import load_pipeline, sample
 
     params = GenerateParams(steps=20)
     pipeline = load_pipeline(model_dir, params, torch.device("cpu"))

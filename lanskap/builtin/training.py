@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lanskap.builtin.config import Training
-from lanskap.console import progress
+from lanskap.core.console import progress
 
 
 def optimizer_and_schedule(parameters, training: Training, weight_decay: float = 0.0):

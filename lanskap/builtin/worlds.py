@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lanskap.augment import canonical_image
-from lanskap.console import progress
-from lanskap.io import atomic_dir
-from lanskap.procedural import Scene, generate_scene
+from lanskap.data.augment import canonical_image
+from lanskap.core.console import progress
+from lanskap.core.io import atomic_dir
+from lanskap.data.procedural import Scene, generate_scene
 
 
 @dataclass

@@ -16,7 +16,7 @@ Adapter weights stay float32 on a bf16/fp16 base: fp16 trainable params make the
 import peft
 import torch
 
-from lanskap.params import LoraParams
+from lanskap.core.params import LoraParams
 
 ADAPTER_NAME = "default"  # the name `add_adapter` gives the adapter it trains
 LOADED_ADAPTER_NAME = "lora"  # the name generate (and the export check) loads the exported adapter under

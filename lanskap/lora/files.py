@@ -23,12 +23,12 @@ Traps avoided:
 import json
 from pathlib import Path
 
-from lanskap.errors import UserError
-from lanskap.io import canonicalise_safetensors
+from lanskap.core.errors import UserError
+from lanskap.core.io import canonicalise_safetensors
 from lanskap.lora.adapters import (ADAPTER_NAME, LOADED_ADAPTER_NAME, adapter_metadata, adapter_module_count,
                                    peft_state_dict)
 from lanskap.lora.kohya import kohya_metadata, kohya_state_dict, kohya_weight_name
-from lanskap.params import LoraParams
+from lanskap.core.params import LoraParams
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "peft_adapter_weights.safetensors"

@@ -18,7 +18,7 @@ import torch
 
 from lanskap.lora.adapters import ADAPTER_TITLES, peft_state_dict
 from lanskap.lora.lycoris import loha_tensors, lokr_tensors
-from lanskap.params import LoraParams
+from lanskap.core.params import LoraParams
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_TEXT_ENCODER_PREFIX = "lora_te_text_model_"  # SD 1.x/2.x; `lora_te1_`/`lora_te2_` would mean SDXL

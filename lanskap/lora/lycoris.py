@@ -15,7 +15,7 @@ Both loaders read a module's `alpha` (0-d) and its tensors, and add strength x s
 
 import torch
 
-from lanskap.params import LoraParams
+from lanskap.core.params import LoraParams
 
 
 def lycoris_alpha(alpha: float) -> torch.Tensor:

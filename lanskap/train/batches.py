@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lanskap.augment import train_transform
-from lanskap.buckets import bucket_groups, require_trainable_bucket, table_sizes
-from lanskap.params import AugmentParams, TrainParams
+from lanskap.data.augment import train_transform
+from lanskap.data.buckets import bucket_groups, require_trainable_bucket, table_sizes
+from lanskap.core.params import AugmentParams, TrainParams
 
 AUGMENTATION_STREAM, NOISE_STREAM, LATENT_VARIANT_STREAM = 0, 1, 2  # derived_seed streams: never reuse a number
 

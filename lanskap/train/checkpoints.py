@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lanskap.io import atomic_dir, remove_dir
+from lanskap.core.io import atomic_dir, remove_dir
 from lanskap.train.ema import LoraEMA
 
 CHECKPOINTS_KEPT = 2  # the newest is complete (atomic rename); the one before is a spare

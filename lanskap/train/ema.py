@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import torch
 
-from lanskap.params import TrainParams
+from lanskap.core.params import TrainParams
 from lanskap.train.optimizers import restored_afterwards
 
 WARMUP_OFFSET = 10  # diffusers' EMAModel: decay_t <= (1 + s) / (10 + s)

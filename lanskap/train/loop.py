@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lanskap.buckets import bucket_groups, nominal_resolution, table_sizes, untrained_message
-from lanskap.console import progress
-from lanskap.errors import UserError
-from lanskap.params import AugmentParams, LoraParams, TrainParams
+from lanskap.data.buckets import bucket_groups, nominal_resolution, table_sizes, untrained_message
+from lanskap.core.console import progress
+from lanskap.core.errors import UserError
+from lanskap.core.params import AugmentParams, LoraParams, TrainParams
 from lanskap.train.batches import global_batch_size, pixel_batches, training_batches
 from lanskap.train.checkpoints import CHECKPOINTS_KEPT, load_checkpoint, save_checkpoint
 from lanskap.train.ema import LoraEMA, make_ema

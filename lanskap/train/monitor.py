@@ -9,9 +9,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from lanskap.augment import eval_transform
-from lanskap.buckets import bucket_groups, table_sizes
-from lanskap.params import TrainParams
+from lanskap.data.augment import eval_transform
+from lanskap.data.buckets import bucket_groups, table_sizes
+from lanskap.core.params import TrainParams
 from lanskap.train.checkpoints import TrainingState
 from lanskap.train.ema import LoraEMA
 from lanskap.train.latents import encode
@@ -64,8 +64,8 @@ def validation_images(parts: Components, prompts: list[str], params: TrainParams
     same prompts and noise at every interval, so successive rows show what training changed."""
     import diffusers
 
-    from lanskap.report import image_grid
-    from lanskap.sampling import SCHEDULERS
+    from lanskap.core.figures import image_grid
+    from lanskap.generate.sampling import SCHEDULERS
 
     scheduler_class, extra = SCHEDULERS["dpm++"]
     pipeline = diffusers.StableDiffusionPipeline(
@@ -153,7 +153,7 @@ def log_row(live, row: dict) -> None:
 def log_image(live, image_dir: Path | None, step: int, grid: Image.Image) -> None:
     """Log a validation grid with DVCLive as `plots/images/validation/step-<step>.jpg` (JPEG: the log lives in git),
     and keep a lossless copy in `image_dir` when checkpointing."""
-    from lanskap.report import save_png
+    from lanskap.core.figures import save_png
 
     name = f"step-{step:06d}"
     if image_dir is not None:

@@ -4,8 +4,8 @@ from contextlib import contextmanager
 
 import torch
 
-from lanskap.errors import UserError
-from lanskap.params import TrainParams
+from lanskap.core.errors import UserError
+from lanskap.core.params import TrainParams
 
 SCHEDULE_FREE = "adamw_schedulefree"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lanskap.errors import UserError
-from lanskap.params import LoraParams, TrainParams
+from lanskap.core.errors import UserError
+from lanskap.core.params import LoraParams, TrainParams
 from lanskap.train.batches import BatchShare
 from lanskap.train.optimizers import make_optimizer
 

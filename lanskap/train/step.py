@@ -5,8 +5,8 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from lanskap.errors import UserError
-from lanskap.params import TrainParams
+from lanskap.core.errors import UserError
+from lanskap.core.params import TrainParams
 from lanskap.train.batches import NOISE_STREAM, BatchShare, derived_seed
 from lanskap.train.latents import Posterior, posterior_of
 from lanskap.train.setup import Components, Trainer

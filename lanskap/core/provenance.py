@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 
 CODE_PATHS = ("lanskap", "stages", "dvc.yaml")  # uncommitted changes here mean the commit is not the whole story
 

@@ -1,5 +1,5 @@
 """Metric math on feature arrays: CMMD, Frechet distance (FID), KID, CLIP score. No models and no images
-here: `lanskap.features` extracts the arrays; `lanskap.paired` builds the LoRA-minus-base comparisons on
+here: `lanskap.evaluate.features` extracts the arrays; `lanskap.evaluate.paired` builds the LoRA-minus-base comparisons on
 these functions. Everything is computed in float64, and every kernel matrix is summed tile by tile
 (`kernel_sums`), so memory stays bounded at any number of images.
 

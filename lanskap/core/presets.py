@@ -1,7 +1,7 @@
 """Compose params.yaml from conf/ exactly as `dvc exp run -S ...` does (DVC's own Hydra composition).
 
-    python -m lanskap.presets                      # demo preset -> params.yaml
-    python -m lanskap.presets preset=paper lora.rank=16
+    python -m lanskap.core.presets                      # demo preset -> params.yaml
+    python -m lanskap.core.presets preset=paper lora.rank=16
 
 The composed params are validated before they replace params.yaml. A misspelt key, group or preset, or a bad
 value, is one line naming it, and params.yaml is removed: left in place, the next stage would silently run with
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from lanskap.errors import UserError, run_stage
-from lanskap.io import atomic_file
-from lanskap.params import GROUPS, PARAMS_FILE, validate_group
+from lanskap.core.errors import UserError, run_stage
+from lanskap.core.io import atomic_file
+from lanskap.core.params import GROUPS, PARAMS_FILE, validate_group
 
 
 def compose_params(overrides: list[str], out: str | Path = PARAMS_FILE, conf_dir: str | Path = "conf") -> None:

@@ -5,7 +5,7 @@ then normalisation with mean 0.5 / std 0.5 to [-1, 1]. The resize is done once b
 
 from PIL import Image
 
-from lanskap.params import AugmentParams
+from lanskap.core.params import AugmentParams
 
 
 def train_transform(params: AugmentParams, size: tuple[int, int]):

@@ -1,5 +1,5 @@
 """Manifests out: the tables stages share, image records and near-duplicate hashes. (Decoding and validating
-images: lanskap/images.py; reading a source folder or manifest: lanskap/sources.py.)
+images: lanskap/data/images.py; reading a source folder or manifest: lanskap/data/sources.py.)
 
 Every table is a CSV whose `path` column is relative to the project root. The user's source files are
 only ever read: ingest copies accepted images into its own output folder under content-addressed names.
@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from lanskap.errors import UserError
-from lanskap.images import ItemRejected, open_rgb  # noqa: F401 - where stages and download import them from
-from lanskap.io import sha256_file
+from lanskap.core.errors import UserError
+from lanskap.data.images import ItemRejected, open_rgb  # noqa: F401 - where stages and download import them from
+from lanskap.core.io import sha256_file
 
 MANIFEST_COLUMNS = ["path", "sha256", "width", "height", "source", "source_caption", "licence", "attribution", "group",
                     "phash"]

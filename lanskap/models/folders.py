@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 
 
 def check_model_folder(spec: str, key: str) -> None:

@@ -80,7 +80,7 @@ def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: in
 
 def save_png(image: Image.Image, path) -> None:
     """Save atomically, optimised: these files live in git."""
-    from lanskap.io import atomic_file
+    from lanskap.core.io import atomic_file
 
     with atomic_file(path) as staging:
         image.save(staging, format="PNG", optimize=True)
@@ -98,7 +98,7 @@ def save_loss_curves(curves: dict, path, title: str = "loss") -> None:
     matplotlib.use("Agg")  # headless: stages run without a display
     from matplotlib import pyplot
 
-    from lanskap.io import atomic_file
+    from lanskap.core.io import atomic_file
 
     figure, axes = pyplot.subplots(figsize=(5, 3), dpi=100)
     for label, table in curves.items():

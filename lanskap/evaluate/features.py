@@ -1,5 +1,5 @@
 """Image and caption features for the metrics: CLIP embeddings (CMMD, CLIP score), Inception pool features
-(FID, KID). `lanskap.metrics` does the math on the arrays returned here.
+(FID, KID). `lanskap.evaluate.metrics` does the math on the arrays returned here.
 
 Each extractor has one code path for real weights and for a built-in tiny stand-in, trained on procedural
 data by `lanskap.builtin` and shipped in the package; a stand-in is used only when params name it
@@ -31,11 +31,11 @@ import torch
 from cleanfid.resize import make_resizer
 from PIL import Image
 
-from lanskap.console import progress
-from lanskap.errors import UserError
+from lanskap.core.console import progress
+from lanskap.core.errors import UserError
 from lanskap.builtin import builtin_folder
-from lanskap.model_folders import check_model_folder
-from lanskap.models import fetch_hub_snapshot, require_safetensors, weights_digest
+from lanskap.models.folders import check_model_folder
+from lanskap.models.resolve import fetch_hub_snapshot, require_safetensors, weights_digest
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"
 BUILTIN_TINY_INCEPTION = "builtin:tiny-inception"

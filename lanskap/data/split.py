@@ -9,7 +9,7 @@ import hashlib
 
 import pandas as pd
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 
 # evaluate's minimum: KID's jackknife leaves one test prompt out and still needs 2 images per set. Split and the
 # ingest preflight refuse data that would give fewer (evaluate's interval needs more: paired.MIN_INTERVAL_PROMPTS).

@@ -8,7 +8,7 @@ difference between settings. Reads the finished experiments from `dvc exp show -
 A setting is the values of the params that differ between the experiments, the seed key aside: the sweep
 above gives the groups `lora.rank=4` and `lora.rank=16`. Each group needs at least two seeds, each seed once.
 Every other group is compared with the first (`--reference`), paired by seed when both ran the same seeds,
-Welch otherwise (lanskap/seed_stats.py says why). Not a DVC stage: a stage runs inside one experiment and cannot
+Welch otherwise (lanskap/sweep/seed_stats.py says why). Not a DVC stage: a stage runs inside one experiment and cannot
 read the others.
 """
 
@@ -19,9 +19,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lanskap import seed_stats
-from lanskap.errors import UserError, run_stage
-from lanskap.sweep_report import write_report
+from lanskap.sweep import seed_stats
+from lanskap.core.errors import UserError
+from lanskap.sweep.report import write_report
 
 # the CMMD gap (LoRA minus base, distance to the test images), the distances to the test images, the CLIP-score
 # gap, and the final held-out training loss
@@ -197,6 +197,3 @@ def main(argv: list[str] | None = None) -> None:
                    for label, members in groups.items() if label != reference for metric in metrics}
     print(write_report(Path(args.out), groups, reference, summaries, differences, args.seed_key, args.confidence))
 
-
-if __name__ == "__main__":
-    run_stage(main)

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 
 PARAMS_FILE = "params.yaml"
 
@@ -31,7 +31,7 @@ class IngestParams(Group):
     source: str = "builtin:procedural"  # builtin:procedural, a folder, or a .csv/.jsonl manifest
     num_images: int = Field(60, ge=2, le=100_000)  # builtin:procedural only
     image_size: int = Field(128, ge=64, le=4096)  # builtin:procedural only
-    world: Literal["fantasy", "base"] = "fantasy"  # builtin:procedural only; see lanskap/procedural.py
+    world: Literal["fantasy", "base"] = "fantasy"  # builtin:procedural only; see lanskap/data/procedural.py
     min_size: int = Field(64, ge=1)  # shorter side below this is rejected
     max_aspect_ratio: float = Field(4.0, ge=1.0)  # longer side / shorter side above this is rejected
     near_duplicate_distance: int = Field(4, ge=0, le=64)  # perceptual-hash bits; pairs within it are reported
@@ -62,7 +62,7 @@ class SplitParams(Group):
 class PreprocessParams(Group):
     resolution: int = Field(64, ge=32, le=2048, multiple_of=8)
     center_crop: bool = True  # False: shorter side resized, aspect ratio kept (the random crop squares it)
-    # Aspect-ratio buckets (lanskap/buckets.py): each image at the size of about resolution^2 pixels nearest its
+    # Aspect-ratio buckets (lanskap/data/buckets.py): each image at the size of about resolution^2 pixels nearest its
     # aspect ratio, sides multiples of bucket_reso_steps, at most bucket_max_aspect_ratio:1; center_crop then unused
     buckets: bool = False
     bucket_reso_steps: int = Field(64, ge=8, multiple_of=8)

@@ -10,13 +10,13 @@ import ast
 import hashlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the project root: the copy this code runs from (an experiment's own)
+ROOT = Path(__file__).resolve().parents[2]  # the project root: the copy this code runs from (an experiment's own)
 PACKAGES = ("lanskap", "stages")
 
 # Data files under lanskap/assets each module reads (through importlib.resources). A module that mentions
 # `assets` must be listed: the test refuses one that is not, so new package data cannot go undeclared.
 ASSET_FOLDERS = {
-    "lanskap.models": ("lanskap/assets/clip_tokenizer",),  # clip_tokenizer_dir(): the CLIP BPE vocabulary
+    "lanskap.models.resolve": ("lanskap/assets/clip_tokenizer",),  # clip_tokenizer_dir(): the CLIP BPE vocabulary
     "lanskap.builtin": ("lanskap/assets/builtin",),  # builtin_folder(): the shipped built-in models' weights
 }
 

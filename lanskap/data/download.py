@@ -14,9 +14,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lanskap.data import ItemRejected, require_sha256
-from lanskap.images import sniff_image_format
-from lanskap.io import atomic_file
+from lanskap.data.manifest import ItemRejected, require_sha256
+from lanskap.data.images import sniff_image_format
+from lanskap.core.io import atomic_file
 
 ALLOWED_SCHEMES = ("http", "https")
 

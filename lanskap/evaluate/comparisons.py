@@ -3,7 +3,7 @@
 Image sets: `test` (held-out reference images), `base` and `lora` (generated, paired by prompt and seed),
 and `text` (CLIP embeddings of the test captions). Every set comparison is reported for the base model
 too, so a LoRA's effect is read against the model it started from; LoRA-minus-base differences carry a
-jackknife interval over prompts and a permutation p-value (lanskap.paired).
+jackknife interval over prompts and a permutation p-value (lanskap.evaluate.paired).
 """
 
 from dataclasses import dataclass
@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lanskap import metrics, paired
-from lanskap.errors import UserError
-from lanskap.params import EvaluateParams
+from lanskap.evaluate import metrics
+
+from lanskap.evaluate import paired
+from lanskap.core.errors import UserError
+from lanskap.core.params import EvaluateParams
 
 FID_STABLE_N = 2048  # below this FID's covariance is rank-deficient: values are not comparable across n
 
@@ -50,7 +52,7 @@ def set_comparisons(f: Features, params: EvaluateParams) -> dict[str, float]:
 def lora_minus_base(f: Features, params: EvaluateParams) -> dict[str, float]:
     """Each gap, with a permutation p-value (swap the LoRA and base images of random prompts: under "the
     LoRA changes nothing" the swap leaves the gap's distribution alone) and, from MIN_INTERVAL_PROMPTS
-    prompts on, its jackknife bias-corrected value and 95 % interval (see lanskap.paired)."""
+    prompts on, its jackknife bias-corrected value and 95 % interval (see lanskap.evaluate.paired)."""
     lora, base = f.clip["lora"], f.clip["base"]
     gaps = {"cmmd_vs_test": paired.cmmd_gap(lora, base, f.clip["test"], f.prompt),
             "clip_score": paired.clip_score_gap(lora, base, f.clip["text"], f.prompt)}

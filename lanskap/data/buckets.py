@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 
 BUCKET_COLUMNS = ["bucket_width", "bucket_height"]
 Size = tuple[int, int]  # (width, height) in pixels

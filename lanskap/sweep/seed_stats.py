@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 
 MIN_SEEDS = 2  # a standard deviation needs two draws
 

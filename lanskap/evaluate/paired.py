@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 from scipy import stats
 
-from lanskap import metrics
+from lanskap.evaluate import metrics
 
 CONFIDENCE = 0.95
 # Smallest n with 2 / 2^n < 1 - CONFIDENCE (2 / 64 = 0.031): the permutation test can then reject at 5 %.

@@ -2,7 +2,7 @@
 metrics with their n, LoRA-minus-base gaps with intervals, what the flags and sample sizes allow, the loss curve,
 the comparison grid, the data card, and the feature extractors used.
 
-Pure functions from the flat metrics dict (as `lanskap.evaluation` produces it), the run's provenance and the
+Pure functions from the flat metrics dict (as `lanskap.evaluate.comparisons` produces it), the run's provenance and the
 texts and relative paths the evaluate stage passes in; the stage writes the results. Nothing here reads files or
 loads models. The Markdown links its figures by relative path (for a git host); the HTML carries them inline, one
 file that opens anywhere, offline.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lanskap.evaluation import FID_STABLE_N
-from lanskap.paired import MIN_INTERVAL_PROMPTS
-from lanskap.provenance import Provenance
+from lanskap.evaluate.comparisons import FID_STABLE_N
+from lanskap.evaluate.paired import MIN_INTERVAL_PROMPTS
+from lanskap.core.provenance import Provenance
 
 # Bar chart rows: metric name -> (base model's key, LoRA's key); both against the same reference.
 BASE_VS_LORA_KEYS = {

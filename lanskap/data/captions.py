@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lanskap.errors import UserError
-from lanskap.params import CaptionParams
-from lanskap.sources import clean_caption, sidecar_names
+from lanskap.core.errors import UserError
+from lanskap.core.params import CaptionParams
+from lanskap.data.sources import clean_caption, sidecar_names
 
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
 
@@ -34,8 +34,8 @@ def read_overrides(manifest: pd.DataFrame, overrides_file: str | None) -> pd.Ser
 
 def resolve_captioner(params: CaptionParams) -> Path:
     """Local folder of the image-to-text model: a folder as given, or a hub snapshot at the pinned revision."""
-    from lanskap.model_folders import check_model_folder
-    from lanskap.models import fetch_hub_snapshot, require_safetensors
+    from lanskap.models.folders import check_model_folder
+    from lanskap.models.resolve import fetch_hub_snapshot, require_safetensors
 
     check_model_folder(params.model, "caption.model")
     local = Path(params.model).expanduser()
@@ -50,10 +50,10 @@ def resolve_captioner(params: CaptionParams) -> Path:
 def model_captions(paths: list[str], params: CaptionParams) -> pd.Series:
     """Captions written by an image-to-text model (BLIP and kin), batched, greedy, so reruns agree."""
     import torch
-    from lanskap.console import progress
+    from lanskap.core.console import progress
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from lanskap.data import open_rgb
+    from lanskap.data.manifest import open_rgb
 
     folder = resolve_captioner(params)
     processor = AutoProcessor.from_pretrained(folder)
@@ -94,7 +94,7 @@ def token_counts(captions: pd.Series) -> pd.Series:
     """CLIP BPE token count of each caption, start and end tokens included (SD 2.x's tokenizer)."""
     from transformers import CLIPTokenizer
 
-    from lanskap.models import clip_tokenizer_dir
+    from lanskap.models.resolve import clip_tokenizer_dir
 
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=CLIP_MAX_TOKENS)
     return pd.Series([len(ids) for ids in tokenizer(captions.tolist())["input_ids"]], index=captions.index)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lanskap.console import progress
-from lanskap.params import GenerateParams
+from lanskap.core.console import progress
+from lanskap.core.params import GenerateParams
 
 SCHEDULERS = {  # name -> (diffusers class name, extra config)
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),

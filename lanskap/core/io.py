@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lanskap.errors import UserError
+from lanskap.core.errors import UserError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

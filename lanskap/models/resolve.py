@@ -18,8 +18,8 @@ from importlib import resources
 from pathlib import Path
 
 from lanskap.builtin import builtin_folder
-from lanskap.errors import UserError
-from lanskap.model_folders import check_model_folder
+from lanskap.core.errors import UserError
+from lanskap.models.folders import check_model_folder
 
 BUILTIN_TINY_SD2 = "builtin:tiny-sd2"
 # Files a diffusers StableDiffusionPipeline folder needs; other weight formats in a hub repo are skipped.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lanskap.errors import UserError
-from lanskap.images import UNDECODABLE_SUFFIXES, sniff_image_format
+from lanskap.core.errors import UserError
+from lanskap.data.images import UNDECODABLE_SUFFIXES, sniff_image_format
 
 IMAGE_SUFFIXES = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".avif",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lanskap.eval_report import format_value, markdown_table
-from lanskap.io import atomic_dir, write_csv, write_json, write_text
-from lanskap.seed_stats import Difference, SeedSummary
+from lanskap.evaluate.report import format_value, markdown_table
+from lanskap.core.io import atomic_dir, write_csv, write_json, write_text
+from lanskap.sweep.seed_stats import Difference, SeedSummary
 
 METHOD_NAMES = {"paired": "paired by seed", "welch": "Welch"}
 

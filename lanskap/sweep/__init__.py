@@ -1,0 +1,3 @@
+"""`python -m lanskap.sweep`: statistics across training seeds of finished DVC experiments. aggregate (read, group
+by setting, compare), seed_stats (mean, t-interval, paired and Welch differences), report (the files it writes).
+It is a command, not a stage: a stage runs inside one experiment and cannot see the others."""
