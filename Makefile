@@ -5,7 +5,7 @@ UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 RUN := $(UV) run --frozen
 
-.PHONY: install repro test params builtins clean-env
+.PHONY: install repro lint format test test-fast params builtins clean-env
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -20,8 +20,22 @@ install: .venv/.synced
 repro: install
 	$(RUN) dvc repro
 
-test: install
-	$(RUN) pytest $(PYTEST_ARGS)
+# Ruff (pyproject.toml [tool.ruff]): the lint rules, and the formatting as checked, not applied.
+lint: install
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+format: install
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+# Every test, the slow end-to-end ones included, over 2 worker processes (pytest-xdist); the 25 slowest are listed.
+test: lint
+	$(RUN) pytest -n 2 --durations=25 $(PYTEST_ARGS)
+
+# The edit loop: the same suite without the tests marked slow.
+test-fast: install
+	$(RUN) pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # Retrain the built-in models into lanskap/assets/builtin/ (about an hour on 2 CPU cores): the base model in one
 # process, the CLIP and Inception stand-ins in another, one torch thread each.

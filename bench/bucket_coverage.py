@@ -12,8 +12,18 @@ import argparse
 
 from lanskap.data.buckets import bucket_sizes, nearest_bucket
 
-SOURCES = [(1024, 1024), (1024, 768), (1200, 800), (1920, 1080), (2000, 1000), (2350, 1000), (3000, 1000),
-           (4000, 1000), (1000, 1500), (1080, 1920)]
+SOURCES = [
+    (1024, 1024),
+    (1024, 768),
+    (1200, 800),
+    (1920, 1080),
+    (2000, 1000),
+    (2350, 1000),
+    (3000, 1000),
+    (4000, 1000),
+    (1000, 1500),
+    (1080, 1920),
+]
 
 
 def kept_fraction(width: int, height: int, target_width: int, target_height: int) -> float:
@@ -34,10 +44,12 @@ def main():
     print("|---|---|---|---|---|---|")
     for width, height in SOURCES:
         bucket = nearest_bucket(width, height, sizes)
-        print(f"| {width}x{height} | {width / height:.2f} | {bucket[0]}x{bucket[1]} | "
-              f"{bucket[0] * bucket[1] / args.resolution ** 2:.2f} | "
-              f"{kept_fraction(width, height, args.resolution, args.resolution):.0%} | "
-              f"{kept_fraction(width, height, *bucket):.0%} |")
+        print(
+            f"| {width}x{height} | {width / height:.2f} | {bucket[0]}x{bucket[1]} | "
+            f"{bucket[0] * bucket[1] / args.resolution**2:.2f} | "
+            f"{kept_fraction(width, height, args.resolution, args.resolution):.0%} | "
+            f"{kept_fraction(width, height, *bucket):.0%} |"
+        )
 
 
 if __name__ == "__main__":

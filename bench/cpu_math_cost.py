@@ -31,8 +31,14 @@ SETTINGS = {"pinned": {}, "native": {SWITCH: "native"}}
 def stage(project: Path, env: dict, *args: str) -> float:
     clean = {name: value for name, value in os.environ.items() if name not in PINNED and name != SWITCH}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", *args], cwd=project, env={**clean, **env}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=project,
+        env={**clean, **env},
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -59,15 +65,31 @@ def main() -> None:
     for round_index in range(args.rounds):
         for name, env in SETTINGS.items():
             out = f"runs/{name}-{round_index}"
-            seconds[name].append(stage(project, env, "stages.train_lora", "--data", "data/processed",
-                                       "--out", f"{out}/lora", "--live", f"{out}/live"))
+            seconds[name].append(
+                stage(
+                    project,
+                    env,
+                    "stages.train_lora",
+                    "--data",
+                    "data/processed",
+                    "--out",
+                    f"{out}/lora",
+                    "--live",
+                    f"{out}/live",
+                )
+            )
             weights = (project / out / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
-            print(f"{name:7s} round {round_index}: {seconds[name][-1]:7.1f} s  LoRA sha256 "
-                  f"{hashlib.sha256(weights).hexdigest()[:16]}", flush=True)
+            print(
+                f"{name:7s} round {round_index}: {seconds[name][-1]:7.1f} s  LoRA sha256 "
+                f"{hashlib.sha256(weights).hexdigest()[:16]}",
+                flush=True,
+            )
     medians = {name: statistics.median(values) for name, values in seconds.items()}
-    print(f"train_lora, {args.steps} steps at {args.resolution} px on {os.cpu_count()} cores: median pinned "
-          f"{medians['pinned']:.1f} s, native {medians['native']:.1f} s, pinned/native "
-          f"{medians['pinned'] / medians['native']:.2f}")
+    print(
+        f"train_lora, {args.steps} steps at {args.resolution} px on {os.cpu_count()} cores: median pinned "
+        f"{medians['pinned']:.1f} s, native {medians['native']:.1f} s, pinned/native "
+        f"{medians['pinned'] / medians['native']:.2f}"
+    )
 
 
 if __name__ == "__main__":

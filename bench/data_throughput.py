@@ -39,8 +39,9 @@ def run_stage(workdir: Path, module: str, *args: str) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one stage run in its own process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=workdir, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if status != 0:
@@ -69,8 +70,18 @@ def main() -> None:
     ingest = run_stage(args.workdir, "stages.ingest", "--out", "data/ingested")
     run_stage(args.workdir, "stages.caption", "--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv")
     run_stage(args.workdir, "stages.split", "--captions", "data/captions.csv", "--out", "data/split")
-    preprocess = run_stage(args.workdir, "stages.preprocess", "--split", "data/split", "--ingested", "data/ingested",
-                           "--out", "data/processed", "--reports", "reports/preprocess")
+    preprocess = run_stage(
+        args.workdir,
+        "stages.preprocess",
+        "--split",
+        "data/split",
+        "--ingested",
+        "data/ingested",
+        "--out",
+        "data/processed",
+        "--reports",
+        "reports/preprocess",
+    )
     print(f"{'stage':12s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'peak RSS MiB':>13s}")
     for name, (seconds, rss) in (("ingest", ingest), ("preprocess", preprocess)):
         print(f"{name:12s} {args.count:7d} {seconds:8.1f} {args.count / seconds:9.1f} {rss:13.0f}")

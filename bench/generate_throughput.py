@@ -33,26 +33,56 @@ import torch
 import transformers
 
 from lanskap.core.io import atomic_dir
-from lanskap.models.resolve import clip_tokenizer_dir, resolve_base_model
 from lanskap.core.params import GenerateParams
 from lanskap.generate.sampling import generate_images, inference_dtype, load_pipeline, plan_jobs
+from lanskap.models.resolve import clip_tokenizer_dir, resolve_base_model
 
 LEVERS = ("bf16", "channels_last", "compile", "eager_attention", "fuse_qkv")
 PROMPT = "a fantasy landscape with floating islands, waterfalls and a castle at dusk"
 WARMUP_STEPS = 2  # one short batch first: CUDA context, cuDNN autotuning and compilation are not timed
 SD21_768 = {  # shared/bench/make_random_sd21.py's architecture: UNet 865.9 M, text encoder 340.4 M, VAE 83.7 M
-    "unet": dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
-                 attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, upcast_attention=True),
-    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=768, layers_per_block=2,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4),
-    "text_encoder": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512),
-    "scheduler": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      prediction_type="v_prediction", clip_sample=False, steps_offset=1),
+    "unet": dict(
+        sample_size=96,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
+    "vae": dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=768,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    ),
+    "text_encoder": dict(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=512,
+    ),
+    "scheduler": dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        steps_offset=1,
+    ),
 }
 
 
@@ -63,11 +93,15 @@ def build_random_sd21(model_dir: Path) -> None:
 
     torch.manual_seed(0)
     pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD21_768["vae"]), unet=UNet2DConditionModel(**SD21_768["unet"]),
+        vae=AutoencoderKL(**SD21_768["vae"]),
+        unet=UNet2DConditionModel(**SD21_768["unet"]),
         text_encoder=CLIPTextModel(CLIPTextConfig(**SD21_768["text_encoder"])),
         tokenizer=CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=77),
-        scheduler=DDPMScheduler(**SD21_768["scheduler"]), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        scheduler=DDPMScheduler(**SD21_768["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     with atomic_dir(model_dir) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
 
@@ -103,6 +137,7 @@ def plain_runner(pipeline, images: int, batch: int, resolution: int) -> Callable
         for start in range(0, count, batch):
             prompts = [PROMPT] * min(batch, count - start)
             pipeline(prompts, num_inference_steps=steps, height=resolution, width=resolution, output_type="pil")
+
     return run
 
 
@@ -110,6 +145,7 @@ def lanskap_runner(pipeline, params: GenerateParams, images: int, out_dir: Path)
     def run(steps: int, count: int = images) -> None:
         jobs = plan_jobs([PROMPT] * count, params)
         generate_images(pipeline, jobs, params.model_copy(update={"steps": steps}), out_dir, "bench")
+
     return run
 
 
@@ -127,7 +163,6 @@ def measure(run: Callable, steps: int, batch: int, device: torch.device) -> tupl
     return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
 
-
 def run_variant(name: str, args, device: torch.device, out_dir: Path) -> tuple[float, float | None]:
     """Load a fresh pipeline for one variant (levers change it in place) and time it."""
     levers = name.split("+")[1:]
@@ -136,8 +171,9 @@ def run_variant(name: str, args, device: torch.device, out_dir: Path) -> tuple[f
         pipeline = load_plain_diffusers(args.model_dir, inference_dtype(dtype, device), device)
         run = plain_runner(pipeline, args.images, args.batch, args.resolution)
     else:
-        params = GenerateParams(scheduler="dpm++", steps=args.steps, resolution=args.resolution,
-                                batch_size=args.batch, dtype=dtype)
+        params = GenerateParams(
+            scheduler="dpm++", steps=args.steps, resolution=args.resolution, batch_size=args.batch, dtype=dtype
+        )
         pipeline = load_pipeline(args.model_dir, params, device)
         apply_levers(pipeline, levers, args.dry_run)
         run = lanskap_runner(pipeline, params, args.images, out_dir / name)
@@ -157,25 +193,36 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, default=768)
     parser.add_argument("--images", type=int, default=20, help="timed images per variant (after one warm-up batch)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="the anchor's is fp16")
-    parser.add_argument("--levers", nargs="*", default=list(LEVERS),
-                        help=f"each measured as lanskap+LEVER; join with + to combine. Choices: {', '.join(LEVERS)}")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU, builtin:tiny-sd2, 64 px, 2 steps, batch 2, fp32: checks the code paths only")
+    parser.add_argument(
+        "--levers",
+        nargs="*",
+        default=list(LEVERS),
+        help=f"each measured as lanskap+LEVER; join with + to combine. Choices: {', '.join(LEVERS)}",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU, builtin:tiny-sd2, 64 px, 2 steps, batch 2, fp32: checks the code paths only",
+    )
     args = parser.parse_args(argv)
     for combination in args.levers:
         unknown = set(combination.split("+")) - set(LEVERS)
         if unknown:
-            parser.error(f"unknown lever(s) {', '.join(sorted(unknown))} in {combination!r}; "
-                         f"choose from {', '.join(LEVERS)}")
+            parser.error(
+                f"unknown lever(s) {', '.join(sorted(unknown))} in {combination!r}; choose from {', '.join(LEVERS)}"
+            )
     if args.dry_run:
         args.model_dir = resolve_base_model("builtin:tiny-sd2", None).path
         args.batch, args.steps, args.resolution, args.images, args.dtype = 2, 2, 64, 2, "fp32"
     elif args.model_dir is None:
         parser.error("MODEL_DIR is required (or --dry-run)")
     elif not torch.cuda.is_available():
-        parser.exit(2, "generate_throughput: no CUDA device visible (torch.cuda.is_available() is False). This "
-                       "benchmark measures GPU generation: run it on a machine with an NVIDIA GPU and a CUDA "
-                       "build of torch (bench/README.md), or use --dry-run for a CPU check of the code paths.\n")
+        parser.exit(
+            2,
+            "generate_throughput: no CUDA device visible (torch.cuda.is_available() is False). This "
+            "benchmark measures GPU generation: run it on a machine with an NVIDIA GPU and a CUDA "
+            "build of torch (bench/README.md), or use --dry-run for a CPU check of the code paths.\n",
+        )
     return args
 
 
@@ -189,8 +236,10 @@ def main(argv=None) -> None:
         build_random_sd21(args.model_dir)
     variants = ["diffusers", "lanskap", *(f"lanskap+{levers}" for levers in args.levers)]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{args.images} images per variant, batch {args.batch}, {args.steps} steps, {args.resolution} px, "
-          f"{args.dtype} unless a lever says otherwise, {device_name}")
+    print(
+        f"{args.images} images per variant, batch {args.batch}, {args.steps} steps, {args.resolution} px, "
+        f"{args.dtype} unless a lever says otherwise, {device_name}"
+    )
     print(f"{'variant':34s} {'s/image':>8s} {'images/s':>9s} {'peak GiB':>9s} {'vs diffusers':>13s}")
     anchor = None
     with tempfile.TemporaryDirectory(prefix="lanskap-gen-bench-") as out_dir:
@@ -199,8 +248,9 @@ def main(argv=None) -> None:
             per_image = seconds / args.images
             anchor = anchor or per_image
             peak_text = f"{peak:9.2f}" if peak is not None else f"{'n/a':>9s}"
-            print(f"{name:34s} {per_image:8.3f} {1 / per_image:9.2f} {peak_text} {per_image / anchor:12.2f}x",
-                  flush=True)
+            print(
+                f"{name:34s} {per_image:8.3f} {1 / per_image:9.2f} {peak_text} {per_image / anchor:12.2f}x", flush=True
+            )
     if args.dry_run:
         print("dry run: every code path ran on CPU at tiny sizes; the figures mean nothing")
 

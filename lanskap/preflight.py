@@ -96,8 +96,7 @@ def canonical_pixels(width: int, height: int, resolution: int, center_crop: bool
     return resolution * max(resolution, round(resolution * max(width, height) / min(width, height)))
 
 
-def preprocess_bytes(sizes: Iterable[tuple[int, int]], resolution: int, center_crop: bool,
-                     preview_samples: int) -> int:
+def preprocess_bytes(sizes: Iterable[tuple[int, int]], resolution: int, center_crop: bool, preview_samples: int) -> int:
     """Canonical PNGs of the train and test images (their source (width, height) in `sizes`), plus the
     preview: each sampled image beside three augmentations, at `resolution`."""
     pixels = sum(canonical_pixels(width, height, resolution, center_crop) for width, height in sizes)
@@ -109,8 +108,9 @@ def generate_bytes(prompts: int, images_per_prompt: int, resolution: int, grid_r
     return rgb_image_bytes(2 * prompts * images_per_prompt, resolution) + rgb_image_bytes(3 * grid_rows, resolution)
 
 
-def train_lora_bytes(trainable_parameters: int, checkpoints_kept: int, optimizer: str = "adamw",
-                     ema: bool = False) -> int:
+def train_lora_bytes(
+    trainable_parameters: int, checkpoints_kept: int, optimizer: str = "adamw", ema: bool = False
+) -> int:
     """The exported LoRA (diffusers and kohya files) and the resume checkpoints (LoRA weights and optimizer
     state); one more checkpoint than kept exists while the newest is written, before the oldest goes. An EMA
     (train.ema_decay) is exported too and saved in every checkpoint."""
@@ -136,28 +136,39 @@ def source_image_count(source: str, num_images: int) -> int:
         return num_images
     path = Path(source)
     if not path.exists():
-        raise UserError(f"ingest.source: {path} does not exist; put images (with .txt captions) there, "
-                        "or use `builtin:procedural` for the demo data")
+        raise UserError(
+            f"ingest.source: {path} does not exist; put images (with .txt captions) there, "
+            "or use `builtin:procedural` for the demo data"
+        )
     return len(scan_folder(path).images) if path.is_dir() else len(manifest_rows(path))
 
 
 def check_image_count(ingest, split) -> None:
     count, needed = source_image_count(ingest.source, ingest.num_images), images_needed(split.test_fraction)
     if count < needed:
-        raise UserError(f"ingest.source: {count} image(s) in {ingest.source}, but split.test_fraction="
-                        f"{split.test_fraction} needs at least {needed} for evaluate's test prompts: add images "
-                        "or raise split.test_fraction")
+        raise UserError(
+            f"ingest.source: {count} image(s) in {ingest.source}, but split.test_fraction="
+            f"{split.test_fraction} needs at least {needed} for evaluate's test prompts: add images "
+            "or raise split.test_fraction"
+        )
 
 
 def check_inception(spec: str) -> None:
     """evaluate.inception_weights resolves, as features.load_inception would, without loading the network."""
     from lanskap.builtin import builtin_folder
-    from lanskap.evaluate.features import BUILTIN_TINY_INCEPTION, INCEPTION_FILE, load_cleanfid_inception, require_torchscript
+    from lanskap.evaluate.features import (
+        BUILTIN_TINY_INCEPTION,
+        INCEPTION_FILE,
+        load_cleanfid_inception,
+        require_torchscript,
+    )
 
     if spec.startswith("builtin:"):
         if spec != BUILTIN_TINY_INCEPTION:
-            raise UserError(f"evaluate.inception_weights: unknown built-in {spec!r}; "
-                            f"the built-in model is {BUILTIN_TINY_INCEPTION!r}")
+            raise UserError(
+                f"evaluate.inception_weights: unknown built-in {spec!r}; "
+                f"the built-in model is {BUILTIN_TINY_INCEPTION!r}"
+            )
         builtin_folder(spec, "evaluate.inception_weights")
         return
     weights = Path(spec).expanduser()
@@ -174,10 +185,12 @@ def require_pipeline_inputs(params: dict) -> None:
     from lanskap.models.resolve import resolve_base_model
 
     model, evaluate = params["model"], params["evaluate"]
-    checks = [lambda: resolve_base_model(model.base, model.revision),
-              lambda: resolve_clip_folder(evaluate.clip_model, evaluate.clip_revision),
-              lambda: check_inception(evaluate.inception_weights),
-              lambda: check_image_count(params["ingest"], params["split"])]
+    checks = [
+        lambda: resolve_base_model(model.base, model.revision),
+        lambda: resolve_clip_folder(evaluate.clip_model, evaluate.clip_revision),
+        lambda: check_inception(evaluate.inception_weights),
+        lambda: check_image_count(params["ingest"], params["split"]),
+    ]
     if params["caption"].method == "model":
         checks.append(lambda: resolve_captioner(params["caption"]))
     problems = []
@@ -187,8 +200,10 @@ def require_pipeline_inputs(params: dict) -> None:
         except UserError as problem:
             problems.append(str(problem))
     if problems:
-        raise UserError(f"{len(problems)} thing(s) this run needs are missing; nothing was run:\n"
-                        + "\n".join(f"  - {problem}" for problem in problems))
+        raise UserError(
+            f"{len(problems)} thing(s) this run needs are missing; nothing was run:\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+        )
 
 
 # --------------------------------------------------------------------------------------------- GPU
@@ -237,8 +252,15 @@ def largest_divisor_at_most(number: int, limit: int) -> int:
     return max(divisor for divisor in range(1, limit + 1) if number % divisor == 0)
 
 
-def require_batch_fits(run_batch: Callable[[int], None], batch_size: int, key: str, device: torch.device | str,
-                       if_none_fits: str, accumulation_key: str | None = None, accumulation_steps: int = 1) -> None:
+def require_batch_fits(
+    run_batch: Callable[[int], None],
+    batch_size: int,
+    key: str,
+    device: torch.device | str,
+    if_none_fits: str,
+    accumulation_key: str | None = None,
+    accumulation_steps: int = 1,
+) -> None:
     """On CUDA, run one step at `batch_size` and raise a UserError naming a batch that fits if it runs out of
     memory; on any other device do nothing.
 

@@ -9,12 +9,12 @@ Captions longer than 77 CLIP tokens are reported: training truncates them.
 import argparse
 from pathlib import Path
 
-from lanskap.data.captions import CLIP_MAX_TOKENS, choose_captions, token_counts
 from lanskap.core.console import quiet_libraries
-from lanskap.data.manifest import MANIFEST_COLUMNS, read_table
 from lanskap.core.errors import run_stage
 from lanskap.core.io import write_csv
 from lanskap.core.params import load_params
+from lanskap.data.captions import CLIP_MAX_TOKENS, choose_captions, token_counts
+from lanskap.data.manifest import MANIFEST_COLUMNS, read_table
 
 
 def main(argv=None):
@@ -35,9 +35,11 @@ def main(argv=None):
     for row in too_long.itertuples():
         print(f"  warning: {row.path}: caption has {row.clip_tokens} CLIP tokens, truncated to {CLIP_MAX_TOKENS}")
     words = table["caption"].str.split().str.len()
-    print(f"caption: {len(table)} captions (method={params.method}), words min/median/max "
-          f"{words.min()}/{int(words.median())}/{words.max()}, {len(too_long)} over {CLIP_MAX_TOKENS} tokens "
-          f"-> {args.out}")
+    print(
+        f"caption: {len(table)} captions (method={params.method}), words min/median/max "
+        f"{words.min()}/{int(words.median())}/{words.max()}, {len(too_long)} over {CLIP_MAX_TOKENS} tokens "
+        f"-> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 
 from lanskap.core.console import quiet_libraries
-from lanskap.data.manifest import read_table
 from lanskap.core.errors import UserError, run_stage
-from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, report_html, report_markdown
+from lanskap.core.figures import save_loss_curves
 from lanskap.core.io import atomic_dir, write_csv, write_json, write_text
 from lanskap.core.params import PARAMS_FILE, load_params
 from lanskap.core.provenance import Provenance, git_commit, read_model_card
-from lanskap.core.figures import save_loss_curves
+from lanskap.data.manifest import read_table
+from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, report_html, report_markdown
 
 
 def extract_features(test, generated, params):
@@ -39,7 +39,9 @@ def extract_features(test, generated, params):
     inception = load_inception(params.inception_weights)
     image_sets = {"test": test["path"].tolist()}
     for model in ("base", "lora"):
-        image_sets[model] = generated[generated["model"] == model].sort_values(["prompt_index", "sample"])["path"].tolist()
+        image_sets[model] = (
+            generated[generated["model"] == model].sort_values(["prompt_index", "sample"])["path"].tolist()
+        )
     clip_features = {name: clip.image_embeddings([Path(p) for p in paths]) for name, paths in image_sets.items()}
     clip_features["text"] = clip.text_embeddings(test["caption"].tolist())
     inception_features = {name: inception.features([Path(p) for p in paths]) for name, paths in image_sets.items()}
@@ -69,11 +71,15 @@ def write_reports(results: dict[str, float], names: tuple[str, str], args, sourc
         if curves:
             save_loss_curves(curves, staging / "loss.png", title="LoRA training loss")
         # Links are relative to the report's final folder, so they work in a browser and on a git host.
-        inputs = ReportInputs(clip_name=names[0], inception_name=names[1],
-                              loss_curve="loss.png" if curves else None,
-                              comparison_grid=os.path.relpath(args.comparison, args.reports),
-                              data_card=os.path.relpath(args.data_card, args.reports),
-                              data_card_text=sources[1], provenance=sources[0])
+        inputs = ReportInputs(
+            clip_name=names[0],
+            inception_name=names[1],
+            loss_curve="loss.png" if curves else None,
+            comparison_grid=os.path.relpath(args.comparison, args.reports),
+            data_card=os.path.relpath(args.data_card, args.reports),
+            data_card_text=sources[1],
+            provenance=sources[0],
+        )
         markdown = report_markdown(results, inputs)
         write_text(staging / "report.md", markdown)
         images = {inputs.comparison_grid: args.comparison.read_bytes()}
@@ -87,8 +93,10 @@ def interval_text(results: dict[str, float], gap: str) -> str:
 
     if gap + "_ci_low" not in results:
         return f"no interval below {MIN_INTERVAL_PROMPTS} prompts"
-    return (f"95% interval [{results[gap + '_ci_low']:.4f}, {results[gap + '_ci_high']:.4f}] "
-            f"(bias-corrected {results[gap + '_bias_corrected']:.4f})")
+    return (
+        f"95% interval [{results[gap + '_ci_low']:.4f}, {results[gap + '_ci_high']:.4f}] "
+        f"(bias-corrected {results[gap + '_bias_corrected']:.4f})"
+    )
 
 
 def main(argv=None):
@@ -105,15 +113,24 @@ def main(argv=None):
     params = load_params("evaluate")["evaluate"]
     quiet_libraries()
 
-    from lanskap.evaluate.comparisons import FID_STABLE_N, check_pairing, lora_minus_base, scored_weights, set_comparisons
     from lanskap.data.split import MIN_TEST_PROMPTS
+    from lanskap.evaluate.comparisons import (
+        FID_STABLE_N,
+        check_pairing,
+        lora_minus_base,
+        scored_weights,
+        set_comparisons,
+    )
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
-    generated = read_table(args.generated / "index.csv",
-                           ["prompt_index", "sample", "caption", "seed", "model", "path", "lora_weights"])
+    generated = read_table(
+        args.generated / "index.csv", ["prompt_index", "sample", "caption", "seed", "model", "path", "lora_weights"]
+    )
     if len(test) < MIN_TEST_PROMPTS:
-        raise UserError(f"evaluate: {len(test)} test image(s) in {args.data / 'test.csv'}; the paired statistics "
-                        f"need at least {MIN_TEST_PROMPTS}: add images or raise split.test_fraction")
+        raise UserError(
+            f"evaluate: {len(test)} test image(s) in {args.data / 'test.csv'}; the paired statistics "
+            f"need at least {MIN_TEST_PROMPTS}: add images or raise split.test_fraction"
+        )
     check_pairing(test, generated, str(args.generated / "index.csv"))
     scored = scored_weights(generated, str(args.generated / "index.csv"))
     report_sources = read_report_sources(args)
@@ -123,9 +140,20 @@ def main(argv=None):
     write_json(args.out, results)
     write_reports(results, (clip_name, inception_name), args, report_sources)
 
-    print(f"evaluate ({clip_name}; n test={results['n_test']:.0f}, base={results['n_base']:.0f}, lora={results['n_lora']:.0f}):")
-    for key in ("cmmd_test_vs_text", "cmmd_lora_vs_text", "cmmd_test_vs_lora", "cmmd_test_vs_base",
-                "fid_test_vs_lora", "fid_test_vs_base", "clip_score_lora", "clip_score_base"):
+    print(
+        f"evaluate ({clip_name}; n test={results['n_test']:.0f}, base={results['n_base']:.0f}, "
+        f"lora={results['n_lora']:.0f}):"
+    )
+    for key in (
+        "cmmd_test_vs_text",
+        "cmmd_lora_vs_text",
+        "cmmd_test_vs_lora",
+        "cmmd_test_vs_base",
+        "fid_test_vs_lora",
+        "fid_test_vs_base",
+        "clip_score_lora",
+        "clip_score_base",
+    ):
         print(f"  {key:28s} {results[key]:12.4f}")
     gap = "cmmd_vs_test_lora_minus_base"
     print(f"  {gap:28s} {results[gap]:12.4f}  {interval_text(results, gap)}, p = {results[gap + '_pvalue']:.3f}")

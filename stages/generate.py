@@ -17,22 +17,32 @@ import pandas as pd
 from PIL import Image
 
 from lanskap.core.console import quiet_libraries
-from lanskap.data.manifest import read_table
 from lanskap.core.errors import run_stage
+from lanskap.core.figures import image_grid, save_png
 from lanskap.core.io import atomic_dir, write_csv
 from lanskap.core.params import load_params
+from lanskap.data.manifest import read_table
 from lanskap.preflight import generate_bytes, require_batch_fits, require_free_space
-from lanskap.core.figures import image_grid, save_png
 
 GRID_ROWS = 10  # captions shown in the git-tracked comparison grid
 
 
-def index_rows(jobs, paths, model: str, test: pd.DataFrame, out: Path, staging: Path,
-               lora_weights: str = "none") -> list[dict]:
-    return [{"prompt_index": job.prompt_index, "sample": job.sample, "caption": job.caption, "seed": job.seed,
-             "model": model, "path": (out / path.relative_to(staging)).as_posix(),
-             "reference_path": test["path"][job.prompt_index], "lora_weights": lora_weights}
-            for job, path in zip(jobs, paths)]
+def index_rows(
+    jobs, paths, model: str, test: pd.DataFrame, out: Path, staging: Path, lora_weights: str = "none"
+) -> list[dict]:
+    return [
+        {
+            "prompt_index": job.prompt_index,
+            "sample": job.sample,
+            "caption": job.caption,
+            "seed": job.seed,
+            "model": model,
+            "path": (out / path.relative_to(staging)).as_posix(),
+            "reference_path": test["path"][job.prompt_index],
+            "lora_weights": lora_weights,
+        }
+        for job, path in zip(jobs, paths)
+    ]
 
 
 def comparison_grid(index: pd.DataFrame, staging: Path, out: Path) -> Image.Image:
@@ -40,7 +50,7 @@ def comparison_grid(index: pd.DataFrame, staging: Path, out: Path) -> Image.Imag
     samples (same seed)."""
     first = index[(index["sample"] == 0) & (index["prompt_index"] < GRID_ROWS)]
     rows, prompts = [], []
-    for prompt_index, pair in first.groupby("prompt_index"):
+    for _prompt_index, pair in first.groupby("prompt_index"):
         by_model = pair.set_index("model")["path"]
         local = {m: staging / Path(p).relative_to(out) for m, p in by_model.items()}
         rows.append([Image.open(pair["reference_path"].iloc[0]), Image.open(local["base"]), Image.open(local["lora"])])
@@ -61,9 +71,9 @@ def main(argv=None):
 
     import torch
 
+    from lanskap.generate.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
     from lanskap.lora.files import load_lora_into_pipeline, lora_weights_dir
     from lanskap.models.resolve import resolve_base_model
-    from lanskap.generate.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
     lora_dir = lora_weights_dir(args.lora, params.lora_weights)
@@ -71,25 +81,40 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_pipeline(model.path, params, device)
     jobs = plan_jobs(test["caption"].tolist(), params)
-    planned = generate_bytes(len(test), params.images_per_prompt, params.resolution or native_resolution(pipeline),
-                             min(len(test), GRID_ROWS))
+    planned = generate_bytes(
+        len(test), params.images_per_prompt, params.resolution or native_resolution(pipeline), min(len(test), GRID_ROWS)
+    )
     require_free_space(args.out, planned, "generate", "generate.images_per_prompt, generate.resolution")
-    require_batch_fits(batch_probe(pipeline, jobs[0].caption, params), min(params.batch_size, len(jobs)),
-                       "generate.batch_size", device,
-                       if_none_fits="lower generate.resolution, or set generate.dtype: bf16 (or fp16)")
+    require_batch_fits(
+        batch_probe(pipeline, jobs[0].caption, params),
+        min(params.batch_size, len(jobs)),
+        "generate.batch_size",
+        device,
+        if_none_fits="lower generate.resolution, or set generate.dtype: bf16 (or fp16)",
+    )
     with atomic_dir(args.out) as staging:
-        rows = index_rows(jobs, generate_images(pipeline, jobs, params, staging / "base", "base"), "base",
-                          test, args.out, staging)
+        rows = index_rows(
+            jobs, generate_images(pipeline, jobs, params, staging / "base", "base"), "base", test, args.out, staging
+        )
         load_lora_into_pipeline(pipeline, lora_dir, params.lora_scale)
-        rows += index_rows(jobs, generate_images(pipeline, jobs, params, staging / "lora", "lora"), "lora",
-                           test, args.out, staging, params.lora_weights)
+        rows += index_rows(
+            jobs,
+            generate_images(pipeline, jobs, params, staging / "lora", "lora"),
+            "lora",
+            test,
+            args.out,
+            staging,
+            params.lora_weights,
+        )
         index = pd.DataFrame(rows)
         write_csv(staging / "index.csv", index)
         with atomic_dir(args.reports) as reports:
             save_png(comparison_grid(index, staging, args.out), reports / "comparison.png")
-    print(f"generate: {len(jobs)} base + {len(jobs)} LoRA images ({params.lora_weights} LoRA weights, "
-          f"{params.scheduler}, {params.steps} steps, guidance {params.guidance_scale}, LoRA scale {params.lora_scale})"
-          f" -> {args.out}; grid -> {args.reports}")
+    print(
+        f"generate: {len(jobs)} base + {len(jobs)} LoRA images ({params.lora_weights} LoRA weights, "
+        f"{params.scheduler}, {params.steps} steps, guidance {params.guidance_scale}, LoRA scale {params.lora_scale})"
+        f" -> {args.out}; grid -> {args.reports}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,19 +22,31 @@ import pandas as pd
 from PIL import Image
 
 from lanskap.core.console import progress
-from lanskap.data.manifest import (MANIFEST_COLUMNS, Candidate, IngestResult, ItemRejected, image_record, near_duplicate_pairs,
-                          require_sha256)
-from lanskap.data.download import DownloadPolicy, cache_path, download
-from lanskap.data.images import check_image
 from lanskap.core.errors import UserError, run_stage
 from lanskap.core.io import atomic_dir, write_csv
 from lanskap.core.params import IngestParams, load_params
-from lanskap.preflight import procedural_ingest_bytes, require_free_space, require_pipeline_inputs, source_ingest_bytes
+from lanskap.data.download import DownloadPolicy, cache_path, download
+from lanskap.data.images import check_image
+from lanskap.data.manifest import (
+    MANIFEST_COLUMNS,
+    Candidate,
+    IngestResult,
+    ItemRejected,
+    image_record,
+    near_duplicate_pairs,
+    require_sha256,
+)
 from lanskap.data.procedural import generate_item
 from lanskap.data.sources import clean_caption, decode_caption, manifest_rows, scan_folder
+from lanskap.preflight import procedural_ingest_bytes, require_free_space, require_pipeline_inputs, source_ingest_bytes
 
 DOWNLOAD_CACHE = Path(".lanskap-cache/downloads")
-USUAL_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tiff", "JPEG2000": ".jp2"}  # others: the format's name (.png, .webp, .ppm)
+USUAL_SUFFIX = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "TIFF": ".tiff",
+    "JPEG2000": ".jp2",
+}  # others: the format's name (.png, .webp, .ppm)
 
 
 def procedural_candidates(params: IngestParams):
@@ -42,14 +54,16 @@ def procedural_candidates(params: IngestParams):
         image, caption = generate_item(index, params.image_size, params.seed, params.world)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        yield (lambda data=buffer.getvalue(): data), Candidate(f"builtin:procedural#{index}", caption)
+        data = buffer.getvalue()
+        yield (lambda data=data: data), Candidate(f"builtin:procedural#{index}", caption)
 
 
 def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParams):
     """A deferred read of one manifest entry: a download for URLs, a file read confined to the folder."""
     if "://" in reference:
-        policy = DownloadPolicy(params.download_timeout, int(params.max_download_mb * 2**20),
-                                params.download_retries, backoff=0.5)
+        policy = DownloadPolicy(
+            params.download_timeout, int(params.max_download_mb * 2**20), params.download_retries, backoff=0.5
+        )
         return lambda: download(reference, DOWNLOAD_CACHE, policy, str(row.get("sha256", "") or ""))
     path = folder / reference
 
@@ -92,7 +106,9 @@ def local_candidates(source: Path, params: IngestParams, result: IngestResult):
         yield from folder_candidates(source, result)
         return
     for row in manifest_rows(source):
-        caption, licence, attribution, group = (row.get(key, "") for key in ("caption", "licence", "attribution", "group"))
+        caption, licence, attribution, group = (
+            row.get(key, "") for key in ("caption", "licence", "attribution", "group")
+        )
         candidate = Candidate(row["path"], clean_caption(caption), licence, attribution, group)
         yield manifest_reader(row["path"], source.parent, row, params), candidate
 
@@ -105,8 +121,10 @@ def candidates(params: IngestParams, result: IngestResult):
         raise UserError(f"ingest.source: unknown built-in {params.source!r}; use builtin:procedural")
     source = Path(params.source)
     if not source.exists():
-        raise UserError(f"ingest.source: {source} does not exist; put images (with .txt captions) there, "
-                        "or use `builtin:procedural` for the demo data")
+        raise UserError(
+            f"ingest.source: {source} does not exist; put images (with .txt captions) there, "
+            "or use `builtin:procedural` for the demo data"
+        )
     return local_candidates(source, params, result)
 
 
@@ -134,9 +152,11 @@ def planned_bytes(params: IngestParams) -> int:
     if source.is_dir():
         return source_ingest_bytes(scan_folder(source).images, [], 0)
     references = [row["path"] for row in manifest_rows(source)]
-    return source_ingest_bytes([source.parent / ref for ref in references if "://" not in ref],
-                               [cache_path(ref, DOWNLOAD_CACHE) for ref in references if "://" in ref],
-                               int(params.max_download_mb * 2**20))
+    return source_ingest_bytes(
+        [source.parent / ref for ref in references if "://" not in ref],
+        [cache_path(ref, DOWNLOAD_CACHE) for ref in references if "://" in ref],
+        int(params.max_download_mb * 2**20),
+    )
 
 
 def image_suffix(source: str, file_format: str) -> str:
@@ -148,14 +168,21 @@ def image_suffix(source: str, file_format: str) -> str:
     if extensions.get(suffix) == file_format:
         return suffix
     usual = USUAL_SUFFIX.get(file_format, f".{file_format.lower()}")
-    return usual if extensions.get(usual) == file_format else min(ext for ext, name in extensions.items() if name == file_format)
+    return (
+        usual
+        if extensions.get(usual) == file_format
+        else min(ext for ext, name in extensions.items() if name == file_format)
+    )
 
 
 def ingest(params: IngestParams, out: Path) -> IngestResult:
     result, seen = IngestResult(), {}
     items = candidates(params, result)  # checks the source exists before it is measured
-    shrink = ("ingest.num_images, ingest.image_size" if params.source == "builtin:procedural"
-              else f"fewer images in {params.source}")
+    shrink = (
+        "ingest.num_images, ingest.image_size"
+        if params.source == "builtin:procedural"
+        else f"fewer images in {params.source}"
+    )
     require_free_space(out, planned_bytes(params), "ingest", shrink)
     with atomic_dir(out) as staging:
         (staging / "images").mkdir()
@@ -166,8 +193,9 @@ def ingest(params: IngestParams, out: Path) -> IngestResult:
             image, data, digest, file_format = accepted
             name = f"{digest[:16]}{image_suffix(candidate.source, file_format)}"
             (staging / "images" / name).write_bytes(data)
-            result.accepted.append(image_record(staging / "images" / name, image, candidate) |
-                                   {"path": (out / "images" / name).as_posix()})
+            result.accepted.append(
+                image_record(staging / "images" / name, image, candidate) | {"path": (out / "images" / name).as_posix()}
+            )
         write_csv(staging / "manifest.csv", pd.DataFrame(result.accepted, columns=MANIFEST_COLUMNS))
         write_csv(staging / "rejected.csv", pd.DataFrame(result.rejected, columns=["source", "reason"]))
         write_csv(staging / "near_duplicates.csv", near_duplicates(result.accepted, params.near_duplicate_distance))
@@ -179,15 +207,20 @@ def ingest(params: IngestParams, out: Path) -> IngestResult:
 
 def too_few_images(result: IngestResult, source: str) -> str:
     """Why ingest stops: what the source held, and what to do about it."""
-    found = (f"{len(result.rejected)} rejected (listed above)" if result.rejected else
-             "no image files found" + (f" ({skipped_summary(result)})" if skipped_summary(result) else ""))
+    found = (
+        f"{len(result.rejected)} rejected (listed above)"
+        if result.rejected
+        else "no image files found" + (f" ({skipped_summary(result)})" if skipped_summary(result) else "")
+    )
     fix = "Fix the rejected files, or add" if result.rejected else "Add"
-    return (f"ingest: only {len(result.accepted)} usable image(s) from {source}: {found}; the split needs at least "
-            f"2. {fix} images (with .txt captions) to the source; data/raw/README.md says what goes there.")
+    return (
+        f"ingest: only {len(result.accepted)} usable image(s) from {source}: {found}; the split needs at least "
+        f"2. {fix} images (with .txt captions) to the source; data/raw/README.md says what goes there."
+    )
 
 
 def skipped_summary(result: IngestResult) -> str:
-    """"3 hidden files skipped, 2 non-image files ignored (notes.md, ...)", or "" when there were none."""
+    """ "3 hidden files skipped, 2 non-image files ignored (notes.md, ...)", or "" when there were none."""
     parts = [f"{result.hidden} hidden file(s) skipped"] if result.hidden else []
     if result.ignored:
         names = ", ".join(path.name for path in result.ignored[:3]) + (", ..." if len(result.ignored) > 3 else "")
@@ -197,8 +230,10 @@ def skipped_summary(result: IngestResult) -> str:
 
 def near_duplicates(accepted: list[dict], max_distance: int) -> pd.DataFrame:
     hashes = [int(record["phash"], 16) for record in accepted]
-    rows = [{"source_a": accepted[i]["source"], "source_b": accepted[j]["source"], "hash_distance": distance}
-            for i, j, distance in near_duplicate_pairs(hashes, max_distance)]
+    rows = [
+        {"source_a": accepted[i]["source"], "source_b": accepted[j]["source"], "hash_distance": distance}
+        for i, j, distance in near_duplicate_pairs(hashes, max_distance)
+    ]
     return pd.DataFrame(rows, columns=["source_a", "source_b", "hash_distance"])
 
 
@@ -218,8 +253,10 @@ def main(argv=None):
     result = ingest(params["ingest"], args.out)
     near = pd.read_csv(args.out / "near_duplicates.csv")
     skipped = skipped_summary(result)
-    print(f"ingest: {len(result.accepted)} accepted, {len(result.rejected)} rejected, {len(near)} near-duplicate "
-          f"pair(s) reported{', ' + skipped if skipped else ''} -> {args.out}/manifest.csv")
+    print(
+        f"ingest: {len(result.accepted)} accepted, {len(result.rejected)} rejected, {len(near)} near-duplicate "
+        f"pair(s) reported{', ' + skipped if skipped else ''} -> {args.out}/manifest.csv"
+    )
     print_rejected(result)
 
 

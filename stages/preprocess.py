@@ -17,16 +17,23 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from lanskap.data.augment import canonical_image, fit_to_size, to_pil, train_transform
-from lanskap.data.buckets import (bucket_groups, bucket_sizes, nearest_bucket, require_trainable_bucket,
-                             size_name, table_sizes, untrained_message)
 from lanskap.core.console import progress
-from lanskap.data.manifest import open_rgb, read_table
 from lanskap.core.errors import run_stage
+from lanskap.core.figures import image_grid, save_png
 from lanskap.core.io import atomic_dir, write_csv, write_text
 from lanskap.core.params import AugmentParams, PreprocessParams, load_params
+from lanskap.data.augment import canonical_image, fit_to_size, to_pil, train_transform
+from lanskap.data.buckets import (
+    bucket_groups,
+    bucket_sizes,
+    nearest_bucket,
+    require_trainable_bucket,
+    size_name,
+    table_sizes,
+    untrained_message,
+)
+from lanskap.data.manifest import open_rgb, read_table
 from lanskap.preflight import preprocess_bytes, require_free_space
-from lanskap.core.figures import image_grid, save_png
 
 
 def with_training_sizes(table: pd.DataFrame, params: PreprocessParams) -> pd.DataFrame:
@@ -77,20 +84,36 @@ def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolutio
     both = pd.concat([train.assign(side="train"), test.assign(side="test")])
     words = both["caption"].str.split().str.len()
     lines = [
-        "# Data card", "",
+        "# Data card",
+        "",
         f"- images: {len(both)} ({len(train)} train, {len(test)} test), trained at {resolution} px"
         + (" (in aspect-ratio buckets of about that area: see below)" if bucketed else ""),
         f"- rejected at ingest: {len(rejected)}; near-duplicate pairs kept: {len(near)}",
         f"- caption words: min {words.min()}, median {int(words.median())}, max {words.max()}; "
-        f"CLIP tokens max {both['clip_tokens'].max()} ({(both['clip_tokens'] > 77).sum()} over 77, truncated)", "",
-        "## Source resolution (shorter side)", "", "| pixels | images |", "|---|---|",
-        *histogram_rows(both[["width", "height"]].min(axis=1), [0, 256, 512, 768, 1024, 2048], "px"), "",
-        "## Caption length", "", "| words | captions |", "|---|---|",
-        *histogram_rows(words, [0, 5, 10, 20, 40, 60], "words"), "",
-        "## Rejected items", "",
-        *([f"- `{row.source}`: {row.reason}" for row in rejected.itertuples()] or ["none"]), "",
-        "## Near-duplicate pairs (perceptual hash)", "",
-        *([f"- `{row.source_a}` ~ `{row.source_b}` ({row.hash_distance} bits)" for row in near.itertuples()] or ["none"]),
+        f"CLIP tokens max {both['clip_tokens'].max()} ({(both['clip_tokens'] > 77).sum()} over 77, truncated)",
+        "",
+        "## Source resolution (shorter side)",
+        "",
+        "| pixels | images |",
+        "|---|---|",
+        *histogram_rows(both[["width", "height"]].min(axis=1), [0, 256, 512, 768, 1024, 2048], "px"),
+        "",
+        "## Caption length",
+        "",
+        "| words | captions |",
+        "|---|---|",
+        *histogram_rows(words, [0, 5, 10, 20, 40, 60], "words"),
+        "",
+        "## Rejected items",
+        "",
+        *([f"- `{row.source}`: {row.reason}" for row in rejected.itertuples()] or ["none"]),
+        "",
+        "## Near-duplicate pairs (perceptual hash)",
+        "",
+        *(
+            [f"- `{row.source_a}` ~ `{row.source_b}` ({row.hash_distance} bits)" for row in near.itertuples()]
+            or ["none"]
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -98,18 +121,26 @@ def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolutio
 def bucket_section(train: pd.DataFrame, test: pd.DataFrame, batch_size: int) -> list[str]:
     """The data card's bucket histogram: each bucket's size, images and whole micro-batches per epoch."""
     train_groups, test_groups = bucket_groups(table_sizes(train)), bucket_groups(table_sizes(test))
-    rows = [f"| {size_name(size)} | {size[0] / size[1]:.2f} | {len(train_groups.get(size, []))} | "
-            f"{len(test_groups.get(size, []))} | {len(train_groups.get(size, [])) // batch_size} |"
-            for size in sorted(train_groups.keys() | test_groups.keys())]
+    rows = [
+        f"| {size_name(size)} | {size[0] / size[1]:.2f} | {len(train_groups.get(size, []))} | "
+        f"{len(test_groups.get(size, []))} | {len(train_groups.get(size, [])) // batch_size} |"
+        for size in sorted(train_groups.keys() | test_groups.keys())
+    ]
     untrained = untrained_message(train_groups, batch_size)
     return [
-        "## Aspect-ratio buckets", "",
+        "## Aspect-ratio buckets",
+        "",
         f"Each training micro-batch is drawn from one bucket. Batches per epoch at train.batch_size = {batch_size} on "
         "one process (with N processes a micro-batch is N times larger); each epoch a bucket's last partial batch "
         "is dropped (a different remainder each epoch, in a fresh order). Held-out images are evaluated at their "
-        "bucket's size.", "",
-        "| bucket (W x H) | aspect W/H | train images | test images | batches per epoch |", "|---|---|---|---|---|",
-        *rows, "", f"- {untrained}" if untrained else "- every training image is in a bucket that trains", "",
+        "bucket's size.",
+        "",
+        "| bucket (W x H) | aspect W/H | train images | test images | batches per epoch |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"- {untrained}" if untrained else "- every training image is in a bucket that trains",
+        "",
     ]
 
 
@@ -124,13 +155,18 @@ def main(argv=None):
     params, augment, batch_size = loaded["preprocess"], loaded["augment"], loaded["train"].batch_size
 
     columns = ["path", "sha256", "caption", "width", "height", "clip_tokens"]
-    train, test = (with_training_sizes(read_table(args.split / f"{side}.csv", columns), params)
-                   for side in ("train", "test"))
+    train, test = (
+        with_training_sizes(read_table(args.split / f"{side}.csv", columns), params) for side in ("train", "test")
+    )
     if params.buckets:  # one process: train_lora checks again at the global micro-batch of its processes
         require_trainable_bucket(bucket_groups(table_sizes(train)), batch_size, "preprocess", "train.batch_size")
     both = pd.concat([train, test])
-    planned = preprocess_bytes(zip(both["width"], both["height"]), params.resolution,
-                               params.center_crop or params.buckets, params.preview_samples)
+    planned = preprocess_bytes(
+        zip(both["width"], both["height"]),
+        params.resolution,
+        params.center_crop or params.buckets,
+        params.preview_samples,
+    )
     require_free_space(args.out, planned, "preprocess", "preprocess.resolution, or fewer images at ingest")
     with atomic_dir(args.out) as staging:
         (staging / "images").mkdir()
@@ -144,8 +180,10 @@ def main(argv=None):
             if params.buckets:
                 card += "\n" + "\n".join(bucket_section(train, test, batch_size))
             write_text(reports / "data_card.md", card)
-    print(f"preprocess: {len(train)} train + {len(test)} test images at {params.resolution} px -> {args.out}; "
-          f"preview and data card -> {args.reports}")
+    print(
+        f"preprocess: {len(train)} train + {len(test)} test images at {params.resolution} px -> {args.out}; "
+        f"preview and data card -> {args.reports}"
+    )
 
 
 if __name__ == "__main__":

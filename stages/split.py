@@ -8,10 +8,10 @@ Params:  split
 import argparse
 from pathlib import Path
 
-from lanskap.data.manifest import read_table
 from lanskap.core.errors import run_stage
 from lanskap.core.io import atomic_dir, write_csv
 from lanskap.core.params import load_params
+from lanskap.data.manifest import read_table
 from lanskap.data.split import split_table
 
 
@@ -27,8 +27,10 @@ def main(argv=None):
     with atomic_dir(args.out) as staging:
         write_csv(staging / "train.csv", train)
         write_csv(staging / "test.csv", test)
-    print(f"split: {len(train)} train / {len(test)} test (test_fraction={params.test_fraction}, "
-          f"seed={params.seed}) -> {args.out}")
+    print(
+        f"split: {len(train)} train / {len(test)} test (test_fraction={params.test_fraction}, "
+        f"seed={params.seed}) -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

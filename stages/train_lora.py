@@ -24,16 +24,19 @@ import json
 import sys
 from pathlib import Path
 
-from lanskap.data.buckets import BUCKET_COLUMNS, bucket_groups, nominal_resolution, size_name, table_sizes
 from lanskap.core.code_closure import code_digest
 from lanskap.core.console import quiet_libraries
-from lanskap.data.manifest import read_table
 from lanskap.core.errors import run_stage
 from lanskap.core.io import atomic_dir, remove_dir, sha256_file
 from lanskap.core.params import load_params
+from lanskap.data.buckets import BUCKET_COLUMNS, bucket_groups, nominal_resolution, size_name, table_sizes
+from lanskap.data.manifest import read_table
 
-FILE_USE = {"diffusers": "diffusers: `pipe.load_lora_weights(dir)`", "kohya": "AUTOMATIC1111 / ComfyUI",
-            "peft": "peft: inject the config in its metadata, then `set_peft_model_state_dict`"}
+FILE_USE = {
+    "diffusers": "diffusers: `pipe.load_lora_weights(dir)`",
+    "kohya": "AUTOMATIC1111 / ComfyUI",
+    "peft": "peft: inject the config in its metadata, then `set_peft_model_state_dict`",
+}
 CHECKPOINT_ROOT = Path(".lanskap-cache/checkpoints")  # relative to the project root, outside DVC's outputs
 
 
@@ -46,17 +49,32 @@ def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) 
 
     params = {name: group.model_dump(mode="json") for name, group in loaded.items()}
     summary = {key: value for key, value in summary.items() if key not in MACHINE_DEPENDENT}
-    return "\n".join([
-        f"# {ADAPTER_TITLES[loaded['lora'].type]} for {base['model']}", "",
-        f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
-        f"- trained at {base['resolution']} px on {base['train_images']} images; data sha256 `{base['data_sha256']}`",
-        *([f"- aspect-ratio buckets (W x H: training images): {base['buckets']}"] if base.get("buckets") else []),
-        f"- adapters: {base['adapters']}",
-        "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()),
-        *ema_card_lines(loaded["train"]), "",
-        "## Training summary", "", "```json", json.dumps(summary, indent=2), "```", "",
-        "## Params", "", "```json", json.dumps(params, indent=2), "```", "",
-    ])
+    return "\n".join(
+        [
+            f"# {ADAPTER_TITLES[loaded['lora'].type]} for {base['model']}",
+            "",
+            f"- base model: `{base['model']}` revision `{base['revision']}` ({base['prediction_type']})",
+            f"- trained at {base['resolution']} px on {base['train_images']} images; "
+            f"data sha256 `{base['data_sha256']}`",
+            *([f"- aspect-ratio buckets (W x H: training images): {base['buckets']}"] if base.get("buckets") else []),
+            f"- adapters: {base['adapters']}",
+            "- files: " + ", ".join(f"`{path.name}` ({FILE_USE[kind]})" for kind, path in files.items()),
+            *ema_card_lines(loaded["train"]),
+            "",
+            "## Training summary",
+            "",
+            "```json",
+            json.dumps(summary, indent=2),
+            "```",
+            "",
+            "## Params",
+            "",
+            "```json",
+            json.dumps(params, indent=2),
+            "```",
+            "",
+        ]
+    )
 
 
 def ema_card_lines(train) -> list[str]:
@@ -65,9 +83,11 @@ def ema_card_lines(train) -> list[str]:
 
     if train.ema_decay is None:
         return []
-    return [f"- `{EMA_SUBDIR}/`: the same files for the exponential moving average of the weights (train.ema_decay "
-            f"{train.ema_decay}, warm-up {'on' if train.ema_warmup else 'off'}); the files above hold the last step's "
-            "weights"]
+    return [
+        f"- `{EMA_SUBDIR}/`: the same files for the exponential moving average of the weights (train.ema_decay "
+        f"{train.ema_decay}, warm-up {'on' if train.ema_warmup else 'off'}); the files above hold the last step's "
+        "weights"
+    ]
 
 
 def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str], base_revision: str | None) -> Path:
@@ -110,21 +130,35 @@ def main(argv=None):
     test_table = read_table(args.data / "test.csv", ["path", "caption", *BUCKET_COLUMNS])
     checkpoints = checkpoint_dir(loaded, args.data, train_table["path"].tolist(), model.revision)
     if not processes.is_main_process:  # another of `accelerate launch`'s processes: trains its share, writes nothing
-        train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"], loaded["augment"],
-                   checkpoint_dir=checkpoints)
+        train_lora(
+            model.path,
+            train_table,
+            test_table,
+            loaded["lora"],
+            loaded["train"],
+            loaded["augment"],
+            checkpoint_dir=checkpoints,
+        )
         return
     try:
         summary = train_and_export(args, loaded, model, train_table, test_table, checkpoints)
     except KeyboardInterrupt:
-        resume = (f"; the next run resumes from the newest checkpoint in {checkpoints}"
-                  if any(checkpoints.glob("step-*")) else "")
-        print(f"\ntrain_lora: interrupted: {args.out} and {args.live} are as they were before this run{resume}",
-              file=sys.stderr)
+        resume = (
+            f"; the next run resumes from the newest checkpoint in {checkpoints}"
+            if any(checkpoints.glob("step-*"))
+            else ""
+        )
+        print(
+            f"\ntrain_lora: interrupted: {args.out} and {args.live} are as they were before this run{resume}",
+            file=sys.stderr,
+        )
         raise
     remove_dir(checkpoints)  # the run is recorded; a forced rerun must train again
-    print(f"train_lora: {summary['steps']} steps in {summary['seconds']} s ({summary['images_per_second']} img/s); "
-          f"loss {summary['loss_first']:.4f} -> {summary['loss_final']:.4f}; validation loss best "
-          f"{summary['validation_loss_best']:.4f} at step {summary['validation_loss_best_step']} -> {args.out}")
+    print(
+        f"train_lora: {summary['steps']} steps in {summary['seconds']} s ({summary['images_per_second']} img/s); "
+        f"loss {summary['loss_first']:.4f} -> {summary['loss_final']:.4f}; validation loss best "
+        f"{summary['validation_loss_best']:.4f} at step {summary['validation_loss_best_step']} -> {args.out}"
+    )
 
 
 def train_and_export(args, loaded: dict, model, train_table, test_table, checkpoints: Path) -> dict:
@@ -132,13 +166,20 @@ def train_and_export(args, loaded: dict, model, train_table, test_table, checkpo
     an interruption (Ctrl-C, an error) leaves the previous LoRA and log (tracked in git) as they were. dvc.yaml marks
     them `persist`, so that DVC does not delete them before the run either."""
     from dvclive import Live
-
     from lanskap.train.loop import summarise, train_lora
 
     with atomic_dir(args.live) as live_dir, atomic_dir(args.out) as staging:
         with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            result = train_lora(model.path, train_table, test_table, loaded["lora"], loaded["train"],
-                                loaded["augment"], live, checkpoints)
+            result = train_lora(
+                model.path,
+                train_table,
+                test_table,
+                loaded["lora"],
+                loaded["train"],
+                loaded["augment"],
+                live,
+                checkpoints,
+            )
             summary = summarise(result)
             for key, value in summary.items():
                 live.summary[key] = value
@@ -158,11 +199,14 @@ def write_lora(staging: Path, result, summary: dict, loaded: dict, model, data: 
     from lanskap.lora.files import EMA_SUBDIR, export_lora, require_lora_reloads
 
     base = {
-        "model": model.spec, "revision": model.revision or "n/a",
-        "resolution": nominal_resolution(table_sizes(train_table)), "buckets": bucket_summary(train_table),
+        "model": model.spec,
+        "revision": model.revision or "n/a",
+        "resolution": nominal_resolution(table_sizes(train_table)),
+        "buckets": bucket_summary(train_table),
         "prediction_type": result.prediction_type,
         "adapters": "UNet" if result.text_encoder is None else "UNet and text encoder",
-        "train_images": len(train_table), "steps": loaded["train"].steps,
+        "train_images": len(train_table),
+        "steps": loaded["train"].steps,
         "data_sha256": hashlib.sha256((data / "train.csv").read_bytes()).hexdigest(),
     }
     files = export_lora(result.unet, staging, loaded["lora"], base, result.text_encoder)

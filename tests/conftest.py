@@ -25,8 +25,17 @@ DATA_STAGE_COMMANDS = [
     ("stages.ingest", "--out", "data/ingested"),
     ("stages.caption", "--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"),
     ("stages.split", "--captions", "data/captions.csv", "--out", "data/split"),
-    ("stages.preprocess", "--split", "data/split", "--ingested", "data/ingested", "--out", "data/processed",
-     "--reports", "reports/preprocess"),
+    (
+        "stages.preprocess",
+        "--split",
+        "data/split",
+        "--ingested",
+        "data/ingested",
+        "--out",
+        "data/processed",
+        "--reports",
+        "reports/preprocess",
+    ),
 ]
 
 
@@ -55,10 +64,17 @@ def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def copy_project(destination: Path, without: tuple[str, ...] = ("dvc.lock", "metrics/", "dvclive/", "reports/")) -> Path:
+def copy_project(
+    destination: Path, without: tuple[str, ...] = ("dvc.lock", "metrics/", "dvclive/", "reports/")
+) -> Path:
     """The project's files as git sees them (tracked or not ignored), minus the pipeline's recorded results."""
-    listing = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.splitlines()
+    listing = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in listing:
         if name.startswith(without) or not (ROOT / name).is_file():
             continue

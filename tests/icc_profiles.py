@@ -36,7 +36,7 @@ def rgb_to_xyz_d50(space: str) -> np.ndarray:
 
 def decode_curve(encoded: np.ndarray, space: str) -> np.ndarray:
     if space == "adobe":
-        return encoded ** ADOBE_GAMMA
+        return encoded**ADOBE_GAMMA
     g, a, b, c, d = SRGB_CURVE
     return np.where(encoded >= d, (a * encoded + b) ** g, c * encoded)
 
@@ -81,9 +81,14 @@ def icc_profile(space: str, table_size: int = 0) -> bytes:
     segment holds, so a JPEG splits it over several."""
     matrix = rgb_to_xyz_d50(space)
     names = {"adobe": "Adobe RGB (1998) compatible", "p3": "Display P3 compatible"}
-    tags = [(b"desc", tag_text(b"desc", names[space])), (b"cprt", tag_text(b"text", "No copyright, test profile")),
-            (b"wtpt", tag_xyz(D50_XYZ)), (b"rXYZ", tag_xyz(matrix[:, 0])), (b"gXYZ", tag_xyz(matrix[:, 1])),
-            (b"bXYZ", tag_xyz(matrix[:, 2]))]
+    tags = [
+        (b"desc", tag_text(b"desc", names[space])),
+        (b"cprt", tag_text(b"text", "No copyright, test profile")),
+        (b"wtpt", tag_xyz(D50_XYZ)),
+        (b"rXYZ", tag_xyz(matrix[:, 0])),
+        (b"gXYZ", tag_xyz(matrix[:, 1])),
+        (b"bXYZ", tag_xyz(matrix[:, 2])),
+    ]
     tags += [(name, tag_curve(space, table_size)) for name in (b"rTRC", b"gTRC", b"bTRC")]
     offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
     for name, body in tags:
@@ -91,7 +96,16 @@ def icc_profile(space: str, table_size: int = 0) -> bytes:
         table += name + struct.pack(">II", offset + len(data), len(body))
         data += body
     size = offset + len(data)
-    header = (struct.pack(">I", size) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
-              + bytes(4 + 4 + 4 + 4 + 8 + 4) + b"".join(s15(v) for v in D50_XYZ) + bytes(4 + 16 + 28))
+    header = (
+        struct.pack(">I", size)
+        + b"\0" * 4
+        + bytes([2, 0x10, 0, 0])
+        + b"mntrRGB XYZ "
+        + bytes(12)
+        + b"acsp"
+        + bytes(4 + 4 + 4 + 4 + 8 + 4)
+        + b"".join(s15(v) for v in D50_XYZ)
+        + bytes(4 + 16 + 28)
+    )
     assert len(header) == 128
     return header + struct.pack(">I", len(tags)) + table + data

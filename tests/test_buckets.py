@@ -10,11 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from lanskap.data.augment import canonical_image, fit_to_size, train_transform
-from lanskap.data.buckets import (bucket_groups, bucket_sizes, nearest_bucket, nominal_resolution, require_trainable_bucket,
-                             untrained_message)
 from lanskap.core.errors import UserError
 from lanskap.core.params import AugmentParams, validate_group
+from lanskap.data.augment import canonical_image, fit_to_size, train_transform
+from lanskap.data.buckets import (
+    bucket_groups,
+    bucket_sizes,
+    nearest_bucket,
+    nominal_resolution,
+    require_trainable_bucket,
+    untrained_message,
+)
 from lanskap.train import loop, step
 from lanskap.train.batches import BatchShare, global_batches
 from lanskap.train.setup import check_training_sizes
@@ -27,16 +33,18 @@ from tests.test_train import run_train_stage
 MIXED = [("square", (96, 96), 4), ("wide", (128, 64), 4), ("panorama", (256, 64), 4)]
 
 
-@pytest.mark.parametrize("resolution, step, max_ratio", [(64, 16, 4.0), (768, 64, 4.0), (32, 8, 2.0), (512, 64, 1.0)])
+@pytest.mark.parametrize(
+    ("resolution", "step", "max_ratio"), [(64, 16, 4.0), (768, 64, 4.0), (32, 8, 2.0), (512, 64, 1.0)]
+)
 def test_buckets_have_about_the_square_area_divisible_sides_and_bounded_ratios(resolution, step, max_ratio):
     sizes = bucket_sizes(resolution, step, max_ratio)
     assert (resolution, resolution) in sizes
     for width, height in sizes:
         assert width % step == 0 and height % step == 0
         assert max(width, height) <= max_ratio * min(width, height)
-        assert width * height <= resolution ** 2
+        assert width * height <= resolution**2
         # the largest a multiple of step allows, at this width or (its transpose) at this height
-        assert width * (height + step) > resolution ** 2 or height * (width + step) > resolution ** 2
+        assert width * (height + step) > resolution**2 or height * (width + step) > resolution**2
         assert (height, width) in sizes
     if max_ratio == 1.0:
         assert sizes == [(resolution, resolution)]
@@ -91,11 +99,13 @@ def test_every_micro_batch_is_from_one_bucket_and_partial_batches_are_dropped_pe
     for batch in batches:
         assert len(batch) == 2 and len({bucket_of[index] for index, _ in batch}) == 1
     for epoch in range(3):
-        seen = [index for batch in batches[epoch * per_epoch:(epoch + 1) * per_epoch] for index, _ in batch]
+        seen = [index for batch in batches[epoch * per_epoch : (epoch + 1) * per_epoch] for index, _ in batch]
         assert len(seen) == len(set(seen)) == 8
     largest = max(groups, key=len)
-    sat_out = [set(largest) - {index for batch in batches[epoch * per_epoch:(epoch + 1) * per_epoch]
-                               for index, _ in batch} for epoch in range(3)]
+    sat_out = [
+        set(largest) - {index for batch in batches[epoch * per_epoch : (epoch + 1) * per_epoch] for index, _ in batch}
+        for epoch in range(3)
+    ]
     assert all(len(left) == 1 for left in sat_out) and len(set.union(*sat_out)) > 1  # a different one each epoch
     assert len({bucket_of[batch[0][0]] for batch in batches}) == 3  # every bucket trains
 
@@ -116,15 +126,17 @@ def test_one_bucket_draws_exactly_the_unbucketed_sequence():
     generator, expected = torch.Generator().manual_seed(3), []
     for _ in range(3):  # the sequence before buckets: one permutation per epoch, cut into whole batches
         order = torch.randperm(10, generator=generator).tolist()
-        expected += [order[start:start + 3] for start in (0, 3, 6)]
+        expected += [order[start : start + 3] for start in (0, 3, 6)]
     drawn = take(global_batches([list(range(10))], 3, seed=3, start=0), 9)
     assert [[index for index, _ in batch] for batch in drawn] == expected
 
 
 def test_buckets_too_small_for_a_micro_batch_are_named_and_none_trainable_is_refused():
     groups = bucket_groups([(64, 64)] * 4 + [(128, 32)] * 1 + [(32, 128)] * 2)
-    assert untrained_message(groups, 4) == ("3 training images are never trained on: their aspect-ratio buckets hold "
-                                            "fewer than a global micro-batch of 4: 32x128 (2), 128x32 (1)")
+    assert untrained_message(groups, 4) == (
+        "3 training images are never trained on: their aspect-ratio buckets hold "
+        "fewer than a global micro-batch of 4: 32x128 (2), 128x32 (1)"
+    )
     assert untrained_message(groups, 1) is None
     require_trainable_bucket(groups, 4, "train_lora", "train.batch_size")
     with pytest.raises(UserError, match=r"train_lora: no aspect-ratio bucket holds train.batch_size = 5 .*64x64.*4"):
@@ -141,8 +153,10 @@ def test_bucket_settings_are_validated_and_sizes_checked_against_the_model():
         validate_group("preprocess", {"buckets": True, "bucket_reso_steps": 12})
     with pytest.raises(UserError, match=r"preprocess.bucket_max_aspect_ratio: .*greater than or equal to 1"):
         validate_group("preprocess", {"buckets": True, "bucket_max_aspect_ratio": 0.5})
-    sd2 = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 256, 512, 512])),
-                          unet=SimpleNamespace(config=SimpleNamespace(down_block_types=["a", "b", "c", "d"])))
+    sd2 = SimpleNamespace(
+        vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 256, 512, 512])),
+        unet=SimpleNamespace(config=SimpleNamespace(down_block_types=["a", "b", "c", "d"])),
+    )
     check_training_sizes(sd2, [(768, 768), (1024, 576), (520, 520)])  # squares: preprocess.resolution, as before
     with pytest.raises(UserError, match=r"buckets 992x608 .*multiples of 64.*bucket_reso_steps"):
         check_training_sizes(sd2, [(768, 768), (992, 608)])
@@ -159,10 +173,12 @@ def mixed_aspect_workdir(workdir, project_params, **preprocess) -> dict:
             photo(seed, size).save(folder / group / f"{index}.png")
             (folder / group / f"{index}.txt").write_text(f"a {group} landscape number {index}\n")
             seed += 1
-    params = {**project_params,
-              "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
-              "split": {**project_params["split"], "stratify": "group"},
-              "preprocess": {**project_params["preprocess"], "resolution": 32, **preprocess}}
+    params = {
+        **project_params,
+        "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
+        "split": {**project_params["split"], "stratify": "group"},
+        "preprocess": {**project_params["preprocess"], "resolution": 32, **preprocess},
+    }
     write_params(workdir, params)
     return params
 
@@ -218,8 +234,18 @@ def test_bucketed_training_trains_each_micro_batch_at_one_buckets_shape(workdir,
     card = (workdir / "models/lora/README.md").read_text()
     assert "aspect-ratio buckets (W x H: training images): 32x32: 2, 40x24: 2, 64x16: 2" in card
     assert "never trained on" not in capsys.readouterr().out
-    generate.main(["--data", "data/processed", "--lora", "models/lora", "--out", "data/generated",
-                   "--reports", "reports/generate"])  # downstream stages take the bucketed held-out images
+    generate.main(
+        [
+            "--data",
+            "data/processed",
+            "--lora",
+            "models/lora",
+            "--out",
+            "data/generated",
+            "--reports",
+            "reports/generate",
+        ]
+    )  # downstream stages take the bucketed held-out images
     evaluate.main(["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"])
     assert math.isfinite(json.loads((workdir / "metrics/eval.json").read_text())["fid_test_vs_lora"])
 
@@ -232,8 +258,9 @@ def test_a_bucketed_run_resumes_to_bit_identical_weights(workdir, project_params
     run_data_stages(workdir)
     write_params(workdir, {**params, "train": {**params["train"], "steps": 6, "images_every": 0}})
     uninterrupted = run_train_stage("models/uninterrupted")
-    write_params(workdir, {**params, "train": {**params["train"], "steps": 6, "images_every": 0,
-                                               "checkpoint_every": 4}})
+    write_params(
+        workdir, {**params, "train": {**params["train"], "steps": 6, "images_every": 0, "checkpoint_every": 4}}
+    )
     save_checkpoint = loop.save_checkpoint
 
     def save_then_die(checkpoint_dir, state, *args):

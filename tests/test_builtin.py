@@ -60,9 +60,11 @@ def test_built_folders_load_through_the_real_loaders(miniature_builds):
 
 def test_missing_builtin_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(builtin, "builtin_assets", lambda: tmp_path)
-    for spec, load in ((BUILTIN_TINY_SD2, lambda: resolve_base_model(BUILTIN_TINY_SD2, None)),
-                       (BUILTIN_TINY_CLIP, lambda: load_clip(BUILTIN_TINY_CLIP, None, device="cpu")),
-                       (BUILTIN_TINY_INCEPTION, lambda: load_inception(BUILTIN_TINY_INCEPTION, device="cpu"))):
+    for spec, load in (
+        (BUILTIN_TINY_SD2, lambda: resolve_base_model(BUILTIN_TINY_SD2, None)),
+        (BUILTIN_TINY_CLIP, lambda: load_clip(BUILTIN_TINY_CLIP, None, device="cpu")),
+        (BUILTIN_TINY_INCEPTION, lambda: load_inception(BUILTIN_TINY_INCEPTION, device="cpu")),
+    ):
         with pytest.raises(UserError, match="make builtins") as error:
             load()
         assert spec in str(error.value)

@@ -29,7 +29,7 @@ def redraws(make_bar, stream, monkeypatch) -> list[str]:
 
 
 def counts(lines: list[str]) -> list[int]:
-    return [int(re.search(r"(\d+)/%d" % STEPS, line).group(1)) for line in lines]
+    return [int(re.search(rf"(\d+)/{STEPS}", line).group(1)) for line in lines]
 
 
 def test_a_log_gets_a_redraw_per_interval_with_the_current_count(monkeypatch):
@@ -44,8 +44,11 @@ def test_a_log_gets_a_redraw_per_interval_with_the_current_count(monkeypatch):
 
 def test_plain_tqdm_redraws_every_step_in_a_log(monkeypatch):
     """Negative control: the behaviour `progress` exists to avoid (set_postfix forces a redraw)."""
-    lines = redraws(lambda iterable, **kwargs: tqdm.std.tqdm(iterable, mininterval=LOG_REFRESH_SECONDS, **kwargs),
-                    io.StringIO(), monkeypatch)
+    lines = redraws(
+        lambda iterable, **kwargs: tqdm.std.tqdm(iterable, mininterval=LOG_REFRESH_SECONDS, **kwargs),
+        io.StringIO(),
+        monkeypatch,
+    )
     assert len(lines) >= STEPS
 
 

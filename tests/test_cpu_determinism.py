@@ -18,16 +18,23 @@ import yaml
 from lanskap.core.determinism import PINNED, SWITCH, cpu_flags, pinned_settings
 from tests.conftest import DATA_STAGE_COMMANDS, ROOT, copy_project, shrink, write_params
 
-OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE",
-                 "OMP_NUM_THREADS": "2"}
-x86_with_avx2 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
-                                   or not {"avx2", "fma"} <= (cpu_flags() or set()), reason="needs x86-64 with AVX2")
+OTHER_MACHINE = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "MKL_CBWR": "COMPATIBLE",
+    "OMP_NUM_THREADS": "2",
+}
+x86_with_avx2 = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= (cpu_flags() or set()),
+    reason="needs x86-64 with AVX2",
+)
 
 
 def stage(project: Path, env: dict, *args: str) -> None:
     base = {name: value for name, value in os.environ.items() if name not in PINNED and name != SWITCH}
-    result = subprocess.run([sys.executable, "-m", *args], cwd=project, env={**base, **env},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=project, env={**base, **env}, capture_output=True, text=True
+    )
     assert result.returncode == 0, f"{args[0]} failed:\n{result.stderr[-3000:]}"
 
 
@@ -37,8 +44,17 @@ def digest(paths: list[Path]) -> str:
 
 def lora_digest(project: Path, env: dict, name: str) -> str:
     """Train under `env`; the sha256 of the LoRA weights."""
-    stage(project, env, "stages.train_lora", "--data", "data/processed", "--out", f"runs/{name}/lora", "--live",
-          f"runs/{name}/live")
+    stage(
+        project,
+        env,
+        "stages.train_lora",
+        "--data",
+        "data/processed",
+        "--out",
+        f"runs/{name}/lora",
+        "--live",
+        f"runs/{name}/live",
+    )
     return digest([project / "runs" / name / "lora" / "pytorch_lora_weights.safetensors"])
 
 
@@ -46,8 +62,19 @@ def lora_and_images_digest(project: Path, env: dict, name: str) -> str:
     """Train and generate under `env`; the sha256 of the LoRA weights and every generated image."""
     lora = lora_digest(project, env, name)
     out = project / "runs" / name
-    stage(project, env, "stages.generate", "--data", "data/processed", "--lora", str(out / "lora"), "--out",
-          str(out / "generated"), "--reports", str(out / "reports"))
+    stage(
+        project,
+        env,
+        "stages.generate",
+        "--data",
+        "data/processed",
+        "--lora",
+        str(out / "lora"),
+        "--out",
+        str(out / "generated"),
+        "--reports",
+        str(out / "reports"),
+    )
     return lora + digest(sorted((out / "generated").rglob("*.png")))
 
 
@@ -72,14 +99,17 @@ def test_pinned_runs_give_the_same_bytes_whatever_the_libraries_would_choose(pro
 @x86_with_avx2
 def test_unpinned_runs_differ_there_the_negative_control(project):
     native = {SWITCH: "native", "OMP_NUM_THREADS": "1"}
-    assert lora_digest(project, native, "native-here") != lora_digest(project, {**native, **OTHER_MACHINE},
-                                                                      "native-elsewhere")
+    assert lora_digest(project, native, "native-here") != lora_digest(
+        project, {**native, **OTHER_MACHINE}, "native-elsewhere"
+    )
 
 
 @x86_with_avx2
 def test_every_stage_runs_pinned_whatever_the_environment_says():
-    probe = ("import os, stages, torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), "
-             "os.environ['MKL_CBWR'])")
+    probe = (
+        "import os, stages, torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), "
+        "os.environ['MKL_CBWR'])"
+    )
     env = {**os.environ, **OTHER_MACHINE}
     env.pop(SWITCH, None)
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -39,16 +39,29 @@ def make_folder(root, count=4):
 
 
 def tree_digest(folder) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_data_stages(workdir):
     ingest.main(["--out", "data/ingested"])
     caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
     split.main(["--captions", "data/captions.csv", "--out", "data/split"])
-    preprocess.main(["--split", "data/split", "--ingested", "data/ingested",
-                     "--out", "data/processed", "--reports", "reports/preprocess"])
+    preprocess.main(
+        [
+            "--split",
+            "data/split",
+            "--ingested",
+            "data/ingested",
+            "--out",
+            "data/processed",
+            "--reports",
+            "reports/preprocess",
+        ]
+    )
 
 
 def test_data_stages_on_builtin_procedural(workdir, project_params):
@@ -77,7 +90,9 @@ def test_rerun_with_unchanged_inputs_changes_no_byte(workdir):
 def test_ingest_folder_reports_bad_files_and_never_touches_the_source(workdir, project_params):
     folder = make_folder(workdir)
     before = tree_digest(folder)
-    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}}
+    )
     ingest.main(["--out", "data/ingested"])
     assert tree_digest(folder) == before
     manifest = pd.read_csv(workdir / "data/ingested/manifest.csv", keep_default_na=False)
@@ -106,12 +121,19 @@ def test_ingest_fails_clearly_when_too_few_images_remain(workdir, project_params
 def test_caption_keep_requires_captions_and_template_adds_prefix(workdir, project_params):
     folder = make_folder(workdir)
     (folder / "sub/img1.txt").unlink()
-    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}}
+    )
     ingest.main(["--out", "data/ingested"])
     with pytest.raises(UserError, match="no caption"):
         caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
-    write_params(workdir, {**project_params, "caption": {**project_params["caption"], "method": "template",
-                                                          "template": "a castle", "prefix": "lnskp, "}})
+    write_params(
+        workdir,
+        {
+            **project_params,
+            "caption": {**project_params["caption"], "method": "template", "template": "a castle", "prefix": "lnskp, "},
+        },
+    )
     caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
     table = pd.read_csv(workdir / "data/captions.csv")
     assert set(table["caption"]) == {"lnskp, a castle"}
@@ -120,16 +142,23 @@ def test_caption_keep_requires_captions_and_template_adds_prefix(workdir, projec
 
 def test_caption_warns_when_a_caption_exceeds_77_clip_tokens(workdir, project_params, capsys):
     long_caption = " ".join(["mountain"] * 100)
-    write_params(workdir, {**project_params, "caption": {**project_params["caption"], "method": "template",
-                                                          "template": long_caption}})
+    write_params(
+        workdir,
+        {**project_params, "caption": {**project_params["caption"], "method": "template", "template": long_caption}},
+    )
     ingest.main(["--out", "data/ingested"])
     caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
     assert "102 CLIP tokens, truncated to 77" in capsys.readouterr().out  # 100 words + start and end
 
 
 def table_of(n, start=0):
-    return pd.DataFrame({"sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(start, start + n)],
-                         "path": [f"img{i}.png" for i in range(start, start + n)], "caption": "x"})
+    return pd.DataFrame(
+        {
+            "sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(start, start + n)],
+            "path": [f"img{i}.png" for i in range(start, start + n)],
+            "caption": "x",
+        }
+    )
 
 
 def test_split_is_deterministic_and_stable_when_images_are_added():
@@ -162,8 +191,14 @@ def test_caption_overrides_win_and_keep_the_trigger_word(workdir, project_params
     (folder / "sub/img1.txt").unlink()  # no sidecar: the override provides it
     (workdir / "overrides.csv").write_text("file,caption\nimg1.png,a caption from the overrides file\nnone.png,x\n")
     caption_params = {**project_params["caption"], "overrides": str(workdir / "overrides.csv"), "prefix": "lnskp, "}
-    write_params(workdir, {**project_params, "caption": caption_params,
-                           "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir,
+        {
+            **project_params,
+            "caption": caption_params,
+            "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
+        },
+    )
     ingest.main(["--out", "data/ingested"])
     caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
     table = pd.read_csv(workdir / "data/captions.csv").set_index("source")["caption"]
@@ -173,9 +208,15 @@ def test_caption_overrides_win_and_keep_the_trigger_word(workdir, project_params
 
 def test_preprocess_without_centre_crop_keeps_the_aspect_ratio(workdir, project_params):
     folder = make_folder(workdir, count=12)  # 96 x 80 images
-    write_params(workdir, {**project_params, "preprocess": {**project_params["preprocess"], "center_crop": False},
-                           "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
-                           "split": {**project_params["split"], "test_fraction": 0.5}})
+    write_params(
+        workdir,
+        {
+            **project_params,
+            "preprocess": {**project_params["preprocess"], "center_crop": False},
+            "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
+            "split": {**project_params["split"], "test_fraction": 0.5},
+        },
+    )
     run_data_stages(workdir)
     resolution = project_params["preprocess"]["resolution"]
     for path in pd.read_csv(workdir / "data/processed/train.csv")["path"]:

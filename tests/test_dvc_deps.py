@@ -26,8 +26,11 @@ def covered(path: str, deps: list[str]) -> bool:
 def needed_paths(stage: str) -> list[str]:
     """Source files of the stage's import closure (an empty package marker runs nothing) and its asset folders."""
     closure = import_closure(f"stages.{stage}")
-    files = [path.relative_to(ROOT).as_posix() for path in closure.values()
-             if not (path.name == "__init__.py" and not path.read_text().strip())]
+    files = [
+        path.relative_to(ROOT).as_posix()
+        for path in closure.values()
+        if not (path.name == "__init__.py" and not path.read_text().strip())
+    ]
     folders = [folder for name in closure for folder in ASSET_FOLDERS.get(name, ())]
     return sorted(files + folders)
 
@@ -39,33 +42,45 @@ def test_the_stages_are_the_stage_modules():
 @pytest.mark.parametrize("stage", sorted(PIPELINE))
 def test_every_imported_module_and_asset_is_a_dep(stage):
     missing = [path for path in needed_paths(stage) if not covered(path, declared_paths(stage))]
-    assert not missing, (f"dvc.yaml stage {stage!r} runs {', '.join(missing)} but does not list "
-                         f"{'it' if len(missing) == 1 else 'them'} in its deps: add to its `deps:`")
+    assert not missing, (
+        f"dvc.yaml stage {stage!r} runs {', '.join(missing)} but does not list "
+        f"{'it' if len(missing) == 1 else 'them'} in its deps: add to its `deps:`"
+    )
 
 
 @pytest.mark.parametrize("stage", sorted(PIPELINE))
 def test_no_code_dep_the_stage_does_not_run(stage):
     """Precise deps: a module the stage never imports would only rerun it for nothing."""
     needed = needed_paths(stage)
-    extra = [dep for dep in declared_paths(stage) if dep.startswith(PROJECT_CODE)
-             and not any(covered(path, [dep]) for path in needed)]
+    extra = [
+        dep
+        for dep in declared_paths(stage)
+        if dep.startswith(PROJECT_CODE) and not any(covered(path, [dep]) for path in needed)
+    ]
     assert not extra, f"dvc.yaml stage {stage!r} lists {', '.join(extra)} in its deps, but never imports them"
 
 
 def reads_package_data(path) -> bool:
     """The module builds a path into lanskap/assets (`resources.files("lanskap") / "assets"`, or `lanskap.assets`)."""
-    return any(isinstance(node, ast.Constant) and isinstance(node.value, str)
-               and (node.value == "assets" or node.value.startswith("lanskap.assets"))
-               for node in ast.walk(ast.parse(path.read_text())))
+    return any(
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and (node.value == "assets" or node.value.startswith("lanskap.assets"))
+        for node in ast.walk(ast.parse(path.read_text()))
+    )
 
 
 def test_every_module_that_reads_package_data_names_its_folders():
     """Importing a package's submodule imports the package, so a listed package covers its submodules."""
-    readers = [".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-               for path in sorted((ROOT / "lanskap").rglob("*.py")) if reads_package_data(path)]
+    readers = [
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in sorted((ROOT / "lanskap").rglob("*.py"))
+        if reads_package_data(path)
+    ]
     assert readers, "no module reads lanskap/assets: the check has lost track of how they do"
-    unmapped = [name for name in readers
-                if not any(name == listed or name.startswith(listed + ".") for listed in ASSET_FOLDERS)]
+    unmapped = [
+        name for name in readers if not any(name == listed or name.startswith(listed + ".") for listed in ASSET_FOLDERS)
+    ]
     assert not unmapped, f"{unmapped} read lanskap/assets: add the folders they read to code_closure.ASSET_FOLDERS"
     for folders in ASSET_FOLDERS.values():
         assert all((ROOT / folder).is_dir() for folder in folders), folders
@@ -73,7 +88,9 @@ def test_every_module_that_reads_package_data_names_its_folders():
 
 def test_closure_follows_lazy_imports_and_stays_inside_the_stage():
     evaluate = import_closure("stages.evaluate")
-    assert {"lanskap.evaluate.comparisons", "lanskap.evaluate.report", "lanskap.evaluate.metrics"} <= set(evaluate)  # evaluation: lazy
+    assert {"lanskap.evaluate.comparisons", "lanskap.evaluate.report", "lanskap.evaluate.metrics"} <= set(
+        evaluate
+    )  # evaluation: lazy
     ingest = import_closure("stages.ingest")
     assert "lanskap.evaluate.report" not in ingest and "lanskap.train" not in ingest  # negative controls
 
@@ -94,8 +111,14 @@ def make_project(root):
 def test_code_digest_changes_with_the_code_run_and_only_with_it(tmp_path, monkeypatch):
     make_project(tmp_path)
     monkeypatch.setattr(code_closure, "ROOT", tmp_path)
-    assert set(import_closure("stages.s")) == {"stages", "stages.s", "lanskap", "lanskap.sub", "lanskap.sub.helper",
-                                               "lanskap.used"}
+    assert set(import_closure("stages.s")) == {
+        "stages",
+        "stages.s",
+        "lanskap",
+        "lanskap.sub",
+        "lanskap.sub.helper",
+        "lanskap.used",
+    }
     before = code_closure.code_digest("stages.s")
     (tmp_path / "lanskap" / "unused.py").write_text("def g():\n    return 3\n")
     assert code_closure.code_digest("stages.s") == before

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from lanskap.core.errors import UserError
+from lanskap.core.params import validate_group
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, EMA_SUBDIR
 from lanskap.lora.kohya import kohya_weight_name
-from lanskap.core.params import validate_group
 from lanskap.train.ema import LoraEMA
 from stages import evaluate, generate
 from tests.conftest import write_params
@@ -32,12 +32,15 @@ def shadows_along(ema: LoraEMA, parameter: torch.nn.Parameter) -> list[float]:
     return values
 
 
-@pytest.mark.parametrize("warmup, decay, expected", [
-    # decay_1 = 0, decay_2 = min(0.2, 2/11) = 2/11, decay_3 = min(0.2, 3/12) = 0.2 (the cap acts)
-    (True, 0.2, [1.0, 2 / 11 * 1.0 + 9 / 11 * 2.0, 0.2 * (2 / 11 + 18 / 11) + 0.8 * 4.0]),
-    # from the initial 0 at a constant 0.5: 0.5, 1.25, 2.625
-    (False, 0.5, [0.5, 0.5 * 0.5 + 0.5 * 2.0, 0.5 * 1.25 + 0.5 * 4.0]),
-])
+@pytest.mark.parametrize(
+    ("warmup", "decay", "expected"),
+    [
+        # decay_1 = 0, decay_2 = min(0.2, 2/11) = 2/11, decay_3 = min(0.2, 3/12) = 0.2 (the cap acts)
+        (True, 0.2, [1.0, 2 / 11 * 1.0 + 9 / 11 * 2.0, 0.2 * (2 / 11 + 18 / 11) + 0.8 * 4.0]),
+        # from the initial 0 at a constant 0.5: 0.5, 1.25, 2.625
+        (False, 0.5, [0.5, 0.5 * 0.5 + 0.5 * 2.0, 0.5 * 1.25 + 0.5 * 4.0]),
+    ],
+)
 def test_ema_follows_the_hand_computed_average(warmup, decay, expected):
     parameter = torch.nn.Parameter(torch.zeros(3))
     ema = LoraEMA({"weight": parameter}, decay, warmup)
@@ -73,8 +76,7 @@ def test_resumed_run_with_ema_gives_bit_identical_raw_and_ema_weights(workdir, p
     uninterrupted_ema = safetensors.torch.load_file(f"models/uninterrupted/{EMA_SUBDIR}/{DIFFUSERS_WEIGHT_NAME}")
     ema_log = (workdir / "dvclive/train/plots/metrics/validation/loss_ema.tsv").read_text()
 
-    with_train(workdir, project_params, steps=6, ema_decay=0.9, validation_every=2, images_every=0,
-               checkpoint_every=3)
+    with_train(workdir, project_params, steps=6, ema_decay=0.9, validation_every=2, images_every=0, checkpoint_every=3)
     resumed = run_interrupted_then_resumed(monkeypatch, "models/resumed")
     resumed_ema = safetensors.torch.load_file(f"models/resumed/{EMA_SUBDIR}/{DIFFUSERS_WEIGHT_NAME}")
     for expected, got in ((uninterrupted, resumed), (uninterrupted_ema, resumed_ema)):
@@ -92,8 +94,10 @@ def test_resumed_run_with_ema_gives_bit_identical_raw_and_ema_weights(workdir, p
 def generated_images(model: str) -> dict[str, np.ndarray]:
     index = pd.read_csv("data/generated/index.csv")
     rows = index[index["model"] == model]
-    return {f"{p}-{s}": np.asarray(Image.open(path), dtype=np.float64)
-            for p, s, path in zip(rows["prompt_index"], rows["sample"], rows["path"])}
+    return {
+        f"{p}-{s}": np.asarray(Image.open(path), dtype=np.float64)
+        for p, s, path in zip(rows["prompt_index"], rows["sample"], rows["path"])
+    }
 
 
 def distance_to_base(model: str) -> float:
@@ -103,8 +107,18 @@ def distance_to_base(model: str) -> float:
 
 def run_generate(workdir, params: dict, lora_weights: str) -> None:
     write_params(workdir, {**params, "generate": {**params["generate"], "lora_weights": lora_weights}})
-    generate.main(["--data", "data/processed", "--lora", "models/lora", "--out", "data/generated",
-                   "--reports", "reports/generate"])
+    generate.main(
+        [
+            "--data",
+            "data/processed",
+            "--lora",
+            "models/lora",
+            "--out",
+            "data/generated",
+            "--reports",
+            "reports/generate",
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -119,7 +133,9 @@ def test_generate_scores_the_ema_weights_when_asked_and_evaluate_records_it(work
     raw_distance = distance_to_base("lora")
     run_generate(workdir, params, "ema")
     assert set(pd.read_csv("data/generated/index.csv").groupby("model")["lora_weights"].first().items()) == {
-        ("base", "none"), ("lora", "ema")}
+        ("base", "none"),
+        ("lora", "ema"),
+    }
     assert 0 < distance_to_base("lora") < raw_distance
     evaluate.main(["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"])
     assert json.loads((workdir / "metrics/eval.json").read_text())["ema_weights_scored"] == 1.0

@@ -12,12 +12,19 @@ import pytest
 from PIL import Image
 
 from lanskap.core.errors import UserError
-from lanskap.evaluate.report import (BASE_VS_LORA_KEYS, FID_CAVEAT, ReportInputs, base_vs_lora_table, gap_verdict,
-                                 report_html, report_markdown)
-from lanskap.evaluate.comparisons import FID_STABLE_N, Features, lora_minus_base, set_comparisons
+from lanskap.core.figures import image_grid, save_loss_curves
 from lanskap.core.params import GROUPS, EvaluateParams
 from lanskap.core.provenance import Commit, git_commit, read_model_card
-from lanskap.core.figures import image_grid, save_loss_curves
+from lanskap.evaluate.comparisons import FID_STABLE_N, Features, lora_minus_base, set_comparisons
+from lanskap.evaluate.report import (
+    BASE_VS_LORA_KEYS,
+    FID_CAVEAT,
+    ReportInputs,
+    base_vs_lora_table,
+    gap_verdict,
+    report_html,
+    report_markdown,
+)
 from stages.train_lora import model_card
 
 DATA_SHA = "ab" * 32
@@ -28,8 +35,15 @@ PNG = b"\x89PNG fake bytes"
 def write_model_card(folder: Path, **overrides) -> Path:
     """A card as train_lora writes it, for a run with the default params changed by `overrides` (group -> dict)."""
     loaded = {name: GROUPS[name](**overrides.get(name, {})) for name in ("model", "lora", "train", "augment")}
-    base = {"model": loaded["model"].base, "revision": "9a023f35ac2b7b91", "resolution": 64,
-            "prediction_type": "v_prediction", "adapters": "UNet", "train_images": 45, "data_sha256": DATA_SHA}
+    base = {
+        "model": loaded["model"].base,
+        "revision": "9a023f35ac2b7b91",
+        "resolution": 64,
+        "prediction_type": "v_prediction",
+        "adapters": "UNet",
+        "train_images": 45,
+        "data_sha256": DATA_SHA,
+    }
     summary = {"steps": loaded["train"].steps, "seconds": 1.0}
     files = {"diffusers": folder / "pytorch_lora_weights.safetensors"}
     card = folder / "README.md"
@@ -47,10 +61,15 @@ def provenance(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(provenance) -> ReportInputs:
-    return ReportInputs(clip_name="builtin:tiny-clip@0123456789abcdef",
-                        inception_name="clean-fid inception-2015-12-05.pt (/w/inception-2015-12-05.pt)",
-                        loss_curve="loss.png", comparison_grid="../generate/comparison.png",
-                        data_card="../preprocess/data_card.md", data_card_text=DATA_CARD, provenance=provenance)
+    return ReportInputs(
+        clip_name="builtin:tiny-clip@0123456789abcdef",
+        inception_name="clean-fid inception-2015-12-05.pt (/w/inception-2015-12-05.pt)",
+        loss_curve="loss.png",
+        comparison_grid="../generate/comparison.png",
+        data_card="../preprocess/data_card.md",
+        data_card_text=DATA_CARD,
+        provenance=provenance,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +120,15 @@ def test_report_carries_the_fid_caveat_figures_data_card_and_flags_stand_ins(met
 
 def test_report_names_the_run_it_describes(metrics, inputs):
     run = report_markdown(metrics, inputs).split("## Run")[1].split("\n## ")[0]
-    for expected in ("`0123456789ab` of 2025-12-03", "`demo`", "`builtin:tiny-sd2` revision `9a023f35ac2b7b91`",
-                     "rank 8, alpha 16", "`to_q`", "150 steps", DATA_SHA):
+    for expected in (
+        "`0123456789ab` of 2025-12-03",
+        "`demo`",
+        "`builtin:tiny-sd2` revision `9a023f35ac2b7b91`",
+        "rank 8, alpha 16",
+        "`to_q`",
+        "150 steps",
+        DATA_SHA,
+    ):
         assert expected in run, expected
     assert "uncommitted" not in run and "text encoder" not in run
 
@@ -118,16 +144,20 @@ def test_report_says_when_the_commit_is_unknown_or_the_code_differed(metrics, in
 
 def test_fid_comparable_is_explained_either_way(metrics, inputs):
     assert f"= 1**: both sets have at least {FID_STABLE_N} images" in report_markdown(
-        {**metrics, "fid_comparable": 1.0}, inputs)
+        {**metrics, "fid_comparable": 1.0}, inputs
+    )
 
 
-@pytest.mark.parametrize("gap, low, high, verdict", [
-    ("cmmd_vs_test", -0.2, 0.1, "interval includes 0: no difference detectable at 6 prompts"),
-    ("cmmd_vs_test", -0.2, -0.1, "LoRA lower than base (better)"),
-    ("cmmd_vs_test", 0.1, 0.2, "LoRA higher than base (worse)"),
-    ("clip_score", -0.2, -0.1, "LoRA lower than base (worse)"),
-    ("clip_score", 0.1, 0.2, "LoRA higher than base (better)"),
-])
+@pytest.mark.parametrize(
+    ("gap", "low", "high", "verdict"),
+    [
+        ("cmmd_vs_test", -0.2, 0.1, "interval includes 0: no difference detectable at 6 prompts"),
+        ("cmmd_vs_test", -0.2, -0.1, "LoRA lower than base (better)"),
+        ("cmmd_vs_test", 0.1, 0.2, "LoRA higher than base (worse)"),
+        ("clip_score", -0.2, -0.1, "LoRA lower than base (worse)"),
+        ("clip_score", 0.1, 0.2, "LoRA higher than base (better)"),
+    ],
+)
 def test_each_gap_says_what_its_interval_allows(gap, low, high, verdict):
     key = f"{gap}_lora_minus_base"
     assert gap_verdict(key, {"n_test": 6.0, key + "_ci_low": low, key + "_ci_high": high}).startswith(verdict)
@@ -185,8 +215,13 @@ def test_grid_shows_each_row_label_in_full_and_wraps_column_labels_in_the_cell()
 
     tile = Image.new("RGB", (64, 64), "red")
     short, long = "a lake", " ".join(["a fantasy landscape under an emerald aurora with floating islands"] * 4)
-    grid = image_grid([[tile, tile], [tile, tile]], ["reference", "a very long column label"], cell=64,
-                      row_labels=[short, long], row_header="prompt")
+    grid = image_grid(
+        [[tile, tile], [tile, tile]],
+        ["reference", "a very long column label"],
+        cell=64,
+        row_labels=[short, long],
+        row_header="prompt",
+    )
     assert grid.width == ROW_LABEL_WIDTH + 2 * 64
     assert grid.height > 64 + 2 * 64  # the long label's row grew past the cell
     lines = wrap_text(long, label_font(), ROW_LABEL_WIDTH - 12)
@@ -233,9 +268,13 @@ def test_evaluate_stage_writes_table_loss_curve_and_reports(metrics, tmp_path, m
     for split in ("train", "validation"):
         (log / split).mkdir(parents=True)
         (log / split / "loss.tsv").write_text("step\tloss\n2\t0.5\n4\t0.4\n")
-    args = Namespace(reports=tmp_path / "reports/evaluate", training_log=log,
-                     comparison=tmp_path / "reports/generate/comparison.png",
-                     data_card=tmp_path / "reports/preprocess/data_card.md", model_card=tmp_path / "README.md")
+    args = Namespace(
+        reports=tmp_path / "reports/evaluate",
+        training_log=log,
+        comparison=tmp_path / "reports/generate/comparison.png",
+        data_card=tmp_path / "reports/preprocess/data_card.md",
+        model_card=tmp_path / "README.md",
+    )
     args.comparison.parent.mkdir(parents=True)
     with pytest.raises(UserError, match="comparison.png not found.*dvc repro generate"):
         read_report_sources(args)
@@ -243,8 +282,12 @@ def test_evaluate_stage_writes_table_loss_curve_and_reports(metrics, tmp_path, m
     args.data_card.parent.mkdir(parents=True)
     args.data_card.write_text(DATA_CARD)
     write_model_card(tmp_path)
-    write_reports(metrics, ("builtin:tiny-clip@0123456789abcdef", "builtin:tiny-inception@0123456789abcdef"), args,
-                  read_report_sources(args))
+    write_reports(
+        metrics,
+        ("builtin:tiny-clip@0123456789abcdef", "builtin:tiny-inception@0123456789abcdef"),
+        args,
+        read_report_sources(args),
+    )
     written = sorted(path.name for path in args.reports.iterdir())
     assert written == ["base_vs_lora.csv", "loss.png", "report.html", "report.md"]
     assert len(pd.read_csv(args.reports / "base_vs_lora.csv")) == 2 * len(BASE_VS_LORA_KEYS)

@@ -9,13 +9,28 @@ from PIL import Image
 
 from lanskap.core.errors import UserError
 from lanskap.evaluate.features import (
-    BUILTIN_TINY_CLIP, BUILTIN_TINY_INCEPTION, CLIP_MEAN, CLIP_STD, INCEPTION_FILE, clip_crop_and_resize,
-    clip_pixels, inception_pixels, load_clip, load_inception, read_rgb,
+    BUILTIN_TINY_CLIP,
+    BUILTIN_TINY_INCEPTION,
+    CLIP_MEAN,
+    CLIP_STD,
+    INCEPTION_FILE,
+    clip_crop_and_resize,
+    clip_pixels,
+    inception_pixels,
+    load_clip,
+    load_inception,
+    read_rgb,
 )
 
 # (width, height, PIL mode): landscape, portrait with an odd margin, small, square, grey, with alpha.
-IMAGE_SHAPES = [(400, 300, "RGB"), (300, 401, "RGB"), (64, 128, "RGB"), (512, 512, "RGB"), (90, 70, "L"),
-                (200, 120, "RGBA")]
+IMAGE_SHAPES = [
+    (400, 300, "RGB"),
+    (300, 401, "RGB"),
+    (64, 128, "RGB"),
+    (512, 512, "RGB"),
+    (90, 70, "L"),
+    (200, 120, "RGBA"),
+]
 
 
 def _random_image(width: int, height: int, mode: str, seed: int) -> Image.Image:
@@ -48,11 +63,14 @@ def tiny_inception():
 # --------------------------------------------------------------------------------------- preprocessing
 
 
-@pytest.mark.parametrize("width, height, box", [
-    (400, 300, (50, 0, 350, 300)),  # landscape: offset ((400 - 300) // 2, 0)
-    (300, 401, (0, 50, 300, 350)),  # portrait, odd margin: offset (0, 101 // 2) rounds down
-    (336, 336, (0, 0, 336, 336)),
-])
+@pytest.mark.parametrize(
+    ("width", "height", "box"),
+    [
+        (400, 300, (50, 0, 350, 300)),  # landscape: offset ((400 - 300) // 2, 0)
+        (300, 401, (0, 50, 300, 350)),  # portrait, odd margin: offset (0, 101 // 2) rounds down
+        (336, 336, (0, 0, 336, 336)),
+    ],
+)
 def test_clip_crop_is_the_centred_square_then_pil_bicubic(width, height, box):
     image = _random_image(width, height, "RGB", seed=1)
     by_hand = image.crop(box).resize((336, 336), resample=Image.BICUBIC)
@@ -76,7 +94,7 @@ def test_inception_input_is_exactly_what_clean_fid_feeds_its_model(image_paths):
         pixels = inception_pixels(read_rgb(path))
         assert pixels.shape == (3, 299, 299) and pixels.dtype == np.float32
         assert np.array_equal(pixels, reference[index].numpy())
-    assert 0 <= pixels.min() and pixels.max() <= 255 and pixels.max() > 1  # [0, 255], not [0, 1]
+    assert pixels.min() >= 0 and pixels.max() <= 255 and pixels.max() > 1  # [0, 255], not [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------- CLIP
@@ -91,8 +109,11 @@ def test_tiny_clip_image_embeddings_are_unit_rows_one_per_image(tiny_clip, image
 
 
 def test_tiny_clip_embeddings_do_not_depend_on_batching(tiny_clip, image_paths):
-    np.testing.assert_allclose(tiny_clip.image_embeddings(image_paths, batch_size=4),
-                               tiny_clip.image_embeddings(image_paths, batch_size=32), atol=1e-6)
+    np.testing.assert_allclose(
+        tiny_clip.image_embeddings(image_paths, batch_size=4),
+        tiny_clip.image_embeddings(image_paths, batch_size=32),
+        atol=1e-6,
+    )
 
 
 def test_tiny_clip_loads_identically_twice_and_from_its_folder(tiny_clip, image_paths):

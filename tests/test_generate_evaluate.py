@@ -8,8 +8,8 @@ import yaml
 from PIL import Image
 
 from lanskap.core.errors import UserError
-from lanskap.models.resolve import resolve_base_model
 from lanskap.core.presets import compose_params
+from lanskap.models.resolve import resolve_base_model
 from stages import evaluate, generate, ingest, train_lora
 from tests.conftest import ROOT, write_params
 from tests.test_data_stages import run_data_stages
@@ -28,8 +28,18 @@ def trained(tmp_path_factory):
         patch.chdir(root)
         run_data_stages(root)
         train_lora.main(["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"])
-        generate.main(["--data", "data/processed", "--lora", "models/lora", "--out", "data/generated",
-                       "--reports", "reports/generate"])
+        generate.main(
+            [
+                "--data",
+                "data/processed",
+                "--lora",
+                "models/lora",
+                "--out",
+                "data/generated",
+                "--reports",
+                "reports/generate",
+            ]
+        )
         evaluate.main(["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"])
     return root, params
 

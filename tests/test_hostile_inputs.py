@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lanskap.data.manifest import open_rgb
 from lanskap.core.errors import UserError
 from lanskap.core.params import IngestParams
+from lanskap.data.manifest import open_rgb
 from stages import caption, ingest
 from tests.conftest import write_params
 from tests.icc_profiles import icc_profile, reference_to_srgb
@@ -27,11 +27,14 @@ from tests.test_data_stages import photo, png_bytes, tree_digest
 
 def png_claiming(width: int, height: int) -> bytes:
     """A valid PNG signature and IHDR that claim a huge size, with no real pixel data behind them."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def jpeg_bytes() -> bytes:
@@ -69,8 +72,14 @@ def hostile_folder(root: Path) -> tuple[Path, dict[str, str]]:
 def test_hostile_folder_gives_reasons_and_leaves_the_source_untouched(workdir, project_params, capsys):
     folder, expected = hostile_folder(workdir)
     before = tree_digest(folder)
-    write_params(workdir, {**project_params, "caption": {**project_params["caption"], "method": "keep"},
-                           "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir,
+        {
+            **project_params,
+            "caption": {**project_params["caption"], "method": "keep"},
+            "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
+        },
+    )
     ingest.main(["--out", "data/ingested"])
     assert tree_digest(folder) == before
     rejected = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"]
@@ -97,25 +106,33 @@ def test_unreadable_file_is_a_rejected_item(workdir, project_params, monkeypatch
         return original(path)
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}}
+    )
     ingest.main(["--out", "data/ingested"])
     rejected = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"]
     assert "Permission denied" in rejected[str(folder / "1.png")]
 
 
-@pytest.mark.parametrize("manifest_text, message", [
-    ("caption,licence\nhello,CC0\n", "needs a 'path' column"),
-    ('path\n"unterminated\n', "cannot parse manifest"),
-])
+@pytest.mark.parametrize(
+    ("manifest_text", "message"),
+    [
+        ("caption,licence\nhello,CC0\n", "needs a 'path' column"),
+        ('path\n"unterminated\n', "cannot parse manifest"),
+    ],
+)
 def test_broken_manifests_are_clear_stage_errors(workdir, project_params, manifest_text, message):
     (workdir / "manifest.csv").write_text(manifest_text)
-    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(workdir / "manifest.csv")}})
+    write_params(
+        workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(workdir / "manifest.csv")}}
+    )
     with pytest.raises(UserError, match=message):
         ingest.main(["--out", "data/ingested"])
     assert not (workdir / "data/ingested").exists()
 
 
 # --- The second round: real photo collections (issue 12). Every file is made from a landscape photograph. ---
+
 
 def encoded(image: Image.Image, fmt: str, **save) -> bytes:
     buffer = io.BytesIO()
@@ -125,6 +142,7 @@ def encoded(image: Image.Image, fmt: str, **save) -> bytes:
 
 def png_rgb48(image: Image.Image) -> bytes:
     """A 16-bit-per-channel RGB PNG (Pillow cannot write one), each 8-bit value v stored as v * 257."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -170,14 +188,19 @@ def photo_collection(root: Path) -> tuple[Path, dict, dict]:
     rejected = {
         "black.png": (encoded(Image.new("RGB", (96, 96)), "PNG"), "blank image: every pixel is (0, 0, 0)"),
         "white.jpg": (encoded(Image.new("RGB", (96, 96), "white"), "JPEG"), "blank image"),
-        "strip.png": (encoded(photo(33, (64, 4096)), "PNG"), "aspect ratio 64.0:1 (64x4096) is beyond "
-                                                               "ingest.max_aspect_ratio=4: a square training crop "
-                                                               "would keep 1.6%"),
+        "strip.png": (
+            encoded(photo(33, (64, 4096)), "PNG"),
+            "aspect ratio 64.0:1 (64x4096) is beyond ingest.max_aspect_ratio=4: a square training crop would keep 1.6%",
+        ),
         "photo.heic": (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + encoded(photo(34), "JPEG"), "HEIC/HEIF image"),
         "bad-profile.jpg": (encoded(photo(35), "JPEG", icc_profile=b"not a profile" * 20), "unreadable ICC"),
     }
-    hidden = {".hidden.jpg": photo(36), ".thumbnails/a.jpg": photo(37), ".thumbnails/b.png": photo(38),
-              "sub/._IMG_0001": photo(39)}
+    hidden = {
+        ".hidden.jpg": photo(36),
+        ".thumbnails/a.jpg": photo(37),
+        ".thumbnails/b.png": photo(38),
+        "sub/._IMG_0001": photo(39),
+    }
     for name, (data, _) in {**accepted, **rejected}.items():
         (folder / name).write_bytes(data)
     for name, image in hidden.items():
@@ -191,7 +214,7 @@ CAPTIONS = {  # sidecar name: (bytes, the caption ingest must read, "" for none)
     "adobe.jpg.txt": (b"a ridge at dawn", "a ridge at dawn"),  # foo.jpg.txt
     "p3.TXT": (b"a violet dusk", "a violet dusk"),  # upper-case extension
     unicodedata.normalize("NFD", "café.txt"): ("un café au lac".encode(), "un café au lac"),  # macOS: NFD name
-    "bom.txt": (codecs.BOM_UTF8 + "misty lake".encode(), "misty lake"),
+    "bom.txt": (codecs.BOM_UTF8 + b"misty lake", "misty lake"),
     "utf16.txt": ("floating islands, ½ moon".encode("utf-16"), "floating islands, ½ moon"),  # Notepad: BOM + LE
     "utf16-nobom.txt": ("emerald aurora".encode("utf-16-le"), "emerald aurora"),
     "control.txt": (b"a\x00 lake\x07 at\tdusk\r\n\x1b[0m", "a lake at dusk [0m"),
@@ -206,19 +229,27 @@ def test_photo_collection_decodes_or_gives_a_reason_for_every_file(workdir, proj
     for name, (data, _) in CAPTIONS.items():
         (folder / name).write_bytes(data)
     before = tree_digest(folder)
-    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}}
+    )
     ingest.main(["--out", "data/ingested"])
     assert tree_digest(folder) == before
-    assert "5 rejected, 3 near-duplicate pair(s) reported, 4 hidden file(s) skipped, 2 non-image file(s) ignored" in \
-        capsys.readouterr().out
+    assert (
+        "5 rejected, 3 near-duplicate pair(s) reported, 4 hidden file(s) skipped, 2 non-image file(s) ignored"
+        in capsys.readouterr().out
+    )
     near = pd.read_csv(workdir / "data/ingested/near_duplicates.csv")  # the same grey picture three ways; no blanks
     assert sorted(sorted(Path(a).name for a in pair) for pair in zip(near["source_a"], near["source_b"])) == [
-        ["deep.png", "deep.tiff"], ["deep.png", "float.tif"], ["deep.tiff", "float.tif"]]
+        ["deep.png", "deep.tiff"],
+        ["deep.png", "float.tif"],
+        ["deep.tiff", "float.tif"],
+    ]
     manifest = pd.read_csv(workdir / "data/ingested/manifest.csv", keep_default_na=False).set_index("source")
     reasons = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"]
     assert sorted(manifest.index) == sorted(str(folder / name) for name in accepted)  # nothing hidden, nothing lost
-    assert {str(folder / name): Path(manifest.loc[str(folder / name), "path"]).suffix for name in accepted} == \
-        {str(folder / name): suffix for name, suffix in accepted.items()}
+    assert {str(folder / name): Path(manifest.loc[str(folder / name), "path"]).suffix for name in accepted} == {
+        str(folder / name): suffix for name, suffix in accepted.items()
+    }
     assert sorted(reasons.index) == sorted(str(folder / name) for name in rejected)
     for name, reason in rejected.items():
         assert reason in reasons[str(folder / name)], (name, reasons[str(folder / name)])
@@ -243,15 +274,23 @@ def test_a_caption_that_is_missing_says_which_names_were_looked_for(workdir, pro
         if name not in ("a.png", "b.png"):
             (folder / name.replace(".png", ".txt")).write_text("a caption")
     (folder / "a.txt").write_bytes(codecs.BOM_UTF8)  # only a byte-order mark: no caption
-    write_params(workdir, {**project_params, "caption": {**project_params["caption"], "method": "keep"},
-                           "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir,
+        {
+            **project_params,
+            "caption": {**project_params["caption"], "method": "keep"},
+            "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32},
+        },
+    )
     ingest.main(["--out", "data/ingested"])
     with pytest.raises(UserError, match=r"2 image\(s\) have no caption.*looked for a\.png\.txt, a\.txt, a\.caption"):
         caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
 
 
-@pytest.mark.parametrize("space, table_size, fmt", [("adobe", 0, "JPEG"), ("p3", 0, "JPEG"), ("p3", 0, "PNG"),
-                                                    ("adobe", 16384, "JPEG")])
+@pytest.mark.parametrize(
+    ("space", "table_size", "fmt"),
+    [("adobe", 0, "JPEG"), ("p3", 0, "JPEG"), ("p3", 0, "PNG"), ("adobe", 16384, "JPEG")],
+)
 def test_icc_profiles_are_converted_to_srgb_as_the_reference_conversion(space, table_size, fmt):
     profile = icc_profile(space, table_size)
     data = encoded(photo(40, (128, 128)), fmt, quality=95, icc_profile=profile)
@@ -265,13 +304,16 @@ def test_icc_profiles_are_converted_to_srgb_as_the_reference_conversion(space, t
     assert np.abs(stored_pixels - reference).mean() > 2.0  # negative control: ignoring the profile is visibly off
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"path": "a.png"}', '{"caption": "no path"}'], "line 2: no 'path'"),
-    (['{"path": "a.png"}', '["a.png", "a caption"]'], "line 2: each line must be a JSON object"),
-    (['"a.png"'], "line 1: each line must be a JSON object .* got a str"),
-    (['{"path": "a.png"}', "", '{"path": "b.png",'], "line 3: cannot parse manifest: not valid JSON"),
-    (['{"path": null}'], "line 1: no 'path'"),
-])
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"path": "a.png"}', '{"caption": "no path"}'], "line 2: no 'path'"),
+        (['{"path": "a.png"}', '["a.png", "a caption"]'], "line 2: each line must be a JSON object"),
+        (['"a.png"'], "line 1: each line must be a JSON object .* got a str"),
+        (['{"path": "a.png"}', "", '{"path": "b.png",'], "line 3: cannot parse manifest: not valid JSON"),
+        (['{"path": null}'], "line 1: no 'path'"),
+    ],
+)
 def test_malformed_jsonl_rows_are_clean_errors_naming_the_line(workdir, project_params, lines, message):
     (workdir / "a.png").write_bytes(png_bytes())
     (workdir / "manifest.jsonl").write_text("\n".join(lines) + "\n")
@@ -286,16 +328,24 @@ def test_manifests_with_a_bom_are_read_and_local_sha256_is_checked(workdir, proj
     for name, data in images.items():
         (workdir / name).write_bytes(data)
     digest = {name: hashlib.sha256(data).hexdigest() for name, data in images.items()}
-    rows = [{"path": "0.png", "sha256": digest["0.png"], "caption": "right"},
-            {"path": "1.png", "sha256": digest["1.png"].upper(), "caption": "upper-case hex"},
-            {"path": "2.png", "sha256": digest["3.png"], "caption": "wrong"},
-            {"path": "3.png", "caption": "no checksum"}, {"path": "4.png", "caption": "no checksum"},
-            {"path": "5.png", "caption": "no checksum"}]
+    rows = [
+        {"path": "0.png", "sha256": digest["0.png"], "caption": "right"},
+        {"path": "1.png", "sha256": digest["1.png"].upper(), "caption": "upper-case hex"},
+        {"path": "2.png", "sha256": digest["3.png"], "caption": "wrong"},
+        {"path": "3.png", "caption": "no checksum"},
+        {"path": "4.png", "caption": "no checksum"},
+        {"path": "5.png", "caption": "no checksum"},
+    ]
     for manifest in ("manifest.csv", "manifest.jsonl"):
-        text = (pd.DataFrame(rows).to_csv(index=False) if manifest.endswith(".csv")
-                else "".join(json.dumps(row) + "\n" for row in rows))
+        text = (
+            pd.DataFrame(rows).to_csv(index=False)
+            if manifest.endswith(".csv")
+            else "".join(json.dumps(row) + "\n" for row in rows)
+        )
         (workdir / manifest).write_bytes(codecs.BOM_UTF8 + text.encode())
-        write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": manifest, "min_size": 32}})
+        write_params(
+            workdir, {**project_params, "ingest": {**project_params["ingest"], "source": manifest, "min_size": 32}}
+        )
         ingest.main(["--out", "data/ingested"])
         accepted = pd.read_csv(workdir / "data/ingested/manifest.csv")["source_caption"]
         rejected = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"]
@@ -311,7 +361,9 @@ def test_a_folder_without_images_says_what_it_found_not_rejected_files(workdir, 
     params = IngestParams(**{**project_params["ingest"], "source": str(folder)})
     with pytest.raises(UserError) as error:  # the library call: ingest's preflight stops the stage before this
         ingest.ingest(params, workdir / "data/ingested")
-    assert "no image files found (1 hidden file(s) skipped, 1 non-image file(s) ignored (README.md))" in str(error.value)
+    assert "no image files found (1 hidden file(s) skipped, 1 non-image file(s) ignored (README.md))" in str(
+        error.value
+    )
     assert "rejected" not in str(error.value)
 
 
@@ -327,8 +379,11 @@ def test_disk_full_mid_write_is_a_clear_error_and_the_previous_output_stays(work
         return original(path, data)
 
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
-    with pytest.raises(UserError, match=r"disk full while writing data/ingested \(No space left on device\): free "
-                                        r"space on the disk holding /.*/data .* the previous data/ingested is unchanged"):
+    with pytest.raises(
+        UserError,
+        match=r"disk full while writing data/ingested \(No space left on device\): free "
+        r"space on the disk holding /.*/data .* the previous data/ingested is unchanged",
+    ):
         ingest.main(["--out", "data/ingested"])
     assert tree_digest(workdir / "data/ingested") == before
     assert sorted(path.name for path in (workdir / "data").iterdir()) == ["ingested"]  # no staging folder left

@@ -1,5 +1,6 @@
 """ingest from URL and local manifests against a local HTTP server, and image-mode conversions."""
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -13,9 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from lanskap.data.manifest import open_rgb
 from stages import ingest
 from tests.conftest import write_params
-from lanskap.data.manifest import open_rgb
 from tests.test_data_stages import photo, png_bytes, tree_digest
 
 HITS: dict[str, int] = {}
@@ -41,15 +42,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", REDIRECTS[self.path])
             return self.end_headers()
-        body = {"/page.jpg": b"<!DOCTYPE html><html>not an image</html>",
-                "/huge.png": png_bytes(size=(64, 64)) + b"\0" * 3_000_000}.get(self.path, png_bytes(seed=path_seed(self.path)))
+        body = {
+            "/page.jpg": b"<!DOCTYPE html><html>not an image</html>",
+            "/huge.png": png_bytes(size=(64, 64)) + b"\0" * 3_000_000,
+        }.get(self.path, png_bytes(seed=path_seed(self.path)))
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up on purpose (cap, timeout)
             self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up on purpose (size cap, timeout)
 
     def log_message(self, *args):
         pass
@@ -68,8 +69,14 @@ def ingest_manifest(workdir, project_params, rows):
     folder = workdir / "raw"
     folder.mkdir(exist_ok=True)
     pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
-    ingest_params = {**project_params["ingest"], "source": str(folder / "manifest.csv"), "min_size": 32,
-                     "download_timeout": 0.5, "max_download_mb": 1.0, "download_retries": 1}
+    ingest_params = {
+        **project_params["ingest"],
+        "source": str(folder / "manifest.csv"),
+        "min_size": 32,
+        "download_timeout": 0.5,
+        "max_download_mb": 1.0,
+        "download_retries": 1,
+    }
     write_params(workdir, {**project_params, "ingest": ingest_params})
     ingest.main(["--out", "data/ingested"])
     rejected = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"].to_dict()
@@ -77,9 +84,20 @@ def ingest_manifest(workdir, project_params, rows):
 
 
 def test_url_manifest_accepts_good_files_and_gives_a_reason_for_each_bad_one(workdir, project_params, server):
-    names = ["good.png", "other.png", "slow.png", "missing.png", "page.jpg", "huge.png", "flaky.png", "to-file.png",
-             "to-ftp.png"]
-    rows = [{"path": f"{server}/{name}", "caption": name, "licence": "CC-BY-4.0", "attribution": "me"} for name in names]
+    names = [
+        "good.png",
+        "other.png",
+        "slow.png",
+        "missing.png",
+        "page.jpg",
+        "huge.png",
+        "flaky.png",
+        "to-file.png",
+        "to-ftp.png",
+    ]
+    rows = [
+        {"path": f"{server}/{name}", "caption": name, "licence": "CC-BY-4.0", "attribution": "me"} for name in names
+    ]
     rows += [{"path": "ftp://example.org/a.png"}, {"path": "../outside.png"}]
     manifest, rejected = ingest_manifest(workdir, project_params, rows)
     assert sorted(manifest["source_caption"]) == ["flaky.png", "good.png", "other.png"]  # flaky: retried
@@ -98,15 +116,20 @@ def test_url_manifest_accepts_good_files_and_gives_a_reason_for_each_bad_one(wor
 def test_stored_names_come_from_the_content_hash_whatever_the_url(workdir, project_params, server):
     """A URL's query or odd name never reaches the file system: a 300-character "suffix" once made the
     stored name too long to write and stopped the whole ingest."""
-    rows = [{"path": f"{server}/long.png?v={'a' * 300}", "caption": "long"},
-            {"path": f"{server}/..%2F..%2Fescape", "caption": "no suffix"}]
-    rows += [{"path": f"{server}/filler-{index}.png", "caption": "enough images for the preflight"} for index in range(4)]
+    rows = [
+        {"path": f"{server}/long.png?v={'a' * 300}", "caption": "long"},
+        {"path": f"{server}/..%2F..%2Fescape", "caption": "no suffix"},
+    ]
+    rows += [
+        {"path": f"{server}/filler-{index}.png", "caption": "enough images for the preflight"} for index in range(4)
+    ]
     manifest, rejected = ingest_manifest(workdir, project_params, rows)
     assert not rejected and len(manifest) == 6
     assert [Path(path).parent.as_posix() for path in manifest["path"]] == ["data/ingested/images"] * 6
     assert all(re.fullmatch(r"[0-9a-f]{16}\.png", Path(path).name) for path in manifest["path"])
     assert sorted(path.name for path in (workdir / ".lanskap-cache/downloads").iterdir()) == sorted(
-        hashlib.sha256(row["path"].encode()).hexdigest() for row in rows)
+        hashlib.sha256(row["path"].encode()).hexdigest() for row in rows
+    )
 
 
 def test_downloads_resume_from_the_cache(workdir, project_params, server):
@@ -145,7 +168,9 @@ def test_modes_and_orientation_become_upright_rgb(workdir, project_params):
     for name, data in files.items():
         (folder / name).write_bytes(data)
     before = tree_digest(folder)
-    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}}
+    )
     ingest.main(["--out", "data/ingested"])
     manifest = pd.read_csv(workdir / "data/ingested/manifest.csv").set_index("source")
     assert len(manifest) == len(files) and tree_digest(folder) == before
@@ -165,8 +190,12 @@ def test_near_duplicates_are_reported_not_rejected(workdir, project_params):
     (folder / "b.jpg").write_bytes(image_bytes(image.resize((120, 120)), "JPEG", quality=85))
     for index in range(1, 5):  # other pictures
         (folder / f"c{index}.png").write_bytes(image_bytes(generate_item(index, 128, 0)[0], "PNG"))
-    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}})
+    write_params(
+        workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(folder), "min_size": 32}}
+    )
     ingest.main(["--out", "data/ingested"])
     near = pd.read_csv(workdir / "data/ingested/near_duplicates.csv")
     assert len(pd.read_csv(workdir / "data/ingested/manifest.csv")) == 6
-    assert [(a.rsplit("/", 1)[1], b.rsplit("/", 1)[1]) for a, b in zip(near["source_a"], near["source_b"])] == [("a.png", "b.jpg")]
+    assert [(a.rsplit("/", 1)[1], b.rsplit("/", 1)[1]) for a, b in zip(near["source_a"], near["source_b"])] == [
+        ("a.png", "b.jpg")
+    ]

@@ -51,8 +51,10 @@ from tests.test_data_stages import png_bytes, run_data_stages, tree_digest
 
 KILL_SEED = int(os.environ.get("LANSKAP_KILL_SEED", "0"))
 # Checkpoints at steps 4, 8 and 12; one image per generate call, so a kill can land between any two images.
-EXTRA_OVERRIDES = {"train": {"steps": 12, "checkpoint_every": 4, "images_every": 0},
-                   "generate": {"batch_size": 1}}  # keys this checkout lacks are skipped
+EXTRA_OVERRIDES = {
+    "train": {"steps": 12, "checkpoint_every": 4, "images_every": 0},
+    "generate": {"batch_size": 1},
+}  # keys this checkout lacks are skipped
 BIN = Path(sys.executable).parent
 # LANSKAP_PYTHON: the copies have no .venv of their own for stages/python to find
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LANSKAP_PYTHON": sys.executable}
@@ -78,8 +80,15 @@ class Run:
 
     def __init__(self, cwd: Path, *command: str, env: dict | None = None):
         self.command = " ".join(command)
-        self.process = subprocess.Popen(command, cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_sigint)
+        self.process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env or ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=default_sigint,
+        )
         self.output = ""
         self.reader = threading.Thread(target=self.read, daemon=True)
         self.reader.start()
@@ -152,11 +161,22 @@ def configure(repo: Path) -> None:
 
 STAGE_ARGS = {  # as dvc.yaml gives them
     "train_lora": ["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"],
-    "generate": ["--data", "data/processed", "--lora", "models/lora", "--out", "data/generated",
-                 "--reports", "reports/generate"],
+    "generate": [
+        "--data",
+        "data/processed",
+        "--lora",
+        "models/lora",
+        "--out",
+        "data/generated",
+        "--reports",
+        "reports/generate",
+    ],
 }
-OUTPUTS = {"ingest": ["data/ingested"], "train_lora": ["models/lora"],
-           "generate": ["data/generated", "reports/generate"]}
+OUTPUTS = {
+    "ingest": ["data/ingested"],
+    "train_lora": ["models/lora"],
+    "generate": ["data/generated", "reports/generate"],
+}
 
 
 @pytest.fixture
@@ -175,7 +195,7 @@ def image_server():
             try:
                 if self.path == state.stall:
                     state.stall = None
-                    self.wfile.write(body[:state.cut])
+                    self.wfile.write(body[: state.cut])
                     self.wfile.flush()
                     state.stalled.set()
                     state.release.wait(60)
@@ -200,7 +220,8 @@ def cached_download(workdir: Path, url: str) -> Path:
 
 
 def test_ingest_killed_mid_download_fetches_only_what_is_missing_and_writes_the_same_output(
-        workdir, project_params, image_server):
+    workdir, project_params, image_server
+):
     urls = [f"{image_server.url}/{index}.png" for index in range(6)]
     (workdir / "raw").mkdir()
     pd.DataFrame({"path": urls, "caption": "a picture"}).to_csv(workdir / "raw/urls.csv", index=False)
@@ -230,8 +251,9 @@ def test_ingest_killed_mid_download_fetches_only_what_is_missing_and_writes_the_
 
 
 def test_atomic_dir_removes_what_killed_writers_left_and_keeps_what_live_ones_are_writing(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a process that has ended
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()  # a process that has ended
     left = [tmp_path / f".out.tmp-{dead}-x", tmp_path / f".out.old-{dead}-x"]
     live = [tmp_path / f".out.tmp-{os.getppid()}-x", tmp_path / ".out.tmp-x", tmp_path / f".other.tmp-{dead}-x"]
     for folder in left + live:
@@ -295,7 +317,8 @@ def test_dvc_repro_killed_mid_ingest_writes_the_same_output_next_time(repo):
     written = draw("ingest images written", range(1, images - 3))  # a margin: the kill must land before the end
     evict(repo, "ingest")
     Run(repo, "dvc", "repro", "--force", "--single-item", "ingest").kill_when(
-        lambda _: len(staged_files(repo, "data/ingested", "images/*")) >= written, f"{written} images staged")
+        lambda _: len(staged_files(repo, "data/ingested", "images/*")) >= written, f"{written} images staged"
+    )
     assert_nothing_recorded(repo, lock, reference)
     assert temporaries(repo, "data/ingested")  # the killed run's staging folder: not an output, removed next time
 
@@ -309,13 +332,17 @@ def paused_in_checkpoint(tmp_path: Path, file_name: str, checkpoint: str) -> dic
     """ENV for a train_lora that pauses (sleeps) right after writing `file_name` of `checkpoint` (PAUSE_HOOK)."""
     (tmp_path / "hook").mkdir(exist_ok=True)
     (tmp_path / "hook" / "sitecustomize.py").write_text(PAUSE_HOOK)
-    return {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), ENV.get("PYTHONPATH")])),
-            "LANSKAP_PAUSE_AFTER": file_name, "LANSKAP_PAUSE_CHECKPOINT": checkpoint}
+    return {
+        **ENV,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), ENV.get("PYTHONPATH")])),
+        "LANSKAP_PAUSE_AFTER": file_name,
+        "LANSKAP_PAUSE_CHECKPOINT": checkpoint,
+    }
 
 
 # Injected into `python -m stages.train_lora` through PYTHONPATH: once the checkpoint file named by
 # $LANSKAP_PAUSE_AFTER has been written into the staging folder of $LANSKAP_PAUSE_CHECKPOINT, say so and hang.
-PAUSE_HOOK = '''
+PAUSE_HOOK = """
 import os, sys
 if os.environ.get("LANSKAP_PAUSE_AFTER") and sys.orig_argv[1:3] == ["-m", "stages.train_lora"]:
     import pathlib, time
@@ -335,13 +362,17 @@ if os.environ.get("LANSKAP_PAUSE_AFTER") and sys.orig_argv[1:3] == ["-m", "stage
     safetensors.torch.save_file = paused_after(safetensors.torch.save_file, 1)
     torch.save = paused_after(torch.save, 1)
     pathlib.Path.write_text = paused_after(pathlib.Path.write_text, 0)
-'''
+"""
 
 
 def loss_curves(repo: Path) -> dict[str, list]:
     """The DVCLive training and validation loss logs, without their timestamps."""
-    return {name: pd.read_csv(repo / f"dvclive/train/plots/metrics/{name}/loss.tsv", sep="\t")[["step", "loss"]]
-            .values.tolist() for name in ("train", "validation")}
+    return {
+        name: pd.read_csv(repo / f"dvclive/train/plots/metrics/{name}/loss.tsv", sep="\t")[
+            ["step", "loss"]
+        ].values.tolist()
+        for name in ("train", "validation")
+    }
 
 
 def checkpoints(repo: Path, pattern: str = "step-*") -> list[str]:
@@ -364,8 +395,9 @@ def test_dvc_repro_killed_mid_step_and_mid_checkpoint_write_resumes_to_the_same_
 
     # 2. Mid-write of the step-8 checkpoint, after one of its files; step 4 is complete by then.
     written = draw("checkpoint file written", ["lora.safetensors", "optimizer.pt", "state.json"])
-    second = Run(repo, *force, env=paused_in_checkpoint(tmp_path, written, "step-00000008")).kill_when(lambda run: "PAUSED IN CHECKPOINT WRITE" in run.output,
-                                                     "the step-8 checkpoint write")
+    second = Run(repo, *force, env=paused_in_checkpoint(tmp_path, written, "step-00000008")).kill_when(
+        lambda run: "PAUSED IN CHECKPOINT WRITE" in run.output, "the step-8 checkpoint write"
+    )
     assert "resuming from" not in second.output  # run 1 left nothing to resume from
     assert checkpoints(repo) == ["step-00000004"] and checkpoints(repo, ".step-00000008.tmp-*")
     assert tree_digest(repo / "models/lora") == reference
@@ -386,7 +418,8 @@ def test_dvc_repro_killed_mid_generate_writes_the_same_images_next_time(repo):
     written = draw("generate images written", range(1, images))
     evict(repo, "generate")
     Run(repo, "dvc", "repro", "--force", "--single-item", "generate").kill_when(
-        lambda _: len(staged_files(repo, "data/generated", "*/*.png")) >= written, f"{written} images generated")
+        lambda _: len(staged_files(repo, "data/generated", "*/*.png")) >= written, f"{written} images generated"
+    )
     assert_nothing_recorded(repo, lock, reference)
 
     output = run(repo, "dvc", "repro", "generate")
@@ -459,15 +492,21 @@ if dvc_point and len(sys.orig_argv) > 1 and os.path.basename(sys.orig_argv[1]) =
 
         Lockfile.dump_stages = dump_stages
 """
-DATA_OUTPUTS = {"caption": ["data/captions.csv"], "split": ["data/split"],
-                "preprocess": ["data/processed", "reports/preprocess"]}
+DATA_OUTPUTS = {
+    "caption": ["data/captions.csv"],
+    "split": ["data/split"],
+    "preprocess": ["data/processed", "reports/preprocess"],
+}
 
 
 def hooked_env(tmp_path: Path, **variables: str) -> dict:
     (tmp_path / "hook").mkdir(exist_ok=True)
     (tmp_path / "hook" / "sitecustomize.py").write_text(SECOND_HOOK)
-    return {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), ENV.get("PYTHONPATH")])),
-            **variables}
+    return {
+        **ENV,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hook"), ENV.get("PYTHONPATH")])),
+        **variables,
+    }
 
 
 def rerun_gives_the_reference(repo: Path, stage: str, lock: str, reference: dict) -> None:
@@ -486,7 +525,8 @@ def test_dvc_repro_killed_before_a_data_stage_publishes_its_output(repo, tmp_pat
     evict(repo, stage)
     env = hooked_env(tmp_path, LANSKAP_PAUSE_BEFORE_RENAME=str(repo / output))
     Run(repo, "dvc", "repro", "--force", "--single-item", stage, env=env).kill_when(
-        lambda run: "PAUSED before renaming" in run.output, f"{stage} before publishing {output}")
+        lambda run: "PAUSED before renaming" in run.output, f"{stage} before publishing {output}"
+    )
     assert_nothing_recorded(repo, lock, reference)
     rerun_gives_the_reference(repo, stage, lock, reference)
 
@@ -498,7 +538,8 @@ def test_dvc_repro_killed_mid_preprocess_writes_the_same_output_next_time(repo):
     written = draw("preprocess images written", range(1, images - 3))
     evict(repo, "preprocess")
     Run(repo, "dvc", "repro", "--force", "--single-item", "preprocess").kill_when(
-        lambda _: len(staged_files(repo, "data/processed", "**/*.png")) >= written, f"{written} images preprocessed")
+        lambda _: len(staged_files(repo, "data/processed", "**/*.png")) >= written, f"{written} images preprocessed"
+    )
     assert_nothing_recorded(repo, lock, reference)
     rerun_gives_the_reference(repo, "preprocess", lock, reference)
 
@@ -508,8 +549,9 @@ def test_dvc_repro_killed_mid_preprocess_writes_the_same_output_next_time(repo):
 def test_dvc_killed_in_its_own_commit_and_lock_step_recovers_on_the_next_repro(repo, tmp_path, point):
     lock, reference = (repo / "dvc.lock").read_text(), digests(repo, *DATA_OUTPUTS["split"])
     evict(repo, "split")
-    Run(repo, "dvc", "repro", "--force", "--single-item", "split", env=hooked_env(tmp_path, LANSKAP_PAUSE_DVC=point)
-        ).kill_when(lambda run: "PAUSED in dvc" in run.output, f"dvc's {point} step")
+    Run(
+        repo, "dvc", "repro", "--force", "--single-item", "split", env=hooked_env(tmp_path, LANSKAP_PAUSE_DVC=point)
+    ).kill_when(lambda run: "PAUSED in dvc" in run.output, f"dvc's {point} step")
     assert (repo / "dvc.lock").read_text() == lock  # killed before it wrote the lock
     rerun_gives_the_reference(repo, "split", lock, reference)
 
@@ -522,8 +564,15 @@ def test_ctrl_c_in_train_lora_leaves_the_tracked_outputs_as_they_were_and_says_s
     lock, before = (repo / "dvc.lock").read_text(), digests(repo, "models/lora", "dvclive/train")
     evict(repo, "train_lora")
     # Held mid-training (in the step-4 checkpoint write), so that the Ctrl-C cannot come after a fast loop ended.
-    interrupted = Run(repo, "dvc", "repro", "--force", "--single-item", "train_lora",
-                      env=paused_in_checkpoint(tmp_path, "lora.safetensors", "step-00000004"))
+    interrupted = Run(
+        repo,
+        "dvc",
+        "repro",
+        "--force",
+        "--single-item",
+        "train_lora",
+        env=paused_in_checkpoint(tmp_path, "lora.safetensors", "step-00000004"),
+    )
     deadline = time.monotonic() + 300
     while "PAUSED IN CHECKPOINT WRITE" not in interrupted.output:
         assert interrupted.process.poll() is None and time.monotonic() < deadline, interrupted.output[-3000:]

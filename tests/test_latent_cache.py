@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lanskap.data.augment import train_transform
 from lanskap.core.errors import UserError
-from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.core.params import AugmentParams, validate_group
+from lanskap.data.augment import train_transform
+from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.train.batches import CaptionedImages
 from lanskap.train.latents import LatentCache, encode, variant_seed
 from lanskap.train.setup import load_components
@@ -18,8 +18,14 @@ from tests.test_data_stages import run_data_stages
 from tests.test_train import run_train_stage, with_train
 
 RESOLUTION, IMAGES, SEED = 32, 3, 7
-NO_AUGMENTATION = {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "hflip_p": 0.0, "brightness": 0.0,
-                   "contrast": 0.0, "saturation": 0.0}
+NO_AUGMENTATION = {
+    "crop_scale": [1.0, 1.0],
+    "crop_ratio": [1.0, 1.0],
+    "hflip_p": 0.0,
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "saturation": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +66,15 @@ def test_each_variant_is_its_seeded_augmentation_encoded_and_variants_differ(tmp
     assert torch.equal(posterior.std[1], cache.posteriors[0][2].std)
     # loader workers decode and augment ahead, changing nothing
     with_workers = LatentCache.build(dataset, parts.vae, accelerator, 3, SEED, workers=2)
-    assert all(torch.equal(with_workers.posteriors[index][variant].mean, cache.posteriors[index][variant].mean)
-               for index in range(IMAGES) for variant in range(3))
+    assert all(
+        torch.equal(with_workers.posteriors[index][variant].mean, cache.posteriors[index][variant].mean)
+        for index in range(IMAGES)
+        for variant in range(3)
+    )
     # negative control: without augmentation the variants are the same image
-    plain = LatentCache.build(images_dataset(tmp_path, AugmentParams(**NO_AUGMENTATION)), parts.vae, accelerator, 2,
-                              SEED)
+    plain = LatentCache.build(
+        images_dataset(tmp_path, AugmentParams(**NO_AUGMENTATION)), parts.vae, accelerator, 2, SEED
+    )
     assert torch.equal(plain.posteriors[0][0].mean, plain.posteriors[0][1].mean)
 
 
@@ -78,8 +88,9 @@ def test_loss_on_a_cached_variant_equals_the_loss_on_its_pixels_encoded_in_the_s
     states = torch.randn(len(keys), 77, hidden, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cached = diffusion_loss(parts, cache.batch(keys)[0], states, torch.Generator().manual_seed(3), snr_gamma=5.0)
-        on_the_fly = diffusion_loss(parts, encode(parts.vae, pixels), states, torch.Generator().manual_seed(3),
-                                    snr_gamma=5.0)
+        on_the_fly = diffusion_loss(
+            parts, encode(parts.vae, pixels), states, torch.Generator().manual_seed(3), snr_gamma=5.0
+        )
     torch.testing.assert_close(cached, on_the_fly, rtol=1e-5, atol=0)
 
 
@@ -98,7 +109,8 @@ def count_vae_encodes(monkeypatch) -> list[int]:
 
 
 def test_without_augmentation_a_cached_run_trains_the_on_the_fly_weights_encoding_once_per_variant(
-        workdir, project_params, monkeypatch):
+    workdir, project_params, monkeypatch
+):
     """All augmentation off, every variant is the same image: the cached run must then train what the on-the-fly
     run trains (same posterior, same draws), up to the float rounding of encoding one image at a time instead of
     a batch, which AdamW's first steps amplify. The VAE encodes each image's K variants once before training, not

@@ -13,18 +13,29 @@ import torch
 
 from lanskap.core.errors import UserError
 from lanskap.core.io import canonicalise_safetensors
-from lanskap.lora.adapters import (ADAPTER_NAME, LOADED_ADAPTER_NAME, adapter_module_count, add_lora,
-                                   add_unet_lora)
-from lanskap.lora.files import (DIFFUSERS_WEIGHT_NAME, MODULE_COUNT_KEY, export_lora, load_lora_into_pipeline,
-                                require_lora_reloads)
+from lanskap.core.params import LoraParams
+from lanskap.lora.adapters import ADAPTER_NAME, LOADED_ADAPTER_NAME, adapter_module_count, add_lora, add_unet_lora
+from lanskap.lora.files import (
+    DIFFUSERS_WEIGHT_NAME,
+    MODULE_COUNT_KEY,
+    export_lora,
+    load_lora_into_pipeline,
+    require_lora_reloads,
+)
 from lanskap.lora.kohya import kohya_metadata, kohya_state_dict
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
-from lanskap.core.params import LoraParams
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = LoraParams(rank=4, alpha=8.0)  # scale alpha / r = 2: a loader that assumes alpha = r is off by 2x
-BASE = {"model": BUILTIN_TINY_SD2, "revision": "n/a", "prediction_type": "v_prediction", "resolution": 64,
-        "steps": 10, "train_images": 8, "data_sha256": "0" * 64}
+BASE = {
+    "model": BUILTIN_TINY_SD2,
+    "revision": "n/a",
+    "prediction_type": "v_prediction",
+    "resolution": 64,
+    "steps": 10,
+    "train_images": 8,
+    "data_sha256": "0" * 64,
+}
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 WIDE = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -36,8 +47,10 @@ TARGET_SETS = {  # name -> (UNet targets, text-encoder targets; None: the text e
     "text encoder with fc1/fc2": (WIDE, TEXT_WITH_MLP),
 }
 KOHYA_KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
-KOHYA_TEXT_KEY = re.compile(r"^lora_te_text_model_encoder_layers_\d+_(self_attn_[qkv]_proj|self_attn_out_proj"
-                            r"|mlp_fc[12])\.(lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_TEXT_KEY = re.compile(
+    r"^lora_te_text_model_encoder_layers_\d+_(self_attn_[qkv]_proj|self_attn_out_proj"
+    r"|mlp_fc[12])\.(lora_down\.weight|lora_up\.weight|alpha)$"
+)
 DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder)\.[a-z0-9_.]+\.lora_[AB]\.weight$")  # PEFT naming, one way only
 TINY_UNET_ATTENTION_LINEARS = 32  # (down 1 + mid 1 + up 2 transformer blocks) x (attn1, attn2) x (q, k, v, out)
 TOKEN_IDS = torch.tensor([[49406, 320, 1215, 49407] + [49407] * 73])  # "<start> a photo <end>" padded to 77
@@ -54,14 +67,20 @@ def randomise_lora_b(model, generator) -> None:
 def target_linears(model, targets: list[str]) -> dict[str, int]:
     """Module path -> in_features of every linear layer a target name selects (PEFT matches the path's suffix)."""
     suffixes = tuple(f".{name}" for name in targets)
-    return {name: module.in_features for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.endswith(suffixes)}
+    return {
+        name: module.in_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.endswith(suffixes)
+    }
 
 
 def unet_inputs() -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
-    return (torch.randn(1, 4, 16, 16, generator=generator), torch.tensor([500]),
-            torch.randn(1, 8, 32, generator=generator))  # latents, timestep, encoder_hidden_states
+    return (
+        torch.randn(1, 4, 16, 16, generator=generator),
+        torch.tensor([500]),
+        torch.randn(1, 8, 32, generator=generator),
+    )  # latents, timestep, encoder_hidden_states
 
 
 def with_and_without_adapter(model, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,12 +99,18 @@ def train_and_export(model_dir: Path, name: str, out_dir: Path) -> dict:
     from transformers import CLIPTextModel
 
     unet_targets, text_targets = TARGET_SETS[name]
-    params = LoraParams(rank=4, alpha=8.0, target_modules=unet_targets,
-                        text_encoder_target_modules=text_targets or TEXT_ATTENTION)
+    params = LoraParams(
+        rank=4, alpha=8.0, target_modules=unet_targets, text_encoder_target_modules=text_targets or TEXT_ATTENTION
+    )
     generator = torch.Generator().manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=torch.float32)
-    result = dict(unet=unet, params=params, targets={"unet": unet_targets}, text_encoder=None,
-                  linears={"unet": target_linears(unet, unet_targets)})
+    result = dict(
+        unet=unet,
+        params=params,
+        targets={"unet": unet_targets},
+        text_encoder=None,
+        linears={"unet": target_linears(unet, unet_targets)},
+    )
     add_lora(unet, params, unet_targets)
     randomise_lora_b(unet, generator)
     result["unet_outputs"] = with_and_without_adapter(unet, *unet_inputs())
@@ -171,7 +196,9 @@ def test_diffusers_file_restores_every_trained_module_with_its_weights(exported,
     load_lora_into_pipeline(pipeline, exported["files"]["diffusers"].parent, scale=1.0)  # checks the counts too
     for name, linears in exported["linears"].items():
         trained_model, loaded_model = exported[name], getattr(pipeline, name)
-        assert adapter_module_count(loaded_model, LOADED_ADAPTER_NAME) == adapter_module_count(trained_model, ADAPTER_NAME)
+        assert adapter_module_count(loaded_model, LOADED_ADAPTER_NAME) == adapter_module_count(
+            trained_model, ADAPTER_NAME
+        )
         assert adapter_module_count(loaded_model, LOADED_ADAPTER_NAME) == len(linears) > 0
         trained_state, loaded_state = adapter_state(trained_model, ADAPTER_NAME), adapter_state(loaded_model)
         assert loaded_state.keys() == trained_state.keys()
@@ -187,8 +214,12 @@ def test_diffusers_file_is_named_one_way_and_records_the_trained_counts(exported
         counts = json.loads(file.metadata()[MODULE_COUNT_KEY])
     assert all(DIFFUSERS_KEY.match(key) for key in keys), [key for key in keys if not DIFFUSERS_KEY.match(key)]
     assert counts == {name: len(linears) for name, linears in exported["linears"].items()}
-    expected = {f"{name}.{path}.lora_{kind}.weight" for name, linears in exported["linears"].items()
-                for path in linears for kind in "AB"}
+    expected = {
+        f"{name}.{path}.lora_{kind}.weight"
+        for name, linears in exported["linears"].items()
+        for path in linears
+        for kind in "AB"
+    }
     assert set(keys) == expected
 
 
@@ -215,7 +246,7 @@ def without_module(source: Path, destination: Path, module: str) -> None:
     """A copy of a diffusers file, metadata and all, without the tensors of one module."""
     with safetensors.safe_open(source, "pt") as file:
         metadata = file.metadata()
-        tensors = {key: file.get_tensor(key) for key in file.keys() if not key.startswith(f"{module}.")}
+        tensors = {key: file.get_tensor(key) for key in file if not key.startswith(f"{module}.")}
     safetensors.torch.save_file(tensors, destination / DIFFUSERS_WEIGHT_NAME, metadata=metadata)
 
 
@@ -237,9 +268,13 @@ def test_the_old_mixed_naming_is_caught(export_of, model_dir, tmp_path):
     source = export_of("unet wide")["files"]["diffusers"]
     with safetensors.safe_open(source, "pt") as file:
         metadata = file.metadata()
-        tensors = {key: file.get_tensor(key) for key in file.keys()}
-    mixed = {f"unet.{key}": value for key, value in convert_state_dict_to_diffusers(
-        {key.removeprefix("unet."): value for key, value in tensors.items()}).items()}
+        tensors = {key: file.get_tensor(key) for key in file}
+    mixed = {
+        f"unet.{key}": value
+        for key, value in convert_state_dict_to_diffusers(
+            {key.removeprefix("unet."): value for key, value in tensors.items()}
+        ).items()
+    }
     safetensors.torch.save_file(mixed, tmp_path / DIFFUSERS_WEIGHT_NAME, metadata=metadata)
     canonicalise_safetensors(tmp_path / DIFFUSERS_WEIGHT_NAME)
     with pytest.raises(UserError, match="unet 16 of 48"):
@@ -247,15 +282,17 @@ def test_the_old_mixed_naming_is_caught(export_of, model_dir, tmp_path):
 
 
 def test_a_file_without_the_module_count_is_refused(trained, model_dir, tmp_path):
-    safetensors.torch.save_file(safetensors.torch.load_file(trained["files"]["diffusers"]),
-                                tmp_path / DIFFUSERS_WEIGHT_NAME)
+    safetensors.torch.save_file(
+        safetensors.torch.load_file(trained["files"]["diffusers"]), tmp_path / DIFFUSERS_WEIGHT_NAME
+    )
     with pytest.raises(UserError, match=f"no '{MODULE_COUNT_KEY}' metadata.*dvc repro train_lora"):
         load_lora_into_pipeline(fresh_pipeline(model_dir), tmp_path, scale=1.0)
 
 
 def test_diffusers_file_without_adapter_metadata_loads_at_the_wrong_strength(trained, model_dir, tmp_path):
-    safetensors.torch.save_file(safetensors.torch.load_file(trained["files"]["diffusers"]),
-                                tmp_path / DIFFUSERS_WEIGHT_NAME)
+    safetensors.torch.save_file(
+        safetensors.torch.load_file(trained["files"]["diffusers"]), tmp_path / DIFFUSERS_WEIGHT_NAME
+    )
     pipeline = fresh_pipeline(model_dir)
     pipeline.load_lora_weights(tmp_path, weight_name=DIFFUSERS_WEIGHT_NAME)
     assert not torch.allclose(unet_output(pipeline), trained["unet_outputs"][0], atol=1e-3)
@@ -274,11 +311,11 @@ def test_canonical_safetensors_header_is_independent_of_key_order_and_still_load
     and metadata give the same bytes."""
     original = trained["files"]["kohya"].read_bytes()
     (length,) = struct.unpack("<Q", original[:8])
-    header = json.loads(original[8:8 + length])
+    header = json.loads(original[8 : 8 + length])
     reordered = {key: header[key] for key in reversed(list(header))}
     reordered["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
     text = json.dumps(reordered).encode()
-    copies = {"as_written": original, "reordered": struct.pack("<Q", len(text)) + text + original[8 + length:]}
+    copies = {"as_written": original, "reordered": struct.pack("<Q", len(text)) + text + original[8 + length :]}
     for name, data in copies.items():
         (tmp_path / f"{name}.safetensors").write_bytes(data)
         canonicalise_safetensors(tmp_path / f"{name}.safetensors")
@@ -305,8 +342,10 @@ def test_kohya_golden_keys(exported):
     assert state[f"lora_unet_{path.replace('.', '_')}.lora_down.weight"].shape == (4, linears[path])
 
 
-@pytest.mark.parametrize("prediction_type, base_version, modelspec", [
-    ("v_prediction", "sd_v2_v", "v"), ("epsilon", "sd_v2", "epsilon")])
+@pytest.mark.parametrize(
+    ("prediction_type", "base_version", "modelspec"),
+    [("v_prediction", "sd_v2_v", "v"), ("epsilon", "sd_v2", "epsilon")],
+)
 def test_kohya_metadata(trained, prediction_type, base_version, modelspec):
     metadata = kohya_metadata(PARAMS, {**BASE, "prediction_type": prediction_type})
     assert all(isinstance(value, str) for value in metadata.values())

@@ -13,18 +13,25 @@ import safetensors.torch
 import torch
 
 from lanskap.core.errors import UserError
+from lanskap.core.params import LoraParams
 from lanskap.lora.adapters import ADAPTER_NAME, add_lora
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, export_lora, load_lora_into_pipeline
 from lanskap.lora.kohya import kohya_weight_name
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
-from lanskap.core.params import LoraParams
 from stages import generate, train_lora
 from tests.conftest import write_params
-from tests.test_lora import unet_inputs, with_and_without_adapter
 from tests.test_data_stages import run_data_stages
+from tests.test_lora import unet_inputs, with_and_without_adapter
 
-BASE = {"model": BUILTIN_TINY_SD2, "revision": "n/a", "prediction_type": "v_prediction", "resolution": 64,
-        "steps": 10, "train_images": 8, "data_sha256": "0" * 64}
+BASE = {
+    "model": BUILTIN_TINY_SD2,
+    "revision": "n/a",
+    "prediction_type": "v_prediction",
+    "resolution": 64,
+    "steps": 10,
+    "train_images": 8,
+    "data_sha256": "0" * 64,
+}
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 WIDE = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]  # conf/config.yaml's wider set
 TEXT_WITH_MLP = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -34,21 +41,43 @@ LOW_LOW = ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
 CASES = {  # name -> (lora params, UNet targets, text-encoder targets or None, conv projections, tensor layouts)
     "loha wide, text encoder": (dict(type="loha", rank=4, alpha=8.0), WIDE, TEXT_WITH_MLP, False, {HADA}),
     # rank 4: both factors full on the 32- and 64-wide layers, the second low-rank on ff.net's 256/512-wide ones
-    "lokr wide, text encoder": (dict(type="lokr", rank=4, alpha=8.0), WIDE, TEXT_WITH_MLP, False,
-                                {FULL_FULL, FULL_LOW}),
+    "lokr wide, text encoder": (
+        dict(type="lokr", rank=4, alpha=8.0),
+        WIDE,
+        TEXT_WITH_MLP,
+        False,
+        {FULL_FULL, FULL_LOW},
+    ),
     "lokr decompose_both": (dict(type="lokr", rank=1, alpha=2.0, decompose_both=True), WIDE, None, False, {LOW_LOW}),
-    "lokr decompose_factor 4": (dict(type="lokr", rank=2, alpha=6.0, decompose_factor=4), ATTENTION, None, False,
-                                {FULL_LOW}),
+    "lokr decompose_factor 4": (
+        dict(type="lokr", rank=2, alpha=6.0, decompose_factor=4),
+        ATTENTION,
+        None,
+        False,
+        {FULL_LOW},
+    ),
     # SD 1.x-style transformer blocks (use_linear_projection: false): 1x1-conv proj_in/proj_out; SD 2.x and the
     # built-in model use linear ones. LoKr at rank 4 keeps w2 a full conv kernel [b, d, 1, 1].
-    "loha conv projections": (dict(type="loha", rank=4, alpha=8.0), ["proj_in", "proj_out", "to_q"], None, True,
-                              {HADA}),
-    "lokr conv projections": (dict(type="lokr", rank=4, alpha=8.0), ["proj_in", "proj_out", "to_q"], None, True,
-                              {FULL_FULL}),
+    "loha conv projections": (
+        dict(type="loha", rank=4, alpha=8.0),
+        ["proj_in", "proj_out", "to_q"],
+        None,
+        True,
+        {HADA},
+    ),
+    "lokr conv projections": (
+        dict(type="lokr", rank=4, alpha=8.0),
+        ["proj_in", "proj_out", "to_q"],
+        None,
+        True,
+        {FULL_FULL},
+    ),
 }
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
-LYCORIS_KEY = {"loha": re.compile(r"^lora_(unet|te_text_model)_[a-z0-9_]+\.(hada_w[12]_[ab]|alpha)$"),
-               "lokr": re.compile(r"^lora_(unet|te_text_model)_[a-z0-9_]+\.(lokr_w[12](_[ab])?|alpha)$")}
+LYCORIS_KEY = {
+    "loha": re.compile(r"^lora_(unet|te_text_model)_[a-z0-9_]+\.(hada_w[12]_[ab]|alpha)$"),
+    "lokr": re.compile(r"^lora_(unet|te_text_model)_[a-z0-9_]+\.(lokr_w[12](_[ab])?|alpha)$"),
+}
 TOKEN_IDS = torch.tensor([[49406, 320, 1215, 49407] + [49407] * 73])  # "<start> a photo <end>" padded to 77
 
 
@@ -84,15 +113,21 @@ def adapted_layers(model, prefix: str) -> dict[str, torch.nn.Module]:
     """kohya module name -> peft layer, for every layer carrying the trained adapter."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return {prefix + path.replace(".", "_"): module for path, module in model.named_modules()
-            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.r}
+    return {
+        prefix + path.replace(".", "_"): module
+        for path, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.r
+    }
 
 
 def targeted_layers(model, targets: list[str]) -> dict[str, type]:
     """Module path -> type of every linear or conv layer a target name selects (peft matches the path's suffix)."""
     suffixes = tuple(f".{name}" for name in targets)
-    return {name: type(module) for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(suffixes)}
+    return {
+        name: type(module)
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(suffixes)
+    }
 
 
 def randomise_adapter(model, generator) -> None:
@@ -172,8 +207,11 @@ def test_every_module_delta_as_the_loaders_compute_it_is_peft_s(exported):
     """The delta AUTOMATIC1111 and ComfyUI add to each weight equals the one peft trained with, for every module
     trained and no other."""
     modules = kohya_modules(exported)
-    layers = {name: layer for component, model in exported["models"].items()
-              for name, layer in adapted_layers(model, PREFIXES[component]).items()}
+    layers = {
+        name: layer
+        for component, model in exported["models"].items()
+        for name, layer in adapted_layers(model, PREFIXES[component]).items()
+    }
     targeted = sum(len(paths) for paths in exported["targeted"].values())
     assert modules.keys() == layers.keys() and len(layers) == targeted > 0
     for name, layer in layers.items():
@@ -200,10 +238,16 @@ def test_lokr_with_both_factors_full_needs_the_scale_folded_into_w1(export_of, c
     tensors written as they are (with the trained alpha) would load at 1 / (alpha / rank) of the trained strength."""
     exported = export_of(case)
     params, unet = exported["params"], exported["models"]["unet"]
-    name, layer = next((name, layer) for name, layer in adapted_layers(unet, "lora_unet_").items()
-                       if ADAPTER_NAME in layer.lokr_w1 and ADAPTER_NAME in layer.lokr_w2)
-    raw = {"lokr_w1": layer.lokr_w1[ADAPTER_NAME].detach(), "lokr_w2": layer.lokr_w2[ADAPTER_NAME].detach(),
-           "alpha": torch.tensor(params.alpha)}
+    name, layer = next(
+        (name, layer)
+        for name, layer in adapted_layers(unet, "lora_unet_").items()
+        if ADAPTER_NAME in layer.lokr_w1 and ADAPTER_NAME in layer.lokr_w2
+    )
+    raw = {
+        "lokr_w1": layer.lokr_w1[ADAPTER_NAME].detach(),
+        "lokr_w2": layer.lokr_w2[ADAPTER_NAME].detach(),
+        "alpha": torch.tensor(params.alpha),
+    }
     with torch.no_grad():
         trained = layer.get_delta_weight(ADAPTER_NAME)
     shape = layer.get_base_layer().weight.shape
@@ -218,7 +262,8 @@ def test_lycoris_keys_alpha_and_metadata(exported):
     assert DIFFUSERS_WEIGHT_NAME not in [path.name for path in exported["files"].values()]
     state = safetensors.torch.load_file(exported["files"]["kohya"])
     assert all(LYCORIS_KEY[params.type].match(key) for key in state), [
-        key for key in state if not LYCORIS_KEY[params.type].match(key)]
+        key for key in state if not LYCORIS_KEY[params.type].match(key)
+    ]
     assert all(state[key].shape == () and state[key].dtype == torch.float32 for key in state if key.endswith(".alpha"))
     with safetensors.safe_open(exported["files"]["kohya"], "pt") as file:
         metadata = file.metadata()
@@ -256,10 +301,13 @@ def test_a_peft_file_missing_a_module_fails_loudly(export_of, tmp_path):
     path = exported["files"]["peft"]
     with safetensors.safe_open(path, "pt") as file:
         metadata = file.metadata()
-        tensors = {key: file.get_tensor(key) for key in file.keys()}
+        tensors = {key: file.get_tensor(key) for key in file}
     dropped = next(key for key in tensors if key.startswith("unet.")).rsplit(".", 1)[0]  # one UNet module
-    safetensors.torch.save_file({key: value for key, value in tensors.items() if not key.startswith(dropped + ".")},
-                                tmp_path / PEFT_WEIGHT_NAME, metadata=metadata)
+    safetensors.torch.save_file(
+        {key: value for key, value in tensors.items() if not key.startswith(dropped + ".")},
+        tmp_path / PEFT_WEIGHT_NAME,
+        metadata=metadata,
+    )
     with pytest.raises(UserError, match=r"unet tensors do not match .* missing"):
         load_lora_into_pipeline(fresh_pipeline(exported["model_dir"]), tmp_path, scale=1.0)
 
@@ -274,30 +322,47 @@ def test_the_adapter_file_must_be_one_of_the_two(tmp_path, model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter_type, title, lora_values, train_values", [
-    ("loha", "LoHa", {}, {"text_encoder_learning_rate": 1.0e-3}),  # the text encoder too
-    ("lokr", "LoKr", {"decompose_both": True}, {}),
-])
+@pytest.mark.parametrize(
+    ("adapter_type", "title", "lora_values", "train_values"),
+    [
+        ("loha", "LoHa", {}, {"text_encoder_learning_rate": 1.0e-3}),  # the text encoder too
+        ("lokr", "LoKr", {"decompose_both": True}, {}),
+    ],
+)
 def test_train_and_generate_end_to_end(workdir, project_params, adapter_type, title, lora_values, train_values):
     """train_lora trains the adapter type and writes its files; generate loads them (checked) and the images
     change."""
     import pandas as pd
     from PIL import Image
 
-    params = {**project_params, "lora": {**project_params["lora"], "type": adapter_type, **lora_values},
-              "train": {**project_params["train"], **train_values}}
+    params = {
+        **project_params,
+        "lora": {**project_params["lora"], "type": adapter_type, **lora_values},
+        "train": {**project_params["train"], **train_values},
+    }
     write_params(workdir, params)
     run_data_stages(workdir)
     train_lora.main(["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"])
     out = workdir / "models/lora"
     assert sorted(path.name for path in out.iterdir()) == sorted(
-        ["README.md", PEFT_WEIGHT_NAME, kohya_weight_name(adapter_type)])
+        ["README.md", PEFT_WEIGHT_NAME, kohya_weight_name(adapter_type)]
+    )
     assert (out / "README.md").read_text().startswith(f"# {title} for ")
     with safetensors.safe_open(out / PEFT_WEIGHT_NAME, "pt") as file:
         counts = json.loads(file.metadata()["lanskap_lora_modules"])
     assert set(counts) == ({"unet", "text_encoder"} if train_values else {"unet"}) and all(counts.values())
-    generate.main(["--data", "data/processed", "--lora", "models/lora", "--out", "data/generated",
-                   "--reports", "reports/generate"])
+    generate.main(
+        [
+            "--data",
+            "data/processed",
+            "--lora",
+            "models/lora",
+            "--out",
+            "data/generated",
+            "--reports",
+            "reports/generate",
+        ]
+    )
     index = pd.read_csv(workdir / "data/generated/index.csv")
     first = index[(index["prompt_index"] == 0) & (index["sample"] == 0)].set_index("model")["path"]
     base, adapted = (Image.open(workdir / first[model]).tobytes() for model in ("base", "lora"))

@@ -11,8 +11,12 @@ from lanskap.models.folders import check_model_folder
 def pipeline_folder(root):
     """The files a diffusers pipeline folder has (weights stand-ins: only names are read)."""
     folder = root / "models/sd"
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None]}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+    }
     folder.mkdir(parents=True)
     (folder / "model_index.json").write_text(json.dumps(index))
     for part in ("unet", "vae"):
@@ -58,8 +62,8 @@ def test_a_healthy_folder_passes_and_each_damage_is_named(tmp_path, monkeypatch)
 
 
 def test_the_captioner_folder_is_checked_too(tmp_path, monkeypatch):
-    from lanskap.data.captions import resolve_captioner
     from lanskap.core.params import CaptionParams
+    from lanskap.data.captions import resolve_captioner
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="caption.model: the folder ./blip does not exist"):

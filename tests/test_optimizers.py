@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lanskap.core.errors import UserError
-from lanskap.lora.adapters import add_unet_lora
 from lanskap.core.params import LoraParams, TrainParams, validate_group
+from lanskap.lora.adapters import add_unet_lora
 from lanskap.train.optimizers import evaluation_weights, keep_evaluation_weights, make_optimizer
 from tests.test_data_stages import run_data_stages
 from tests.test_train import run_interrupted_then_resumed, run_train_stage, tiny_unet, with_train
@@ -74,7 +74,7 @@ def test_schedule_free_validates_on_its_average_and_training_does_not_notice():
     assert torch.equal(unvalidated_final, validated_final) and torch.equal(validated_final, validated[-1])
 
 
-@pytest.mark.parametrize("optimizer, package", [("prodigy", "prodigyopt"), ("adamw_schedulefree", "schedulefree")])
+@pytest.mark.parametrize(("optimizer", "package"), [("prodigy", "prodigyopt"), ("adamw_schedulefree", "schedulefree")])
 def test_a_missing_optimizer_package_is_an_error_saying_how_to_install_it(optimizer, package, monkeypatch):
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ImportError
     params = TrainParams(optimizer=optimizer, **OPTIMIZERS[optimizer])
@@ -82,11 +82,14 @@ def test_a_missing_optimizer_package_is_an_error_saying_how_to_install_it(optimi
         make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], params)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"optimizer": "prodigy", "learning_rate": 1.0e-3}, "prodigy estimates its own step size.*learning_rate: 1.0"),
-    ({"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_learning_rate": 0.5}, "one learning rate"),
-    ({"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"}, "lr_scheduler='cosine' must be constant"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"optimizer": "prodigy", "learning_rate": 1.0e-3}, "prodigy estimates its own step size.*learning_rate: 1.0"),
+        ({"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_learning_rate": 0.5}, "one learning rate"),
+        ({"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"}, "lr_scheduler='cosine' must be constant"),
+    ],
+)
 def test_optimizer_settings_that_would_not_take_effect_are_refused(values, message):
     with pytest.raises(UserError, match=f"train.*{message}"):
         validate_group("train", values)

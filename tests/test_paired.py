@@ -6,20 +6,25 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from lanskap.evaluate import metrics
-
-from lanskap.evaluate import paired
 from lanskap.core.errors import UserError
-from lanskap.evaluate.comparisons import Features, check_pairing, lora_minus_base
 from lanskap.core.params import EvaluateParams
+from lanskap.evaluate import metrics, paired
+from lanskap.evaluate.comparisons import Features, check_pairing, lora_minus_base
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
     return metrics.l2_normalise(rows)
 
 
-def prompt_sets(rng, n: int, per_prompt: int, dim: int = 8, lora_noise: float = 0.3, base_noise: float = 0.8,
-                base_shift: float = 1.0):
+def prompt_sets(
+    rng,
+    n: int,
+    per_prompt: int,
+    dim: int = 8,
+    lora_noise: float = 0.3,
+    base_noise: float = 0.8,
+    base_shift: float = 1.0,
+):
     """Test images near one latent per prompt; LoRA images near their prompt's, base images shifted in one
     direction and (by default) more diverse."""
     latent = rng.normal(size=(n, dim))
@@ -38,6 +43,7 @@ def recomputed_cmmd_gap(lora, base, test):
 
 # --- the gaps' algebra ---------------------------------------------------------------------------------
 
+
 def test_cmmd_gap_value_leave_one_out_and_swaps_equal_recomputation():
     rng = np.random.default_rng(0)
     test, lora, base, prompt = prompt_sets(rng, 7, per_prompt=2)
@@ -46,7 +52,8 @@ def test_cmmd_gap_value_leave_one_out_and_swaps_equal_recomputation():
     for i in range(7):
         kept = prompt != i
         assert gap.leave_one_out[i] == pytest.approx(
-            recomputed_cmmd_gap(lora[kept], base[kept], np.delete(test, i, axis=0)), abs=1e-12)
+            recomputed_cmmd_gap(lora[kept], base[kept], np.delete(test, i, axis=0)), abs=1e-12
+        )
     for _ in range(5):
         swap = rng.random(7) < 0.5
         rows = swap[prompt][:, None]
@@ -75,7 +82,9 @@ def test_jackknife_interval_of_a_mean_is_the_classical_t_interval():
     leave_one_out = (values.sum() - values) / 11
     corrected, low, high = paired.jackknife_interval(values.mean(), leave_one_out)
     half_width = stats.t.ppf(0.975, 11) * values.std(ddof=1) / np.sqrt(12)
-    assert (corrected, low, high) == pytest.approx((values.mean(), values.mean() - half_width, values.mean() + half_width))
+    assert (corrected, low, high) == pytest.approx(
+        (values.mean(), values.mean() - half_width, values.mean() + half_width)
+    )
 
 
 # --- coverage ------------------------------------------------------------------------------------------
@@ -135,8 +144,8 @@ def test_interval_covers_the_population_cmmd_gap_at_least_94_percent():
         assert cmmd_gap_coverage(n, truth) >= MIN_COVERAGE, n
 
 
-
 # --- permutation p-value and when an interval is given ------------------------------------------------
+
 
 def test_permutation_pvalue_is_small_for_an_effect_large_without_and_exact_for_few_prompts():
     rng = np.random.default_rng(3)
@@ -169,10 +178,21 @@ def test_interval_only_from_the_size_where_the_permutation_test_can_reject(n):
 
 # --- pairing check -------------------------------------------------------------------------------------
 
+
 def generated_index(captions: list[str], samples: int = 2) -> pd.DataFrame:
-    rows = [{"prompt_index": i, "sample": s, "caption": caption, "seed": 100 * i + s, "model": model,
-             "path": f"{model}/{i}_{s}.png"}
-            for model in ("base", "lora") for i, caption in enumerate(captions) for s in range(samples)]
+    rows = [
+        {
+            "prompt_index": i,
+            "sample": s,
+            "caption": caption,
+            "seed": 100 * i + s,
+            "model": model,
+            "path": f"{model}/{i}_{s}.png",
+        }
+        for model in ("base", "lora")
+        for i, caption in enumerate(captions)
+        for s in range(samples)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -184,13 +204,22 @@ def test_pairing_check_accepts_what_generate_writes_in_any_row_order():
     check_pairing(TEST, generated_index(CAPTIONS).sample(frac=1, random_state=0), "index.csv")
 
 
-@pytest.mark.parametrize("break_it, message", [
-    (lambda g: g.assign(seed=np.where((g["model"] == "lora") & (g["prompt_index"] == 1), 7, g["seed"])), "differ in seed"),
-    (lambda g: g.assign(caption=np.where(g["model"] == "base", g["caption"].str.upper(), g["caption"])), "differ in caption"),
-    (lambda g: g.drop(index=g.index[-1]), "not one per"),
-    (lambda g: g[g["prompt_index"] < 2], "each of the 3 test captions"),
-    (lambda g: g[g["model"] == "lora"], "expected base and lora"),
-])
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (
+            lambda g: g.assign(seed=np.where((g["model"] == "lora") & (g["prompt_index"] == 1), 7, g["seed"])),
+            "differ in seed",
+        ),
+        (
+            lambda g: g.assign(caption=np.where(g["model"] == "base", g["caption"].str.upper(), g["caption"])),
+            "differ in caption",
+        ),
+        (lambda g: g.drop(index=g.index[-1]), "not one per"),
+        (lambda g: g[g["prompt_index"] < 2], "each of the 3 test captions"),
+        (lambda g: g[g["model"] == "lora"], "expected base and lora"),
+    ],
+)
 def test_pairing_check_refuses_mismatched_images(break_it, message):
     with pytest.raises(UserError, match=message) as error:
         check_pairing(TEST, break_it(generated_index(CAPTIONS)), "data/generated/index.csv")

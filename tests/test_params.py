@@ -11,8 +11,9 @@ from tests.conftest import ROOT
 
 def test_params_yaml_is_the_composed_demo_preset(tmp_path):
     compose_params([], tmp_path / "params.yaml", ROOT / "conf")
-    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text()), \
-        "params.yaml is stale: run `make params` and commit it"
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == yaml.safe_load(
+        (ROOT / "params.yaml").read_text()
+    ), "params.yaml is stale: run `make params` and commit it"
 
 
 @pytest.mark.parametrize("preset", ["demo", "paper"])
@@ -32,29 +33,43 @@ def test_paper_preset_is_sd21_768_v_prediction(tmp_path):
     assert loaded["evaluate"].clip_model == "openai/clip-vit-large-patch14-336"
 
 
-@pytest.mark.parametrize("group, values, named", [
-    ("train", {"lerning_rate": 1.0e-4}, "train.lerning_rate"),
-    ("train", {"steps": "many"}, "train.steps"),
-    ("train", {"learning_rate": -1.0}, "train.learning_rate"),
-    ("train", {"mixed_precision": "fp8"}, "train.mixed_precision"),
-    ("lora", {"rank": 0}, "lora.rank"),
-    ("lora", {"target_modules": []}, "lora.target_modules"),
-    ("lora", {"type": "lycoris"}, "lora.type"),
-    ("lora", {"type": "loha", "use_dora": True},
-     "lora.use_dora=true applies to lora.type=lora only, not lora.type=loha: set lora.use_dora: false"),
-    ("lora", {"type": "lokr", "dropout": 0.1}, "lora.dropout=0.1 applies to lora.type=lora only, not lora.type=lokr"),
-    ("lora", {"decompose_both": True}, "lora.decompose_both=true applies to lora.type=lokr only, not lora.type=lora"),
-    ("lora", {"type": "loha", "decompose_factor": 4}, "lora.decompose_factor=4 applies to lora.type=lokr only"),
-    ("lora", {"type": "lokr", "decompose_factor": 0}, "lora.decompose_factor must be -1"),
-    ("lora", {"type": "lokr", "decompose_factor": -2}, "lora.decompose_factor"),
-    ("split", {"test_fraction": 1.0}, "split.test_fraction"),
-    ("preprocess", {"resolution": 100}, "preprocess.resolution"),
-    ("augment", {"crop_scale": [0.9, 0.5]}, "crop_scale"),
-    ("augment", {"hflip_p": 2}, "augment.hflip_p"),
-    ("generate", {"scheduler": "plms"}, "generate.scheduler"),
-    ("train", {"warmup_steps": 10, "lr_scheduler": "constant"}, "warmup_steps=10 has no effect"),
-    ("train", {"warmup_steps": 100, "steps": 100, "lr_scheduler": "linear"}, "must be below steps=100"),
-])
+@pytest.mark.parametrize(
+    ("group", "values", "named"),
+    [
+        ("train", {"lerning_rate": 1.0e-4}, "train.lerning_rate"),
+        ("train", {"steps": "many"}, "train.steps"),
+        ("train", {"learning_rate": -1.0}, "train.learning_rate"),
+        ("train", {"mixed_precision": "fp8"}, "train.mixed_precision"),
+        ("lora", {"rank": 0}, "lora.rank"),
+        ("lora", {"target_modules": []}, "lora.target_modules"),
+        ("lora", {"type": "lycoris"}, "lora.type"),
+        (
+            "lora",
+            {"type": "loha", "use_dora": True},
+            "lora.use_dora=true applies to lora.type=lora only, not lora.type=loha: set lora.use_dora: false",
+        ),
+        (
+            "lora",
+            {"type": "lokr", "dropout": 0.1},
+            "lora.dropout=0.1 applies to lora.type=lora only, not lora.type=lokr",
+        ),
+        (
+            "lora",
+            {"decompose_both": True},
+            "lora.decompose_both=true applies to lora.type=lokr only, not lora.type=lora",
+        ),
+        ("lora", {"type": "loha", "decompose_factor": 4}, "lora.decompose_factor=4 applies to lora.type=lokr only"),
+        ("lora", {"type": "lokr", "decompose_factor": 0}, "lora.decompose_factor must be -1"),
+        ("lora", {"type": "lokr", "decompose_factor": -2}, "lora.decompose_factor"),
+        ("split", {"test_fraction": 1.0}, "split.test_fraction"),
+        ("preprocess", {"resolution": 100}, "preprocess.resolution"),
+        ("augment", {"crop_scale": [0.9, 0.5]}, "crop_scale"),
+        ("augment", {"hflip_p": 2}, "augment.hflip_p"),
+        ("generate", {"scheduler": "plms"}, "generate.scheduler"),
+        ("train", {"warmup_steps": 10, "lr_scheduler": "constant"}, "warmup_steps=10 has no effect"),
+        ("train", {"warmup_steps": 100, "steps": 100, "lr_scheduler": "linear"}, "must be below steps=100"),
+    ],
+)
 def test_invalid_params_name_the_key_and_value(group, values, named):
     with pytest.raises(UserError) as error:
         validate_group(group, values)

@@ -22,8 +22,11 @@ STAGES = ["ingest", "caption", "split", "preprocess", "train_lora", "generate", 
 
 def run(cwd: Path, *command: str) -> str:
     # LANSKAP_PYTHON: the copies have no .venv of their own for stages/python to find
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "LANSKAP_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "LANSKAP_PYTHON": sys.executable,
+    }
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr

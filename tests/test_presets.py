@@ -1,4 +1,5 @@
-"""`make params` (python -m lanskap.core.presets): a bad override is one line naming it, and no stale params.yaml stays."""
+"""`make params` (python -m lanskap.core.presets): a bad override is
+one line naming it, and no stale params.yaml stays."""
 
 import subprocess
 import sys
@@ -11,14 +12,17 @@ from lanskap.core.presets import compose_params
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("override, named", [
-    ("lora.rnak=16", "Could not override 'lora.rnak'. No such key in conf/ (misspelt?)"),  # misspelt key
-    ("lroa.rank=16", "Could not override 'lroa.rank'"),  # misspelt group
-    ("preset=papr", "Could not find 'preset/papr' Available options in 'preset': demo, paper"),
-    ("lora.rank=abc", "lora.rank: Input should be a valid integer"),  # composes, but the value is refused
-    ("+lora.rnak=3", "lora.rnak: Extra inputs are not permitted"),
-    ("+lroa.rank=3", "unknown params group(s) ['lroa']"),
-])
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("lora.rnak=16", "Could not override 'lora.rnak'. No such key in conf/ (misspelt?)"),  # misspelt key
+        ("lroa.rank=16", "Could not override 'lroa.rank'"),  # misspelt group
+        ("preset=papr", "Could not find 'preset/papr' Available options in 'preset': demo, paper"),
+        ("lora.rank=abc", "lora.rank: Input should be a valid integer"),  # composes, but the value is refused
+        ("+lora.rnak=3", "lora.rnak: Extra inputs are not permitted"),
+        ("+lroa.rank=3", "unknown params group(s) ['lroa']"),
+    ],
+)
 def test_a_bad_override_names_it_and_removes_params_yaml(tmp_path, override, named):
     (tmp_path / "params.yaml").write_text("lora: {rank: 4}\n")  # the previous params, which must not survive
     with pytest.raises(UserError) as error:
@@ -38,8 +42,9 @@ def test_a_good_override_replaces_params_yaml(tmp_path):
 def test_the_command_prints_one_line_and_no_traceback(tmp_path):
     (tmp_path / "conf").symlink_to(ROOT / "conf")
     (tmp_path / "params.yaml").write_text("lora: {rank: 4}\n")
-    run = subprocess.run([sys.executable, "-m", "lanskap.core.presets", "preset=papr"], cwd=tmp_path, capture_output=True,
-                         text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "lanskap.core.presets", "preset=papr"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: cannot compose params.yaml")
     assert not (tmp_path / "params.yaml").exists()

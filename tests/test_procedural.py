@@ -80,7 +80,7 @@ def test_caption_states_the_moon_count(n_moons):
 
 
 @pytest.mark.parametrize(
-    "field, word",
+    ("field", "word"),
     [("has_lake", "lake"), ("has_islands", "floating islands"), ("has_spires", "spires"), ("has_stars", "star")],
 )
 def test_caption_mentions_a_feature_exactly_when_the_scene_has_it(field, word):
@@ -90,7 +90,13 @@ def test_caption_mentions_a_feature_exactly_when_the_scene_has_it(field, word):
 
 def test_captions_of_busiest_scene_stay_short_for_clip():
     busiest = _scene(
-        palette="emerald aurora", n_ridges=5, n_moons=3, has_islands=True, has_spires=True, has_lake=True, has_stars=True
+        palette="emerald aurora",
+        n_ridges=5,
+        n_moons=3,
+        has_islands=True,
+        has_spires=True,
+        has_lake=True,
+        has_stars=True,
     )
     assert len(busiest.caption().split()) < 40
 
@@ -148,7 +154,7 @@ def test_worlds_split_the_palettes_and_keep_islands_and_spires_out_of_the_base_w
 
 
 def test_worlds_draw_from_separate_random_streams():
-    (base_image, base_caption), = generate(1, SIZE, 0, "base")
-    (fantasy_image, fantasy_caption), = generate(1, SIZE, 0, "fantasy")
+    ((base_image, base_caption),) = generate(1, SIZE, 0, "base")
+    ((fantasy_image, fantasy_caption),) = generate(1, SIZE, 0, "fantasy")
     assert base_caption != fantasy_caption
     assert not np.array_equal(np.asarray(base_image), np.asarray(fantasy_image))

@@ -87,8 +87,10 @@ def test_interval_covers_the_true_mean_95_percent_of_sweeps(seeds):
 
 # paired: exact for normal draws; Welch's approximate degrees of freedom make it conservative at 3 seeds a side
 # (about 0.037 of sweeps at a nominal 0.05), never liberal
-@pytest.mark.parametrize("function, low, high", [(paired_difference, 0.05 - TOLERANCE, 0.05 + TOLERANCE),
-                                                 (welch_difference, 0.025, 0.05 + TOLERANCE)])
+@pytest.mark.parametrize(
+    ("function", "low", "high"),
+    [(paired_difference, 0.05 - TOLERANCE, 0.05 + TOLERANCE), (welch_difference, 0.025, 0.05 + TOLERANCE)],
+)
 def test_no_difference_is_found_in_5_percent_of_sweeps(function, low, high):
     differences = [function(x, y) for x, y in zip(*simulated_sweeps(3))]
     rejected = np.mean([difference.pvalue < 0.05 for difference in differences])

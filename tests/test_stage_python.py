@@ -41,13 +41,20 @@ def probe_project(tmp_path) -> Path:
     (project / "stages" / "__init__.py").write_text("")
     (project / "stages" / "probe.py").write_text(PROBE)
     (project / ".venv").symlink_to(VENV)
-    stage = {"cmd": f"sh stages/python -m stages.probe {tmp_path / 'report.txt'}", "deps": ["stages/probe.py"],
-             "always_changed": True}
+    stage = {
+        "cmd": f"sh stages/python -m stages.probe {tmp_path / 'report.txt'}",
+        "deps": ["stages/probe.py"],
+        "always_changed": True,
+    }
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"probe": stage}}))
     (project / ".gitignore").write_text(".venv\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for command in (["git", "init", "-q"], [str(VENV / "bin" / "dvc"), "init", "-q"], [*git, "add", "-A"],
-                    [*git, "commit", "-qm", "probe"]):
+    for command in (
+        ["git", "init", "-q"],
+        [str(VENV / "bin" / "dvc"), "init", "-q"],
+        [*git, "add", "-A"],
+        [*git, "commit", "-qm", "probe"],
+    ):
         assert run(command, project, os.environ).returncode == 0, command
     return project
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from lanskap.sweep import seed_stats
 from lanskap.core.errors import UserError
+from lanskap.sweep import seed_stats
 from lanskap.sweep.aggregate import finished_experiments, group_by_setting, main
 from tests.conftest import ROOT, copy_project
 
@@ -19,26 +19,49 @@ FID = {0: 160.0, 1: 230.0, 2: 120.0, 3: 150.0, 4: 200.0, 5: 170.0}  # by seed
 def experiment(name: str, seed: int, rank: int = 4, state: str | None = "success", fid: float | None = None) -> dict:
     """One experiment as `dvc exp show --json` lists it (the fields the sweep reads)."""
     fid = FID[seed] + rank if fid is None else fid
-    data = {"rev": f"{name:0<40}"[:40],
-            "params": {"params.yaml": {"data": {"lora": {"rank": rank, "alpha": 4.0}, "train": {"seed": seed, "steps": 150},
-                                                "augment": {"crop_scale": [0.8, 1.0]}}}},
-            "metrics": {"metrics/eval.json": {"data": {"fid_test_vs_lora": fid, "cmmd_vs_test_lora_minus_base": -5.0 - seed}},
-                        "dvclive/train/metrics.json": {"data": {"validation": {"loss": 0.2}, "validation_loss_final": 0.2 + seed / 100}}}}
-    return {"name": name, "executor": state and {"state": state}, "revs": [{"rev": data["rev"], "name": name, "error": None,
-                                                                            "data": data}]}
+    data = {
+        "rev": f"{name:0<40}"[:40],
+        "params": {
+            "params.yaml": {
+                "data": {
+                    "lora": {"rank": rank, "alpha": 4.0},
+                    "train": {"seed": seed, "steps": 150},
+                    "augment": {"crop_scale": [0.8, 1.0]},
+                }
+            }
+        },
+        "metrics": {
+            "metrics/eval.json": {"data": {"fid_test_vs_lora": fid, "cmmd_vs_test_lora_minus_base": -5.0 - seed}},
+            "dvclive/train/metrics.json": {
+                "data": {"validation": {"loss": 0.2}, "validation_loss_final": 0.2 + seed / 100}
+            },
+        },
+    }
+    return {
+        "name": name,
+        "executor": state and {"state": state},
+        "revs": [{"rev": data["rev"], "name": name, "error": None, "data": data}],
+    }
 
 
 def exp_show(*experiments: dict) -> list:
     workspace = experiment("workspace", 0)["revs"][0]
-    return [{**workspace, "experiments": None}, {**workspace, "rev": "a" * 40, "name": "main", "experiments": list(experiments)}]
+    return [
+        {**workspace, "experiments": None},
+        {**workspace, "rev": "a" * 40, "name": "main", "experiments": list(experiments)},
+    ]
 
 
 SWEEP = [experiment(f"r{rank}-s{seed}", seed, rank) for rank in (16, 4) for seed in (0, 1, 2)]
 
 
 def test_groups_by_the_params_that_differ_and_skips_unfinished_experiments():
-    shown = exp_show(*SWEEP, experiment("queued-one", 3, 8, state="queued"),
-                     experiment("running-one", 4, 8, state="running"), experiment("broken", 5, 8, state="failed"))
+    shown = exp_show(
+        *SWEEP,
+        experiment("queued-one", 3, 8, state="queued"),
+        experiment("running-one", 4, 8, state="running"),
+        experiment("broken", 5, 8, state="failed"),
+    )
     finished, skipped = finished_experiments(shown, ["metrics/eval.json"])
     assert skipped == ["queued-one (queued)", "running-one (running)", "broken (failed)"]
     groups = group_by_setting(finished, "train.seed")
@@ -72,9 +95,12 @@ def test_summary_and_paired_comparison_when_both_settings_ran_the_same_seeds(tmp
     summary = run_sweep(tmp_path, SWEEP, "--metric", "fid_test_vs_lora", "--metric", "validation_loss_final")
     rank4 = [FID[seed] + 4 for seed in (0, 1, 2)]
     expected = seed_stats.summarise(rank4)
-    row = next(row for row in summary["summary"] if row["setting"] == "lora.rank=4" and row["metric"] == "fid_test_vs_lora")
+    row = next(
+        row for row in summary["summary"] if row["setting"] == "lora.rank=4" and row["metric"] == "fid_test_vs_lora"
+    )
     assert (row["n"], row["mean"], row["ci_low"], row["ci_high"]) == pytest.approx(
-        (3, expected.mean, expected.ci_low, expected.ci_high))
+        (3, expected.mean, expected.ci_low, expected.ci_high)
+    )
     assert row["seeds"] == "0 1 2"
     comparison = next(row for row in summary["comparisons"] if row["metric"] == "fid_test_vs_lora")
     assert comparison["method"] == "paired" and comparison["difference"] == pytest.approx(12.0)
@@ -89,7 +115,9 @@ def test_welch_when_the_settings_ran_different_seeds(tmp_path):
     sweep = SWEEP[3:] + [experiment(f"r16-s{seed}", seed, 16, fid=FID[seed] + 40) for seed in (3, 4, 5)]
     summary = run_sweep(tmp_path, sweep, "--metric", "fid_test_vs_lora", "--reference", "lora.rank=16")
     comparison = summary["comparisons"][0]
-    expected = seed_stats.welch_difference([FID[seed] + 40 for seed in (3, 4, 5)], [FID[seed] + 4 for seed in (0, 1, 2)])
+    expected = seed_stats.welch_difference(
+        [FID[seed] + 40 for seed in (3, 4, 5)], [FID[seed] + 4 for seed in (0, 1, 2)]
+    )
     assert comparison["setting"] == "lora.rank=4" and comparison["reference"] == "lora.rank=16"
     assert comparison["method"] == "welch"
     assert (comparison["difference"], comparison["pvalue"]) == pytest.approx((expected.difference, expected.pvalue))
@@ -122,16 +150,32 @@ def test_the_chart_template_draws_from_summary_csv(tmp_path):
 
     run_sweep(tmp_path, SWEEP, "--metric", "fid_test_vs_lora")
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
-    definition = next(next(iter(plot.values())) for plot in plots
-                      if isinstance(plot, dict) and next(iter(plot.values())).get("template") == "sweep_bars")
+    definition = next(
+        next(iter(plot.values()))
+        for plot in plots
+        if isinstance(plot, dict) and next(iter(plot.values())).get("template") == "sweep_bars"
+    )
     assert list(definition["y"]) == ["${reports}/sweep/summary.csv"]
-    rows = [{**row, "rev": "workspace"} for row in pd.read_csv(tmp_path / "sweep/summary.csv").astype(str).to_dict("records")]
-    spec = VegaRenderer(rows, "sweep", template="sweep_bars", template_dir=str(ROOT / ".dvc/plots"),
-                        x=definition["x"], y=definition["y"]["${reports}/sweep/summary.csv"]).get_filled_template()
+    rows = [
+        {**row, "rev": "workspace"}
+        for row in pd.read_csv(tmp_path / "sweep/summary.csv").astype(str).to_dict("records")
+    ]
+    spec = VegaRenderer(
+        rows,
+        "sweep",
+        template="sweep_bars",
+        template_dir=str(ROOT / ".dvc/plots"),
+        x=definition["x"],
+        y=definition["y"]["${reports}/sweep/summary.csv"],
+    ).get_filled_template()
     assert spec["data"]["values"] == rows
     assert spec["spec"]["encoding"]["x"]["field"] == "setting"
     assert "<DVC_METRIC" not in json.dumps(spec)
-    used = {transform["calculate"][len("toNumber(datum."):-1] for transform in spec["transform"] if "calculate" in transform}
+    used = {
+        transform["calculate"][len("toNumber(datum.") : -1]
+        for transform in spec["transform"]
+        if "calculate" in transform
+    }
     assert used == {"mean", "ci_low", "ci_high"}, used  # toNumber(datum.FIELD)
     assert used | {"metric", "n"} <= set(rows[0])  # each field the chart reads is a column of summary.csv
 
@@ -154,5 +198,12 @@ def test_a_queued_two_seed_sweep_aggregates(tmp_path):
     assert len(losses) == 2  # the seed changes training: two draws, not one run counted twice
     assert all(row["n"] == 2 and row["ci_low"] < row["mean"] < row["ci_high"] for row in summary["summary"])
     changed = run(repo, "git", "status", "--porcelain", "--untracked-files=all").split("\n")
-    assert sorted(filter(None, changed)) == [f"?? reports/sweep/{name}" for name in  # the queue left the workspace alone
-                                             ("comparison.csv", "summary.csv", "summary.json", "summary.md")]
+    assert sorted(filter(None, changed)) == [
+        f"?? reports/sweep/{name}"
+        for name in (  # the queue left the workspace alone
+            "comparison.csv",
+            "summary.csv",
+            "summary.json",
+            "summary.md",
+        )
+    ]

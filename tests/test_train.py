@@ -8,11 +8,11 @@ import safetensors.torch
 import torch
 
 from lanskap.core.errors import UserError
+from lanskap.core.params import LoraParams, TrainParams, validate_group
 from lanskap.lora.adapters import add_unet_lora
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, export_lora
 from lanskap.lora.kohya import kohya_alpha, kohya_weight_name
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
-from lanskap.core.params import LoraParams, TrainParams, validate_group
 from lanskap.train import loop, step
 from lanskap.train.batches import BatchShare, global_batch_size
 from lanskap.train.loop import check_same_start
@@ -121,8 +121,10 @@ def run_interrupted_then_resumed(monkeypatch, out: str, stop_after: int = 1) -> 
 def training_log(workdir) -> dict:
     """The DVCLive log's validation-loss rows and validation images (bytes), which must not depend on timing."""
     plots = workdir / "dvclive/train/plots"
-    return {"validation_loss": (plots / "metrics/validation/loss.tsv").read_text(),
-            "images": {path.name: path.read_bytes() for path in (plots / "images/validation").glob("*.jpg")}}
+    return {
+        "validation_loss": (plots / "metrics/validation/loss.tsv").read_text(),
+        "images": {path.name: path.read_bytes() for path in (plots / "images/validation").glob("*.jpg")},
+    }
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -146,8 +148,16 @@ def test_caption_dropout_replaces_captions_at_the_given_rate_whatever_the_proces
     whole = drop_captions(ids, empty_id, 0.3, torch.Generator().manual_seed(0), BatchShare(total))
     assert (whole == empty_id).float().mean().item() == pytest.approx(0.3, abs=0.015)
     assert ((whole == ids) | (whole == empty_id)).all()
-    halves = [drop_captions(ids[start:start + total // 2], empty_id, 0.3, torch.Generator().manual_seed(0),
-                                  BatchShare(total, start, total // 2)) for start in (0, total // 2)]
+    halves = [
+        drop_captions(
+            ids[start : start + total // 2],
+            empty_id,
+            0.3,
+            torch.Generator().manual_seed(0),
+            BatchShare(total, start, total // 2),
+        )
+        for start in (0, total // 2)
+    ]
     assert torch.equal(torch.cat(halves), whole)  # two processes drop exactly what one process drops
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
@@ -170,10 +180,12 @@ def test_text_encoder_lora_trains_at_its_own_learning_rate_and_is_exported(workd
 
 def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandbytes():
     unet_weight, text_weight = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    params = TrainParams(learning_rate=1.0e-4, text_encoder_learning_rate=5.0e-5, lr_scheduler="linear",
-                         warmup_steps=10, steps=100)
+    params = TrainParams(
+        learning_rate=1.0e-4, text_encoder_learning_rate=5.0e-5, lr_scheduler="linear", warmup_steps=10, steps=100
+    )
     optimizer, lr_scheduler = make_optimizer(
-        [{"params": [unet_weight], "lr": 1.0e-4}, {"params": [text_weight], "lr": 5.0e-5}], params)
+        [{"params": [unet_weight], "lr": 1.0e-4}, {"params": [text_weight], "lr": 5.0e-5}], params
+    )
     for _ in range(5):
         optimizer.step()
         lr_scheduler.step()
@@ -185,8 +197,12 @@ def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandby
 
 def test_global_batch_size_and_trainer_option_validation():
     assert global_batch_size(TrainParams(batch_size=4, gradient_accumulation_steps=3), num_processes=2) == 24
-    for key, value in [("snr_gamma", 0.0), ("gradient_accumulation_steps", 0), ("caption_dropout", 1.0),
-                       ("noise_offset", -0.1)]:
+    for key, value in [
+        ("snr_gamma", 0.0),
+        ("gradient_accumulation_steps", 0),
+        ("caption_dropout", 1.0),
+        ("noise_offset", -0.1),
+    ]:
         with pytest.raises(UserError, match=f"train.{key}"):
             validate_group("train", {key: value})
     with pytest.raises(UserError, match="lora.init_lora_weights"):
@@ -205,14 +221,21 @@ def test_dora_adds_magnitude_vectors_and_skips_the_kohya_file(tmp_path, capsys):
     add_unet_lora(unet, params)
     names = [name for name, p in unet.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in name for name in names)
-    base = {"model": "tiny", "revision": "n/a", "prediction_type": "v_prediction", "resolution": 32, "steps": 1,
-            "train_images": 1, "data_sha256": "0" * 64}
+    base = {
+        "model": "tiny",
+        "revision": "n/a",
+        "prediction_type": "v_prediction",
+        "resolution": 32,
+        "steps": 1,
+        "train_images": 1,
+        "data_sha256": "0" * 64,
+    }
     files = export_lora(unet, tmp_path, params, base)
     assert set(files) == {"diffusers"} and files["diffusers"].is_file()
     assert not (tmp_path / kohya_weight_name("lora")).exists() and "kohya format has no DoRA" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("use_rslora, scale", [(False, 8.0 / 4), (True, 8.0 / 2)])
+@pytest.mark.parametrize(("use_rslora", "scale"), [(False, 8.0 / 4), (True, 8.0 / 2)])
 def test_rslora_scales_by_alpha_over_sqrt_rank_and_kohya_alpha_keeps_that_scale(use_rslora, scale):
     params = LoraParams(rank=4, alpha=8.0, use_rslora=use_rslora, init_lora_weights="kaiming")
     unet = tiny_unet()
@@ -227,8 +250,17 @@ def test_rslora_scales_by_alpha_over_sqrt_rank_and_kohya_alpha_keeps_that_scale(
 
 def test_all_trainer_options_together_train_finitely(workdir, project_params, capsys):
     run_data_stages(workdir)
-    with_train(workdir, project_params, steps=2, batch_size=1, gradient_accumulation_steps=2,
-               gradient_checkpointing=True, snr_gamma=5.0, noise_offset=0.1, caption_dropout=0.5)
+    with_train(
+        workdir,
+        project_params,
+        steps=2,
+        batch_size=1,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        snr_gamma=5.0,
+        noise_offset=0.1,
+        caption_dropout=0.5,
+    )
     write_params(workdir, {**yaml_params(workdir), "lora": {**project_params["lora"], "use_rslora": True}})
     weights = run_train_stage()
     assert "global batch 2 = batch_size 1 x gradient_accumulation_steps 2 x processes 1" in capsys.readouterr().out
@@ -277,8 +309,11 @@ def test_gpu_preflight_names_the_batch_that_fits_and_the_probe_leaves_no_trace(w
     monkeypatch.setattr(preflight, "is_cuda", lambda device: True)
     monkeypatch.setattr(preflight, "gpu_memory", lambda device: (24 * 2**30, 20 * 2**30))
     monkeypatch.setattr(loop, "probe_step", probe_on_a_small_gpu)
-    with pytest.raises(UserError, match="train.batch_size=2 does not fit .* batch 1 fits: set train.batch_size: 1 "
-                                        "and train.gradient_accumulation_steps: 2 to keep the global batch of 2"):
+    with pytest.raises(
+        UserError,
+        match="train.batch_size=2 does not fit .* batch 1 fits: set train.batch_size: 1 "
+        "and train.gradient_accumulation_steps: 2 to keep the global batch of 2",
+    ):
         run_train_stage()
     assert probed == [2, 1] and not (workdir / "models").exists()
 

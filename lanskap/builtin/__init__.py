@@ -17,8 +17,11 @@ from pathlib import Path
 
 from lanskap.core.errors import UserError
 
-BUILTIN_FOLDERS = {"builtin:tiny-sd2": "tiny-sd2", "builtin:tiny-clip": "tiny-clip",
-                   "builtin:tiny-inception": "tiny-inception"}
+BUILTIN_FOLDERS = {
+    "builtin:tiny-sd2": "tiny-sd2",
+    "builtin:tiny-clip": "tiny-clip",
+    "builtin:tiny-inception": "tiny-inception",
+}
 
 
 def builtin_assets() -> Path:
@@ -31,6 +34,8 @@ def builtin_folder(spec: str, key: str) -> Path:
         raise UserError(f"{key}: unknown built-in {spec!r}; the built-in models are {', '.join(BUILTIN_FOLDERS)}")
     folder = builtin_assets() / BUILTIN_FOLDERS[spec]
     if not any(folder.rglob("*.safetensors")):
-        raise UserError(f"{key}: the weights of {spec} are missing from {folder}; they ship with the repository "
-                        "(check out lanskap/assets/builtin/ again), or rebuild them with `make builtins`")
+        raise UserError(
+            f"{key}: the weights of {spec} are missing from {folder}; they ship with the repository "
+            "(check out lanskap/assets/builtin/ again), or rebuild them with `make builtins`"
+        )
     return folder

@@ -33,10 +33,16 @@ class Data:
 
     def __init__(self, config: BuildConfig, work: Path):
         counts = {"base": config.base_images, "fantasy": config.fantasy_images}
-        self.pools = {world: cached_world(work, world, counts[world], TRAIN_SEED, config.render_size,
-                                          config.resolution) for world in WORLDS}
-        self.held_out = {world: cached_world(work, world, config.held_out_images, HELD_OUT_SEED, config.render_size,
-                                             config.resolution) for world in WORLDS}
+        self.pools = {
+            world: cached_world(work, world, counts[world], TRAIN_SEED, config.render_size, config.resolution)
+            for world in WORLDS
+        }
+        self.held_out = {
+            world: cached_world(
+                work, world, config.held_out_images, HELD_OUT_SEED, config.render_size, config.resolution
+            )
+            for world in WORLDS
+        }
 
     def both_worlds(self, per_world: int) -> WorldImages:
         return WorldImages.concat([self.pools[world].take(per_world) for world in WORLDS])
@@ -98,10 +104,18 @@ def build_tiny_sd2(config: BuildConfig, data: Data, out: Path, work: Path, threa
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=77)
     unet_log = LossLog()
     unet, text_encoder, noise_scheduler, unet_seconds = train_text_to_image(
-        config, vae, tokenizer, data.pools["base"], data.held_out["base"], unet_log)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        config, vae, tokenizer, data.pools["base"], data.held_out["base"], unet_log
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     card = Card(
         "builtin:tiny-sd2",
         f"A tiny text-to-image model of the SD 2.x family ({parameter_count(unet) / 1e6:.2f} M-parameter UNet with "
@@ -109,21 +123,29 @@ def build_tiny_sd2(config: BuildConfig, data: Data, out: Path, work: Path, threa
         f"latents, {parameter_count(text_encoder) / 1e6:.2f} M-parameter CLIP text encoder with the real CLIP "
         "tokenizer, SD 2.1-768's v-prediction schedule), pretrained on the procedural base world at "
         f"{config.resolution} px. `samples.png`: held-out captions of both worlds, drawn image beside generated.",
-        [f"VAE: {config.vae_images_per_world} images of each world (seed {TRAIN_SEED}), random "
-         f"{config.vae_crop} px crops with horizontal flips",
-         f"UNet and text encoder: {config.base_images} base-world images and captions (seed {TRAIN_SEED}), "
-         f"latents cached; {config.caption_dropout:.0%} of captions dropped for classifier-free guidance; never "
-         "a fantasy-world image or caption",
-         f"held out: {config.held_out_images} images of each world (seed {HELD_OUT_SEED})"],
-        [f"VAE: {config.vae.steps} steps of {config.vae.batch_size}, AdamW at {config.vae.learning_rate} with "
-         f"warmup and cosine decay; L1 + {config.vae_kl_weight} x KL; scaling_factor "
-         f"{vae.config.scaling_factor} (unit-variance latents)",
-         f"UNet + text encoder: {config.unet.steps} steps of {config.unet.batch_size}, AdamW at "
-         f"{config.unet.learning_rate} with warmup and cosine decay, v-prediction MSE"],
-        {"VAE held-out L1": vae_log.last("held_out_loss"), "VAE held-out PSNR (dB)": vae_log.last("held_out_psnr_db"),
-         "UNet final training loss": unet_log.last("train_loss"),
-         "UNet held-out loss (base world)": unet_log.last("held_out_loss")},
-        vae_seconds + unet_seconds)
+        [
+            f"VAE: {config.vae_images_per_world} images of each world (seed {TRAIN_SEED}), random "
+            f"{config.vae_crop} px crops with horizontal flips",
+            f"UNet and text encoder: {config.base_images} base-world images and captions (seed {TRAIN_SEED}), "
+            f"latents cached; {config.caption_dropout:.0%} of captions dropped for classifier-free guidance; never "
+            "a fantasy-world image or caption",
+            f"held out: {config.held_out_images} images of each world (seed {HELD_OUT_SEED})",
+        ],
+        [
+            f"VAE: {config.vae.steps} steps of {config.vae.batch_size}, AdamW at {config.vae.learning_rate} with "
+            f"warmup and cosine decay; L1 + {config.vae_kl_weight} x KL; scaling_factor "
+            f"{vae.config.scaling_factor} (unit-variance latents)",
+            f"UNet + text encoder: {config.unet.steps} steps of {config.unet.batch_size}, AdamW at "
+            f"{config.unet.learning_rate} with warmup and cosine decay, v-prediction MSE",
+        ],
+        {
+            "VAE held-out L1": vae_log.last("held_out_loss"),
+            "VAE held-out PSNR (dB)": vae_log.last("held_out_psnr_db"),
+            "UNet final training loss": unet_log.last("train_loss"),
+            "UNet held-out loss (base world)": unet_log.last("held_out_loss"),
+        },
+        vae_seconds + unet_seconds,
+    )
     with atomic_dir(out / BUILTIN_FOLDERS["builtin:tiny-sd2"]) as staging:
         pipeline.to(torch.float16).save_pretrained(staging, safe_serialization=True)
         write_clip_tokenizer(staging / "tokenizer")
@@ -140,28 +162,39 @@ def build_tiny_clip(config: BuildConfig, data: Data, out: Path, work: Path, thre
 
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=CLIP_CONTEXT_LENGTH)
     log = LossLog()
-    model, seconds = train_clip(config, tokenizer, data.both_worlds(config.clip_images_per_world),
-                                data.held_out_both(), log)
+    model, seconds = train_clip(
+        config, tokenizer, data.both_worlds(config.clip_images_per_world), data.held_out_both(), log
+    )
     with atomic_dir(out / BUILTIN_FOLDERS["builtin:tiny-clip"]) as staging:
         model.to(torch.float16).save_pretrained(staging)
         write_clip_tokenizer(staging)
         embedder = ClipEmbedder(staging, "builtin:tiny-clip", device="cpu")  # as evaluate loads it
         captions = data.held_out_both().captions
-        retrieval = retrieval_accuracy(embedder.image_embeddings(data.held_out_pngs(work)),
-                                       embedder.text_embeddings(captions), captions)
-        Card("builtin:tiny-clip",
-             f"A tiny CLIP ({parameter_count(model) / 1e6:.2f} M parameters; ViT image tower on 336 px input with 48 "
-             "px patches, text tower with the real CLIP tokenizer and 77-token context), the stand-in for "
-             "ViT-L/14-336 in CMMD and CLIP score. Held-out retrieval is measured on the saved weights through "
-             "`features.ClipEmbedder`, the code evaluate uses.",
-             [f"{config.clip_images_per_world} image/caption pairs of each world (seed {TRAIN_SEED}) at "
-              f"{config.resolution} px, CMMD preprocessing to 336 px",
-              f"held out: {config.held_out_images} pairs of each world (seed {HELD_OUT_SEED})"],
-             [f"{config.clip.steps} steps of {config.clip.batch_size} pairs, CLIP's symmetric contrastive loss with "
-              f"a learnt temperature, AdamW at {config.clip.learning_rate}, weight decay 0.1, warmup and cosine decay"],
-             {"final training loss": log.last("train_loss"), "held-out loss (all pairs at once)":
-              log.last("held_out_loss"), **{f"held-out {name}": value for name, value in retrieval.items()}},
-             seconds).write(staging, log, threads)
+        retrieval = retrieval_accuracy(
+            embedder.image_embeddings(data.held_out_pngs(work)), embedder.text_embeddings(captions), captions
+        )
+        Card(
+            "builtin:tiny-clip",
+            f"A tiny CLIP ({parameter_count(model) / 1e6:.2f} M parameters; ViT image tower on 336 px input with 48 "
+            "px patches, text tower with the real CLIP tokenizer and 77-token context), the stand-in for "
+            "ViT-L/14-336 in CMMD and CLIP score. Held-out retrieval is measured on the saved weights through "
+            "`features.ClipEmbedder`, the code evaluate uses.",
+            [
+                f"{config.clip_images_per_world} image/caption pairs of each world (seed {TRAIN_SEED}) at "
+                f"{config.resolution} px, CMMD preprocessing to 336 px",
+                f"held out: {config.held_out_images} pairs of each world (seed {HELD_OUT_SEED})",
+            ],
+            [
+                f"{config.clip.steps} steps of {config.clip.batch_size} pairs, CLIP's symmetric contrastive loss with "
+                f"a learnt temperature, AdamW at {config.clip.learning_rate}, weight decay 0.1, warmup and cosine decay"
+            ],
+            {
+                "final training loss": log.last("train_loss"),
+                "held-out loss (all pairs at once)": log.last("held_out_loss"),
+                **{f"held-out {name}": value for name, value in retrieval.items()},
+            },
+            seconds,
+        ).write(staging, log, threads)
 
 
 def build_tiny_inception(config: BuildConfig, data: Data, out: Path, work: Path, threads: int) -> None:
@@ -173,31 +206,41 @@ def build_tiny_inception(config: BuildConfig, data: Data, out: Path, work: Path,
     from lanskap.evaluate.metrics import frechet_distance
 
     log = LossLog()
-    network, accuracy, seconds = train_inception(config, data.both_worlds(config.inception_images_per_world),
-                                                 data.held_out_both(), log)
+    network, accuracy, seconds = train_inception(
+        config, data.both_worlds(config.inception_images_per_world), data.held_out_both(), log
+    )
     with atomic_dir(out / BUILTIN_FOLDERS["builtin:tiny-inception"]) as staging:
-        save_file({name: tensor.half() for name, tensor in network.state_dict().items()},
-                  staging / "model.safetensors")
+        save_file({name: tensor.half() for name, tensor in network.state_dict().items()}, staging / "model.safetensors")
         (staging / "config.json").write_text(json.dumps({"architecture": TINY_INCEPTION}, indent=2) + "\n")
-        features = InceptionEmbedder(load_tiny_inception(staging), "builtin:tiny-inception", network.dim,
-                                     "cpu").features(data.held_out_pngs(work))
+        features = InceptionEmbedder(
+            load_tiny_inception(staging), "builtin:tiny-inception", network.dim, "cpu"
+        ).features(data.held_out_pngs(work))
         half = config.held_out_images // 2  # rows: base world, then fantasy world
-        base, fantasy = features[:config.held_out_images], features[config.held_out_images:]
-        Card("builtin:tiny-inception",
-             f"The FID/KID stand-in: strided convolutions and a global average pool ({network.dim}-d features, "
-             f"{parameter_count(network) / 1e6:.3f} M parameters), taking clean-fid's input (299 x 299, values in "
-             "[0, 255]). Trained as a classifier of what each scene shows; the heads are dropped and the pool "
-             "features ship.",
-             [f"{config.inception_images_per_world} images of each world (seed {TRAIN_SEED}) at {config.resolution} "
-              "px, clean-fid preprocessing to 299 px; labels: " + ", ".join(name for name, _ in HEADS),
-              f"held out: {config.held_out_images} images of each world (seed {HELD_OUT_SEED})"],
-             [f"{config.inception.steps} steps of {config.inception.batch_size}, summed cross-entropy of the heads, "
-              f"AdamW at {config.inception.learning_rate}, warmup and cosine decay"],
-             {"final training loss": log.last("train_loss"), "held-out loss": log.last("held_out_loss"),
-              **{f"held-out accuracy: {name}": value for name, value in accuracy.items()},
-              "FID held-out fantasy half vs half": frechet_distance(fantasy[:half], fantasy[half:]),
-              "FID held-out base vs fantasy world": frechet_distance(base, fantasy)},
-             seconds).write(staging, log, threads)
+        base, fantasy = features[: config.held_out_images], features[config.held_out_images :]
+        Card(
+            "builtin:tiny-inception",
+            f"The FID/KID stand-in: strided convolutions and a global average pool ({network.dim}-d features, "
+            f"{parameter_count(network) / 1e6:.3f} M parameters), taking clean-fid's input (299 x 299, values in "
+            "[0, 255]). Trained as a classifier of what each scene shows; the heads are dropped and the pool "
+            "features ship.",
+            [
+                f"{config.inception_images_per_world} images of each world (seed {TRAIN_SEED}) at {config.resolution} "
+                "px, clean-fid preprocessing to 299 px; labels: " + ", ".join(name for name, _ in HEADS),
+                f"held out: {config.held_out_images} images of each world (seed {HELD_OUT_SEED})",
+            ],
+            [
+                f"{config.inception.steps} steps of {config.inception.batch_size}, summed cross-entropy of the heads, "
+                f"AdamW at {config.inception.learning_rate}, warmup and cosine decay"
+            ],
+            {
+                "final training loss": log.last("train_loss"),
+                "held-out loss": log.last("held_out_loss"),
+                **{f"held-out accuracy: {name}": value for name, value in accuracy.items()},
+                "FID held-out fantasy half vs half": frechet_distance(fantasy[:half], fantasy[half:]),
+                "FID held-out base vs fantasy world": frechet_distance(base, fantasy),
+            },
+            seconds,
+        ).write(staging, log, threads)
 
 
 BUILDERS = {"tiny-sd2": build_tiny_sd2, "tiny-clip": build_tiny_clip, "tiny-inception": build_tiny_inception}

@@ -12,7 +12,12 @@ import torch
 from lanskap.builtin.training import LossLog
 from lanskap.core.figures import save_loss_curves
 
-BUILDER_SOURCES = ["lanskap/builtin", "lanskap/data/procedural.py", "lanskap/data/augment.py", "lanskap/evaluate/features.py"]
+BUILDER_SOURCES = [
+    "lanskap/builtin",
+    "lanskap/data/procedural.py",
+    "lanskap/data/augment.py",
+    "lanskap/evaluate/features.py",
+]
 
 
 def project_root() -> Path:
@@ -31,9 +36,11 @@ def builder_digest() -> str:
 
 def commit() -> str:
     """The commit the builder ran from, and whether its sources differed from that commit's."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=project_root(), capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
         head, changed = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain", "--", *BUILDER_SOURCES)
@@ -58,15 +65,35 @@ class Card:
     def write(self, folder: Path, log: LossLog, threads: int) -> None:
         log.write(folder / "training_log.tsv")
         write_loss_plot(log, folder / "loss.png", self.name)
-        lines = [f"# {self.name}", "", self.summary, "", "## Data", "", *[f"- {line}" for line in self.data], "",
-                 "## Training", "", *[f"- {line}" for line in self.training], "", "## Results", "",
-                 "| measure | value |", "|---|---|",
-                 *[f"| {name} | {value:.4g} |" for name, value in self.results.items()], "",
-                 "Loss curves: `loss.png`; every logged value: `training_log.tsv`.", "", "## Build", "",
-                 f"- build time: {self.seconds / 60:.1f} min on the CPU with {threads} torch thread(s) "
-                 f"(torch {torch.__version__})",
-                 f"- commit: {commit()}; builder sources sha256 `{builder_digest()}`",
-                 "- rebuild: `make builtins` (see lanskap/builtin/__init__.py)", ""]
+        lines = [
+            f"# {self.name}",
+            "",
+            self.summary,
+            "",
+            "## Data",
+            "",
+            *[f"- {line}" for line in self.data],
+            "",
+            "## Training",
+            "",
+            *[f"- {line}" for line in self.training],
+            "",
+            "## Results",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            *[f"| {name} | {value:.4g} |" for name, value in self.results.items()],
+            "",
+            "Loss curves: `loss.png`; every logged value: `training_log.tsv`.",
+            "",
+            "## Build",
+            "",
+            f"- build time: {self.seconds / 60:.1f} min on the CPU with {threads} torch thread(s) "
+            f"(torch {torch.__version__})",
+            f"- commit: {commit()}; builder sources sha256 `{builder_digest()}`",
+            "- rebuild: `make builtins` (see lanskap/builtin/__init__.py)",
+            "",
+        ]
         (folder / "README.md").write_text("\n".join(lines))
 
 

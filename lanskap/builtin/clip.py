@@ -15,10 +15,18 @@ from lanskap.evaluate.features import CLIP_CONTEXT_LENGTH, clip_pixels
 
 def clip_inputs(tokenizer, images: WorldImages, rows, image_size: int) -> dict:
     pixels = np.stack([clip_pixels(Image.fromarray(images.pixels[row]), image_size) for row in rows.tolist()])
-    tokens = tokenizer([images.captions[row] for row in rows.tolist()], padding="max_length",
-                       max_length=CLIP_CONTEXT_LENGTH, truncation=True, return_tensors="pt")
-    return {"pixel_values": torch.from_numpy(pixels), "input_ids": tokens.input_ids,
-            "attention_mask": tokens.attention_mask}
+    tokens = tokenizer(
+        [images.captions[row] for row in rows.tolist()],
+        padding="max_length",
+        max_length=CLIP_CONTEXT_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return {
+        "pixel_values": torch.from_numpy(pixels),
+        "input_ids": tokens.input_ids,
+        "attention_mask": tokens.attention_mask,
+    }
 
 
 def train_clip(config: BuildConfig, tokenizer, images: WorldImages, held_out: WorldImages, log: LossLog):
@@ -26,8 +34,13 @@ def train_clip(config: BuildConfig, tokenizer, images: WorldImages, held_out: Wo
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(config.seed)
-    model = CLIPModel(CLIPConfig(text_config=TINY_CLIP["text_config"], vision_config=TINY_CLIP["vision_config"],
-                                 projection_dim=TINY_CLIP["projection_dim"]))
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=TINY_CLIP["text_config"],
+            vision_config=TINY_CLIP["vision_config"],
+            projection_dim=TINY_CLIP["projection_dim"],
+        )
+    )
     image_size = TINY_CLIP["vision_config"]["image_size"]
     generator = torch.Generator().manual_seed(config.seed)
     batches = batch_indices(len(images), config.clip.batch_size, generator)
@@ -52,5 +65,9 @@ def retrieval_accuracy(image_embeddings: np.ndarray, caption_embeddings: np.ndar
     captions = np.asarray(captions)
     image_to_text = captions[similarity.argmax(axis=1)] == captions
     text_to_image = captions[similarity.argmax(axis=0)] == captions
-    return {"image_to_caption_top1": float(image_to_text.mean()), "caption_to_image_top1": float(text_to_image.mean()),
-            "chance": float((captions[:, None] == captions[None, :]).mean()), "pairs": len(captions)}
+    return {
+        "image_to_caption_top1": float(image_to_text.mean()),
+        "caption_to_image_top1": float(text_to_image.mean()),
+        "chance": float((captions[:, None] == captions[None, :]).mean()),
+        "pairs": len(captions),
+    }

@@ -20,7 +20,7 @@ def encode_latents(vae, images: WorldImages, batch_size: int = 256) -> tuple[tor
     """Posterior mean and std of each image, unscaled: [n, 4, H/4, W/4] each."""
     means, stds = [], []
     for start in range(0, len(images), batch_size):
-        posterior = vae.encode(to_unit_range(images.pixels[start:start + batch_size])).latent_dist
+        posterior = vae.encode(to_unit_range(images.pixels[start : start + batch_size])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
@@ -37,8 +37,7 @@ def v_prediction_loss(unet, text_encoder, noise_scheduler, latents, token_ids, g
     return F.mse_loss(prediction, target)
 
 
-def train_text_to_image(config: BuildConfig, vae, tokenizer, images: WorldImages, held_out: WorldImages,
-                        log: LossLog):
+def train_text_to_image(config: BuildConfig, vae, tokenizer, images: WorldImages, held_out: WorldImages, log: LossLog):
     """Train UNet and text encoder from scratch; returns (unet, text_encoder, noise_scheduler, seconds)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

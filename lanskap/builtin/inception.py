@@ -12,19 +12,38 @@ from PIL import Image
 from lanskap.builtin.config import TINY_INCEPTION, BuildConfig
 from lanskap.builtin.training import LossLog, batch_indices, optimizer_and_schedule, train_loop
 from lanskap.builtin.worlds import WorldImages
-from lanskap.evaluate.features import TinyInception, inception_pixels
 from lanskap.data.procedural import PALETTES
+from lanskap.evaluate.features import TinyInception, inception_pixels
 
 PALETTE_NAMES = sorted(PALETTES)
 # Label heads: (name, number of classes); binary attributes are two-class heads too, so one loss serves all.
-HEADS = [("palette", len(PALETTE_NAMES)), ("ridges", 4), ("moons", 4), ("islands", 2), ("spires", 2), ("lake", 2),
-         ("stars", 2)]
+HEADS = [
+    ("palette", len(PALETTE_NAMES)),
+    ("ridges", 4),
+    ("moons", 4),
+    ("islands", 2),
+    ("spires", 2),
+    ("lake", 2),
+    ("stars", 2),
+]
 
 
 def scene_labels(images: WorldImages) -> torch.Tensor:
     """Class indices [n, len(HEADS)], in the order of HEADS."""
-    return torch.tensor([[PALETTE_NAMES.index(s.palette), s.n_ridges - 2, s.n_moons, s.has_islands, s.has_spires,
-                          s.has_lake, s.has_stars] for s in images.scenes])
+    return torch.tensor(
+        [
+            [
+                PALETTE_NAMES.index(s.palette),
+                s.n_ridges - 2,
+                s.n_moons,
+                s.has_islands,
+                s.has_spires,
+                s.has_lake,
+                s.has_stars,
+            ]
+            for s in images.scenes
+        ]
+    )
 
 
 class SceneClassifier(torch.nn.Module):
@@ -63,10 +82,11 @@ def train_inception(config: BuildConfig, images: WorldImages, held_out: WorldIma
     def held_out_loss() -> float:
         return classification_loss(model, held_out_pixels, held_out_labels).item()
 
-    seconds = train_loop(config.inception, model, optimizer, schedule, step_loss, held_out_loss, log,
-                         "train Inception")
+    seconds = train_loop(config.inception, model, optimizer, schedule, step_loss, held_out_loss, log, "train Inception")
     with torch.no_grad():
         predictions = [logits.argmax(dim=1) for logits in model.eval()(held_out_pixels)]
-    accuracy = {name: (predicted == held_out_labels[:, head]).float().mean().item()
-                for head, ((name, _), predicted) in enumerate(zip(HEADS, predictions))}
+    accuracy = {
+        name: (predicted == held_out_labels[:, head]).float().mean().item()
+        for head, ((name, _), predicted) in enumerate(zip(HEADS, predictions))
+    }
     return model.features, accuracy, seconds

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from lanskap.core.params import GenerateParams
 from lanskap.core.figures import image_grid, save_png
+from lanskap.core.params import GenerateParams
 
 PROMPTS_PER_WORLD = 4
 
@@ -21,7 +21,13 @@ def sample_grid(model_dir: Path, data, path: Path) -> None:
     rows = []
     for world in ("base", "fantasy"):
         held_out = data.held_out[world].take(PROMPTS_PER_WORLD)
-        generated = sample(pipeline, held_out.captions, list(range(len(held_out))), params,
-                           pipeline.unet.config.sample_size * pipeline.vae_scale_factor, params.steps)
+        generated = sample(
+            pipeline,
+            held_out.captions,
+            list(range(len(held_out))),
+            params,
+            pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
+            params.steps,
+        )
         rows += [[Image.fromarray(pixels), image] for pixels, image in zip(held_out.pixels, generated)]
     save_png(image_grid(rows, ["drawn (held out)", "generated"], cell=96), path)

@@ -52,8 +52,16 @@ class LossLog:
         path.write_text("\n".join(lines) + "\n")
 
 
-def train_loop(training: Training, model: torch.nn.Module, optimizer, schedule, step_loss: Callable[[int], torch.Tensor],
-               held_out_loss: Callable[[], float], log: LossLog, description: str) -> float:
+def train_loop(
+    training: Training,
+    model: torch.nn.Module,
+    optimizer,
+    schedule,
+    step_loss: Callable[[int], torch.Tensor],
+    held_out_loss: Callable[[], float],
+    log: LossLog,
+    description: str,
+) -> float:
     """Run `training.steps` optimiser steps of `step_loss(step)` with gradient clipping; every `log_every` steps log
     the mean training loss and `held_out_loss()`. Returns the seconds it took."""
     start, running = time.perf_counter(), []

@@ -16,7 +16,7 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
     tops = torch.randint(0, height - size + 1, (count,), generator=generator)
     lefts = torch.randint(0, width - size + 1, (count,), generator=generator)
     flips = torch.rand(count, generator=generator) < 0.5
-    crops = [image[:, top:top + size, left:left + size] for image, top, left in zip(images, tops, lefts)]
+    crops = [image[:, top : top + size, left : left + size] for image, top, left in zip(images, tops, lefts)]
     return torch.stack([crop.flip(-1) if flip else crop for crop, flip in zip(crops, flips)])
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lanskap.data.augment import canonical_image
 from lanskap.core.console import progress
 from lanskap.core.io import atomic_dir
+from lanskap.data.augment import canonical_image
 from lanskap.data.procedural import Scene, generate_scene
 
 
@@ -27,9 +27,11 @@ class WorldImages:
 
     @staticmethod
     def concat(parts: list["WorldImages"]) -> "WorldImages":
-        return WorldImages(np.concatenate([part.pixels for part in parts]),
-                           [caption for part in parts for caption in part.captions],
-                           [scene for part in parts for scene in part.scenes])
+        return WorldImages(
+            np.concatenate([part.pixels for part in parts]),
+            [caption for part in parts for caption in part.captions],
+            [scene for part in parts for scene in part.scenes],
+        )
 
 
 def render_world(world: str, count: int, seed: int, render_size: int, resolution: int) -> WorldImages:

@@ -37,7 +37,7 @@ def imported_names(path: Path, package: str) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            parent = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            parent = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             module = ".".join(parent + ([node.module] if node.module else []))
             names.add(module)
             names.update(f"{module}.{alias.name}" for alias in node.names)

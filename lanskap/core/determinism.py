@@ -47,8 +47,10 @@ def pinned_settings() -> dict[str, str]:
     outside `run_stage`, so it ends the process itself)."""
     mode = os.environ.get(SWITCH, "pinned")
     if mode not in ("pinned", "native"):
-        raise SystemExit(f"error: {SWITCH}={mode!r}: use `pinned` (the default: the same bytes on any x86-64 CPU "
-                         "with AVX2) or `native` (each library's fastest code for this CPU; bytes depend on it)")
+        raise SystemExit(
+            f"error: {SWITCH}={mode!r}: use `pinned` (the default: the same bytes on any x86-64 CPU "
+            "with AVX2) or `native` (each library's fastest code for this CPU; bytes depend on it)"
+        )
     if mode == "native":
         return {}
     threads = {name: PINNED[name] for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
@@ -57,9 +59,11 @@ def pinned_settings() -> dict[str, str]:
     flags = cpu_flags()
     missing = [flag for flag in REQUIRED_CPU_FLAGS if flags is not None and flag not in flags]
     if missing:
-        raise SystemExit(f"error: this CPU lacks {', '.join(missing)}, which the pinned math paths need: set "
-                         f"{SWITCH}=native to use its own (results then differ from an AVX2 machine's in the last "
-                         "bits)")
+        raise SystemExit(
+            f"error: this CPU lacks {', '.join(missing)}, which the pinned math paths need: set "
+            f"{SWITCH}=native to use its own (results then differ from an AVX2 machine's in the last "
+            "bits)"
+        )
     return PINNED
 
 

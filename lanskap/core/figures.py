@@ -37,11 +37,16 @@ def column_label_lines(label: str, font, width: int) -> list[str]:
     lines = wrap_text(label, font, width)
     if len(lines) <= COLUMN_LABEL_LINES:
         return lines
-    return lines[:COLUMN_LABEL_LINES - 1] + [fit_text(" ".join(lines[COLUMN_LABEL_LINES - 1:]), font, width)]
+    return lines[: COLUMN_LABEL_LINES - 1] + [fit_text(" ".join(lines[COLUMN_LABEL_LINES - 1 :]), font, width)]
 
 
-def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: int = 128,
-               row_labels: list[str] | None = None, row_header: str = "") -> Image.Image:
+def image_grid(
+    rows: list[list[Image.Image]],
+    column_labels: list[str],
+    cell: int = 128,
+    row_labels: list[str] | None = None,
+    row_header: str = "",
+) -> Image.Image:
     """Rows of images fitted into `cell` px squares (aspect ratio kept, centred on white) under a header of column
     labels (wrapped in the cell's width).
 
@@ -50,8 +55,9 @@ def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: in
     font = label_font()
     line_height = sum(font.getmetrics()) + 2
     text_width = ROW_LABEL_WIDTH if row_labels else 0
-    wrapped = ([wrap_text(label, font, text_width - 2 * PADDING) for label in row_labels] if row_labels
-               else [[]] * len(rows))
+    wrapped = (
+        [wrap_text(label, font, text_width - 2 * PADDING) for label in row_labels] if row_labels else [[]] * len(rows)
+    )
     heights = [max(cell, len(lines) * line_height + 2 * PADDING) for lines in wrapped]
     headers = [column_label_lines(label, font, cell - 2 * PADDING) for label in column_labels]
     header = max(map(len, headers), default=1) * line_height + 2 * PADDING
@@ -61,8 +67,12 @@ def image_grid(rows: list[list[Image.Image]], column_labels: list[str], cell: in
         draw.text((PADDING, PADDING), row_header, fill="black", font=font)
     for column, lines in enumerate(headers):
         for line_index, line in enumerate(lines):
-            draw.text((text_width + column * cell + PADDING, PADDING + line_index * line_height), line,
-                      fill="black", font=font)
+            draw.text(
+                (text_width + column * cell + PADDING, PADDING + line_index * line_height),
+                line,
+                fill="black",
+                font=font,
+            )
     top = header
     for row_index, row in enumerate(rows):
         for line_index, line in enumerate(wrapped[row_index]):
@@ -107,8 +117,12 @@ def save_loss_curves(curves: dict, path, title: str = "loss") -> None:
             continue
         (raw,) = axes.plot(table["step"], table["loss"], alpha=0.25, linewidth=0.8)
         window = len(table) // 20
-        axes.plot(table["step"], table["loss"].rolling(window, min_periods=1).mean(), color=raw.get_color(),
-                  label=f"{label} (moving mean of {window})")
+        axes.plot(
+            table["step"],
+            table["loss"].rolling(window, min_periods=1).mean(),
+            color=raw.get_color(),
+            label=f"{label} (moving mean of {window})",
+        )
     axes.set(xlabel="step", ylabel="loss", title=title)
     axes.grid(alpha=0.3)
     axes.legend()

@@ -128,9 +128,11 @@ def disk_full_as_user_error(target: Path) -> Iterator[None]:
         if error.errno not in DISK_FULL:
             raise
         shown = final_path(target)
-        raise UserError(f"disk full while writing {shown} ({os.strerror(error.errno)}): free space on the disk holding "
-                        f"{shown.parent.resolve()} (`df -h {shown.parent}`) and rerun; the previous {shown} is "
-                        "unchanged and the partial one was removed") from None
+        raise UserError(
+            f"disk full while writing {shown} ({os.strerror(error.errno)}): free space on the disk holding "
+            f"{shown.parent.resolve()} (`df -h {shown.parent}`) and rerun; the previous {shown} is "
+            "unchanged and the partial one was removed"
+        ) from None
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -156,11 +158,11 @@ def canonicalise_safetensors(path: str | Path) -> None:
     path = Path(path)
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header with spaces to keep the tensor data 8-byte aligned
     with atomic_file(path) as staging:
-        staging.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+        staging.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
 
 
 def sha256_file(path: str | Path) -> str:

@@ -73,9 +73,11 @@ class PreprocessParams(Group):
     @model_validator(mode="after")
     def _square_bucket_exists(self):
         if self.buckets and self.resolution % self.bucket_reso_steps:
-            raise ValueError(f"with buckets: true, resolution={self.resolution} must be a multiple of "
-                             f"bucket_reso_steps={self.bucket_reso_steps} (so the square bucket has resolution^2 "
-                             "pixels)")
+            raise ValueError(
+                f"with buckets: true, resolution={self.resolution} must be a multiple of "
+                f"bucket_reso_steps={self.bucket_reso_steps} (so the square bucket has resolution^2 "
+                "pixels)"
+            )
         return self
 
 
@@ -118,7 +120,8 @@ class LoraParams(Group):
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     # text-encoder modules, used when train.text_encoder_learning_rate is set (kohya also takes "fc1", "fc2")
     text_encoder_target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1)
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
+    )
     use_dora: bool = False  # weight-decomposed LoRA; the kohya file is then not written (kohya has no DoRA)
     use_rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     # Both start the adapter as a no-op (B = 0). PiSSA/OLoRA-style inits are not offered: they rewrite the base
@@ -137,8 +140,10 @@ class LoraParams(Group):
             for key, off in keys.items():
                 if self.type != applies_to and getattr(self, key) != off:
                     value = json.dumps(getattr(self, key))
-                    raise ValueError(f"lora.{key}={value} applies to lora.type={applies_to} only, not lora.type="
-                                     f"{self.type}: set lora.{key}: {json.dumps(off)} (off) or lora.type: {applies_to}")
+                    raise ValueError(
+                        f"lora.{key}={value} applies to lora.type={applies_to} only, not lora.type="
+                        f"{self.type}: set lora.{key}: {json.dumps(off)} (off) or lora.type: {applies_to}"
+                    )
         return self
 
 
@@ -191,27 +196,40 @@ class TrainParams(Group):
     @model_validator(mode="after")
     def _optimizer_settings_take_effect(self):
         if self.optimizer == "prodigy" and self.learning_rate < PRODIGY_MIN_LEARNING_RATE:
-            raise ValueError(f"optimizer=prodigy estimates its own step size and learning_rate multiplies it: "
-                             f"learning_rate={self.learning_rate} looks like an Adam learning rate; set "
-                             f"learning_rate: 1.0 (values from {PRODIGY_MIN_LEARNING_RATE} to 1.0 are accepted)")
-        if (self.optimizer == "prodigy" and self.text_encoder_learning_rate is not None
-                and self.text_encoder_learning_rate != self.learning_rate):
-            raise ValueError("optimizer=prodigy takes one learning rate for all parameters: set "
-                             f"text_encoder_learning_rate to learning_rate ({self.learning_rate}) or to null")
+            raise ValueError(
+                f"optimizer=prodigy estimates its own step size and learning_rate multiplies it: "
+                f"learning_rate={self.learning_rate} looks like an Adam learning rate; set "
+                f"learning_rate: 1.0 (values from {PRODIGY_MIN_LEARNING_RATE} to 1.0 are accepted)"
+            )
+        if (
+            self.optimizer == "prodigy"
+            and self.text_encoder_learning_rate is not None
+            and self.text_encoder_learning_rate != self.learning_rate
+        ):
+            raise ValueError(
+                "optimizer=prodigy takes one learning rate for all parameters: set "
+                f"text_encoder_learning_rate to learning_rate ({self.learning_rate}) or to null"
+            )
         if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
-            raise ValueError("optimizer=adamw_schedulefree replaces the lr schedule: "
-                             f"lr_scheduler={self.lr_scheduler!r} must be constant (warmup_steps is its own warm-up)")
+            raise ValueError(
+                "optimizer=adamw_schedulefree replaces the lr schedule: "
+                f"lr_scheduler={self.lr_scheduler!r} must be constant (warmup_steps is its own warm-up)"
+            )
         if self.optimizer == "adamw_schedulefree" and self.ema_decay is not None:
-            raise ValueError("ema_decay with optimizer=adamw_schedulefree: schedule-free already averages its "
-                             "iterates (its evaluation weights are the ones exported); set ema_decay: null")
+            raise ValueError(
+                "ema_decay with optimizer=adamw_schedulefree: schedule-free already averages its "
+                "iterates (its evaluation weights are the ones exported); set ema_decay: null"
+            )
         return self
 
     @model_validator(mode="after")
     def _warmup_takes_effect(self):
         # diffusers' "constant" ignores the warmup; schedule-free warms up itself, under a constant schedule
         if self.warmup_steps and self.lr_scheduler == "constant" and self.optimizer != "adamw_schedulefree":
-            raise ValueError(f"warmup_steps={self.warmup_steps} has no effect with lr_scheduler=constant: use "
-                             "constant_with_warmup, linear or cosine, or set warmup_steps: 0")
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} has no effect with lr_scheduler=constant: use "
+                "constant_with_warmup, linear or cosine, or set warmup_steps: 0"
+            )
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
         return self
@@ -272,8 +290,10 @@ def load_params(*groups: str, path: str | Path = PARAMS_FILE) -> dict[str, Group
     """Read `path` and return the named groups, validated. Missing groups and keys take the defaults."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} not found: run from the project root, where params.yaml lives (`make params` "
-                        "composes it from conf/)")
+        raise UserError(
+            f"{path} not found: run from the project root, where params.yaml lives (`make params` "
+            "composes it from conf/)"
+        )
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:

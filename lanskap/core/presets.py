@@ -31,12 +31,16 @@ def compose_params(overrides: list[str], out: str | Path = PARAMS_FILE, conf_dir
             try:
                 compose_and_dump(staging, str(Path(conf_dir).resolve()), None, "config", "", overrides)
             except (HydraException, OmegaConfBaseException) as error:
-                raise UserError(f"cannot compose {out} from {conf_dir}/ with {overrides}: {first_line(error)}") from None
+                raise UserError(
+                    f"cannot compose {out} from {conf_dir}/ with {overrides}: {first_line(error)}"
+                ) from None
             check_groups(yaml.safe_load(staging.read_text()) or {}, out)
     except UserError as error:
         out.unlink(missing_ok=True)
-        raise UserError(f"{error}. {out} was removed so that no stage runs with the previous params: fix the "
-                        "override (keys in conf/config.yaml, presets in conf/preset/) and compose again") from None
+        raise UserError(
+            f"{error}. {out} was removed so that no stage runs with the previous params: fix the "
+            "override (keys in conf/config.yaml, presets in conf/preset/) and compose again"
+        ) from None
 
 
 def check_groups(document: dict, out: Path) -> None:

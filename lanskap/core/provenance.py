@@ -40,6 +40,7 @@ class Provenance:
 
 def git_commit(root: Path = Path(".")) -> Commit | None:
     """HEAD of the git checkout at `root`, or None when there is none (or no git)."""
+
     def git(*arguments: str) -> str:
         return subprocess.run(["git", *arguments], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -59,22 +60,28 @@ def read_preset(params_file: Path) -> str | None:
 def card_field(card: str, pattern: str, what: str, source: Path) -> str:
     match = re.search(pattern, card, re.MULTILINE)
     if match is None:
-        raise UserError(f"{source}: the model card has no {what}; it was written by another version of "
-                        "train_lora. Retrain: dvc repro -f train_lora")
+        raise UserError(
+            f"{source}: the model card has no {what}; it was written by another version of "
+            "train_lora. Retrain: dvc repro -f train_lora"
+        )
     return match.group(1)
 
 
 def read_model_card(card_file: Path, params_file: Path, commit: Commit | None) -> Provenance:
     """Provenance from the LoRA's model card (the format `stages.train_lora.model_card` writes) and params.yaml."""
     if not card_file.is_file():
-        raise UserError(f"{card_file} not found: the report names the LoRA it evaluates from its model card. "
-                        "Run train_lora first (dvc repro train_lora)")
+        raise UserError(
+            f"{card_file} not found: the report names the LoRA it evaluates from its model card. "
+            "Run train_lora first (dvc repro train_lora)"
+        )
     card = card_file.read_text()
     params = card_field(card, r"(?s)^## Params\n\n```json\n(.*?)\n```", "params block", card_file)
     return Provenance(
-        commit=commit, preset=read_preset(params_file),
+        commit=commit,
+        preset=read_preset(params_file),
         base_model=card_field(card, r"^- base model: `([^`]*)`", "base model", card_file),
         base_revision=card_field(card, r"^- base model: `[^`]*` revision `([^`]*)`", "base revision", card_file),
         adapters=card_field(card, r"^- adapters: (.+)$", "adapters line", card_file),
         data_sha256=card_field(card, r"data sha256 `([0-9a-f]{64})`", "data hash", card_file),
-        params=json.loads(params))
+        params=json.loads(params),
+    )

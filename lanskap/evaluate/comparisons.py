@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lanskap.evaluate import metrics
-
-from lanskap.evaluate import paired
 from lanskap.core.errors import UserError
 from lanskap.core.params import EvaluateParams
+from lanskap.evaluate import metrics, paired
 
 FID_STABLE_N = 2048  # below this FID's covariance is rank-deficient: values are not comparable across n
 
@@ -32,14 +30,25 @@ class Features:
 def set_comparisons(f: Features, params: EvaluateParams) -> dict[str, float]:
     out = {}
     units = {"test": np.arange(len(f.clip["test"])), "base": f.prompt, "lora": f.prompt}
-    for a, b in [("test", "text"), ("lora", "text"), ("base", "text"),
-                 ("test", "lora"), ("test", "base"), ("lora", "base")]:
+    for a, b in [
+        ("test", "text"),
+        ("lora", "text"),
+        ("base", "text"),
+        ("test", "lora"),
+        ("test", "base"),
+        ("lora", "base"),
+    ]:
         out[f"cmmd_{a}_vs_{b}"] = metrics.cmmd(f.clip[a], f.clip[b])
         out[f"cmmd_{a}_vs_{b}_unbiased"] = metrics.cmmd(f.clip[a], f.clip[b], unbiased=True)
         if b != "text":
             out[f"fid_{a}_vs_{b}"] = metrics.frechet_distance(f.inception[a], f.inception[b])
-            kid_mean, kid_se = metrics.kid(f.inception[a], f.inception[b], num_subsets=params.kid_subsets,
-                                           seed=params.seed, units=(units[a], units[b]))
+            kid_mean, kid_se = metrics.kid(
+                f.inception[a],
+                f.inception[b],
+                num_subsets=params.kid_subsets,
+                seed=params.seed,
+                units=(units[a], units[b]),
+            )
             out[f"kid_{a}_vs_{b}"], out[f"kid_{a}_vs_{b}_se"] = kid_mean, kid_se
     for name in ("test", "base", "lora"):
         out[f"n_{name}"] = len(f.clip[name])
@@ -54,8 +63,10 @@ def lora_minus_base(f: Features, params: EvaluateParams) -> dict[str, float]:
     LoRA changes nothing" the swap leaves the gap's distribution alone) and, from MIN_INTERVAL_PROMPTS
     prompts on, its jackknife bias-corrected value and 95 % interval (see lanskap.evaluate.paired)."""
     lora, base = f.clip["lora"], f.clip["base"]
-    gaps = {"cmmd_vs_test": paired.cmmd_gap(lora, base, f.clip["test"], f.prompt),
-            "clip_score": paired.clip_score_gap(lora, base, f.clip["text"], f.prompt)}
+    gaps = {
+        "cmmd_vs_test": paired.cmmd_gap(lora, base, f.clip["test"], f.prompt),
+        "clip_score": paired.clip_score_gap(lora, base, f.clip["text"], f.prompt),
+    }
     n_prompts = len(f.clip["test"])
     out = {}
     for key, gap in gaps.items():
@@ -73,22 +84,28 @@ def scored_weights(generated: pd.DataFrame, source: str) -> dict[str, float]:
     ema_weights_scored is 1.0 for the EMA weights, 0.0 for the raw ones."""
     weights = set(generated.loc[generated["model"] == "lora", "lora_weights"])
     if len(weights) != 1 or not weights <= {"raw", "ema"}:
-        raise UserError(f"evaluate: {source} has LoRA images of lora_weights {sorted(map(str, weights))}, expected "
-                        "one of raw or ema. Rerun generate (`dvc repro generate`).")
+        raise UserError(
+            f"evaluate: {source} has LoRA images of lora_weights {sorted(map(str, weights))}, expected "
+            "one of raw or ema. Rerun generate (`dvc repro generate`)."
+        )
     return {"ema_weights_scored": float(weights == {"ema"})}
 
 
 def check_pairing(test: pd.DataFrame, generated: pd.DataFrame, source: str) -> None:
     """Refuse generated images that do not pair with the test set: every test caption (prompt i: row i of
     test.csv) needs the same samples from base and LoRA, with the same caption and seed in both."""
+
     def refuse(problem: str):
-        raise UserError(f"evaluate: {source} does not pair with the test set: {problem}. Rerun generate "
-                        "(`dvc repro generate`) on the current test set.")
+        raise UserError(
+            f"evaluate: {source} does not pair with the test set: {problem}. Rerun generate "
+            "(`dvc repro generate`) on the current test set."
+        )
 
     if set(generated["model"]) != {"base", "lora"}:
         refuse(f"models {sorted(set(generated['model']))}, expected base and lora")
-    keyed = {model: rows.set_index(["prompt_index", "sample"]).sort_index()
-             for model, rows in generated.groupby("model")}
+    keyed = {
+        model: rows.set_index(["prompt_index", "sample"]).sort_index() for model, rows in generated.groupby("model")
+    }
     base, lora = keyed["base"], keyed["lora"]
     if not base.index.is_unique or not base.index.equals(lora.index):
         refuse("base and LoRA images are not one per (prompt_index, sample) each")

@@ -31,9 +31,9 @@ import torch
 from cleanfid.resize import make_resizer
 from PIL import Image
 
+from lanskap.builtin import builtin_folder
 from lanskap.core.console import progress
 from lanskap.core.errors import UserError
-from lanskap.builtin import builtin_folder
 from lanskap.models.folders import check_model_folder
 from lanskap.models.resolve import fetch_hub_snapshot, require_safetensors, weights_digest
 
@@ -44,13 +44,20 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT_LENGTH = 77
 # Files a CLIPModel folder needs; other weight formats (pytorch_model.bin, tf, flax) are not fetched.
 CLIP_HUB_FILES = [
-    "config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-    "merges.txt", "special_tokens_map.json", "preprocessor_config.json",
+    "config.json",
+    "*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
 ]
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 # clean-fid's "clean" mode resize (its build_resizer("clean")): PIL bicubic on float32, per channel.
 CLEAN_FID_RESIZE = make_resizer("PIL", False, "bicubic", (299, 299))
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,14 +69,15 @@ def read_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def embed_in_batches(items: Sequence, batch_size: int, embed_batch: Callable[[Sequence], torch.Tensor],
-                     dim: int, description: str) -> np.ndarray:
+def embed_in_batches(
+    items: Sequence, batch_size: int, embed_batch: Callable[[Sequence], torch.Tensor], dim: int, description: str
+) -> np.ndarray:
     """Run `embed_batch` over `items` in order, batch by batch; float64 [len(items), dim]."""
     starts = range(0, len(items), batch_size)
     chunks = []
     with torch.inference_mode():
         for start in progress(starts, desc=description, unit="batch", disable=len(starts) <= 1):
-            chunks.append(embed_batch(items[start:start + batch_size]).double().cpu().numpy())
+            chunks.append(embed_batch(items[start : start + batch_size]).double().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.empty((0, dim))
 
 
@@ -111,6 +119,7 @@ class ClipEmbedder:
 
     def image_embeddings(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
         """L2-normalised projected image embeddings, float64 [len(paths), dim], CMMD preprocessing."""
+
         def embed(batch_paths):
             pixels = np.stack([clip_pixels(read_rgb(path), self.image_size) for path in batch_paths])
             tower = self.model.vision_model(pixel_values=torch.from_numpy(pixels).to(self.device))
@@ -120,9 +129,15 @@ class ClipEmbedder:
 
     def text_embeddings(self, captions: list[str], batch_size: int = 32) -> np.ndarray:
         """L2-normalised projected caption embeddings, float64 [len(captions), dim]; tokens past 77 are cut."""
+
         def embed(batch_captions):
-            tokens = self.tokenizer(list(batch_captions), padding="max_length", max_length=CLIP_CONTEXT_LENGTH,
-                                    truncation=True, return_tensors="pt").to(self.device)
+            tokens = self.tokenizer(
+                list(batch_captions),
+                padding="max_length",
+                max_length=CLIP_CONTEXT_LENGTH,
+                truncation=True,
+                return_tensors="pt",
+            ).to(self.device)
             tower = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
             return self.model.text_projection(tower.pooler_output)
 
@@ -133,8 +148,9 @@ def resolve_clip_folder(spec: str, revision: str | None) -> tuple[Path, str]:
     """`evaluate.clip_model` -> (local CLIPModel folder, name for reports), or a UserError saying what to do."""
     if spec.startswith("builtin:"):
         if spec != BUILTIN_TINY_CLIP:
-            raise UserError(f"evaluate.clip_model: unknown built-in {spec!r}; "
-                            f"the built-in model is {BUILTIN_TINY_CLIP!r}")
+            raise UserError(
+                f"evaluate.clip_model: unknown built-in {spec!r}; the built-in model is {BUILTIN_TINY_CLIP!r}"
+            )
         folder = builtin_folder(spec, "evaluate.clip_model")
         return folder, f"{spec}@{weights_digest(folder)}"
     check_model_folder(spec, "evaluate.clip_model")
@@ -144,8 +160,9 @@ def resolve_clip_folder(spec: str, revision: str | None) -> tuple[Path, str]:
             raise UserError(f"evaluate.clip_model: {local} is not a CLIP model folder (no config.json)")
         require_safetensors(local, "evaluate.clip_model")
         return local, str(local)
-    folder, repo_id, commit = fetch_hub_snapshot(spec, revision, CLIP_HUB_FILES, "evaluate.clip_model",
-                                                  "evaluate.clip_revision")
+    folder, repo_id, commit = fetch_hub_snapshot(
+        spec, revision, CLIP_HUB_FILES, "evaluate.clip_model", "evaluate.clip_revision"
+    )
     require_safetensors(folder, "evaluate.clip_model")
     return folder, f"{repo_id}@{commit}"
 
@@ -199,8 +216,10 @@ def load_cleanfid_inception(spec: str) -> torch.nn.Module:
         )
     if weights.name != INCEPTION_FILE:
         # InceptionV3W takes a folder and opens the file in it by its release name.
-        raise UserError(f"evaluate.inception_weights: {weights} must be named {INCEPTION_FILE} "
-                        "(clean-fid's loader opens it by that name); rename it or link it under that name")
+        raise UserError(
+            f"evaluate.inception_weights: {weights} must be named {INCEPTION_FILE} "
+            "(clean-fid's loader opens it by that name); rename it or link it under that name"
+        )
     require_torchscript(weights)
     # download=False: clean-fid would otherwise fetch the file whenever it is absent from the folder.
     return InceptionV3W(str(weights.parent), download=False, resize_inside=False)
@@ -217,8 +236,10 @@ def require_torchscript(weights: Path) -> None:
     except (zipfile.BadZipFile, OSError):
         names = []
     if not any("/code/" in f"/{name}" for name in names):  # torch.save archives hold data, no code/
-        raise UserError(f"evaluate.inception_weights: {weights} is not a TorchScript archive (no code/ inside); "
-                        f"use NVIDIA's {INCEPTION_FILE} from {INCEPTION_URL} unchanged")
+        raise UserError(
+            f"evaluate.inception_weights: {weights} is not a TorchScript archive (no code/ inside); "
+            f"use NVIDIA's {INCEPTION_FILE} from {INCEPTION_URL} unchanged"
+        )
 
 
 def inception_pixels(image: Image.Image) -> np.ndarray:
@@ -237,6 +258,7 @@ class InceptionEmbedder:
 
     def features(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
         """Pool features, float64 [len(paths), dim], with clean-fid "clean" preprocessing."""
+
         def embed(batch_paths):
             pixels = np.stack([inception_pixels(read_rgb(path)) for path in batch_paths])
             return self.network(torch.from_numpy(pixels).to(self.device))
@@ -248,8 +270,10 @@ def load_inception(spec: str, device: str | None = None) -> InceptionEmbedder:
     """The extractor named by `evaluate.inception_weights`: the built-in stand-in or clean-fid's file."""
     if spec.startswith("builtin:"):
         if spec != BUILTIN_TINY_INCEPTION:
-            raise UserError(f"evaluate.inception_weights: unknown built-in {spec!r}; "
-                            f"the built-in model is {BUILTIN_TINY_INCEPTION!r}")
+            raise UserError(
+                f"evaluate.inception_weights: unknown built-in {spec!r}; "
+                f"the built-in model is {BUILTIN_TINY_INCEPTION!r}"
+            )
         folder = builtin_folder(spec, "evaluate.inception_weights")
         network = load_tiny_inception(folder)
         return InceptionEmbedder(network, f"{spec}@{weights_digest(folder)}", network.dim, device)

@@ -1,5 +1,6 @@
 """Metric math on feature arrays: CMMD, Frechet distance (FID), KID, CLIP score. No models and no images
-here: `lanskap.evaluate.features` extracts the arrays; `lanskap.evaluate.paired` builds the LoRA-minus-base comparisons on
+here: `lanskap.evaluate.features` extracts the arrays;
+`lanskap.evaluate.paired` builds the LoRA-minus-base comparisons on
 these functions. Everything is computed in float64, and every kernel matrix is summed tile by tile
 (`kernel_sums`), so memory stays bounded at any number of images.
 
@@ -59,7 +60,7 @@ def rbf_kernel_minus_one(x: np.ndarray, y: np.ndarray, sigma: float = 10.0) -> n
     near 1 (CMMD is 1000 x a small difference of means close to 1)."""
     # Squared distances expanded as in the reference (|a|^2 + |b|^2 - 2 a.b), not clipped at 0, so that
     # values match it to rounding.
-    squared_distances = (np.sum(x**2, axis=1)[:, None] + np.sum(y**2, axis=1)[None, :] - 2 * x @ y.T)
+    squared_distances = np.sum(x**2, axis=1)[:, None] + np.sum(y**2, axis=1)[None, :] - 2 * x @ y.T
     return np.expm1(-squared_distances / (2 * sigma**2))
 
 
@@ -87,9 +88,15 @@ class KernelSums:
         return self.total - self.rows - self.columns + self.within
 
 
-def kernel_sums(kernel: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
-                x_units: np.ndarray | None = None, y_units: np.ndarray | None = None, same_set: bool = False,
-                tile: int | None = None) -> KernelSums:
+def kernel_sums(
+    kernel: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    x_units: np.ndarray | None = None,
+    y_units: np.ndarray | None = None,
+    same_set: bool = False,
+    tile: int | None = None,
+) -> KernelSums:
     """KernelSums of kernel(x, y), built tile by tile: memory stays at a few tile x tile matrices whatever
     the number of rows (the dense n x n matrix of 30,000 images would take 7 GiB). Units default to one
     unit for all rows. `same_set` (y is x, with the same units) also sums the diagonal, for U-statistics."""
@@ -99,10 +106,10 @@ def kernel_sums(kernel: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.nd
     units = int(max(x_units.max(), y_units.max())) + 1
     sums = {name: np.zeros(units) for name in ("rows", "columns", "within", "diagonal")}
     for row in range(0, len(x), tile):
-        row_units = x_units[row:row + tile]
+        row_units = x_units[row : row + tile]
         for column in range(0, len(y), tile):
-            column_units = y_units[column:column + tile]
-            block = kernel(x[row:row + tile], y[column:column + tile])
+            column_units = y_units[column : column + tile]
+            block = kernel(x[row : row + tile], y[column : column + tile])
             sums["rows"] += np.bincount(row_units, block.sum(axis=1), units)
             sums["columns"] += np.bincount(column_units, block.sum(axis=0), units)
             same_unit = row_units[:, None] == column_units[None, :]
@@ -165,8 +172,7 @@ def frechet_distance_from_stats(mu1, s1, mu2, s2) -> float:
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"mismatched statistics: means {mu1.shape}, {mu2.shape}; covariances {s1.shape}, {s2.shape}")
     mean_difference = mu1 - mu2
-    return float(mean_difference @ mean_difference + np.trace(s1) + np.trace(s2)
-                 - 2 * _trace_sqrt_product(s1, s2))
+    return float(mean_difference @ mean_difference + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_product(s1, s2))
 
 
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
@@ -175,8 +181,7 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     the covariances are rank-deficient and the value is large and not comparable across n."""
     x, y = _feature_matrix(x, "x", 2), _feature_matrix(y, "y", 2)
     _matching_dims(x, y)
-    return frechet_distance_from_stats(x.mean(axis=0), np.cov(x, rowvar=False),
-                                       y.mean(axis=0), np.cov(y, rowvar=False))
+    return frechet_distance_from_stats(x.mean(axis=0), np.cov(x, rowvar=False), y.mean(axis=0), np.cov(y, rowvar=False))
 
 
 def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
@@ -188,8 +193,15 @@ def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
 def _kid_subset_mmd(x: np.ndarray, y: np.ndarray) -> float:
     # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under the cubic kernel.
     k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, same_set=True) for s in (x, y))
-    return float(_unbiased_mmd(k_xx.total - k_xx.diagonal.sum(), k_yy.total - k_yy.diagonal.sum(),
-                               kernel_sums(polynomial_kernel, x, y).total, len(x), len(y)))
+    return float(
+        _unbiased_mmd(
+            k_xx.total - k_xx.diagonal.sum(),
+            k_yy.total - k_yy.diagonal.sum(),
+            kernel_sums(polynomial_kernel, x, y).total,
+            len(x),
+            len(y),
+        )
+    )
 
 
 def jackknife_variance(leave_one_out: np.ndarray) -> float:
@@ -215,8 +227,14 @@ def kid_jackknife(x: np.ndarray, y: np.ndarray, x_units: np.ndarray, y_units: np
     return float(value), jackknife_variance(leave_one_out)
 
 
-def kid(x: np.ndarray, y: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0,
-        units: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
+def kid(
+    x: np.ndarray,
+    y: np.ndarray,
+    num_subsets: int = 100,
+    max_subset_size: int = 1000,
+    seed: int = 0,
+    units: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[float, float]:
     """Kernel Inception Distance between x [m, d] and y [n, d]: (mean, standard error).
 
     The mean is clean-fid's `kernel_distance`: the average over `num_subsets` subsets of size
@@ -242,8 +260,12 @@ def kid(x: np.ndarray, y: np.ndarray, num_subsets: int = 100, max_subset_size: i
     if len(x) == len(y) == subset_size:
         return whole_sets, float(np.sqrt(jackknife))
     rng = np.random.default_rng(seed)
-    values = [_kid_subset_mmd(x[rng.choice(x.shape[0], subset_size, replace=False)],
-                              y[rng.choice(y.shape[0], subset_size, replace=False)]) for _ in range(num_subsets)]
+    values = [
+        _kid_subset_mmd(
+            x[rng.choice(x.shape[0], subset_size, replace=False)], y[rng.choice(y.shape[0], subset_size, replace=False)]
+        )
+        for _ in range(num_subsets)
+    ]
     monte_carlo = np.var(values, ddof=1) / num_subsets if num_subsets > 1 else 0.0
     return float(np.mean(values)), float(np.sqrt(jackknife + monte_carlo))
 

@@ -41,8 +41,9 @@ class PairedGap:
     swapped: Callable[[np.ndarray], float]  # on all prompts, LoRA and base images exchanged where swap [n] is True
 
 
-def jackknife_interval(value: float, leave_one_out: np.ndarray,
-                       confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+def jackknife_interval(
+    value: float, leave_one_out: np.ndarray, confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
     """(bias-corrected value, low, high): the jackknife estimate n v - (n - 1) mean(v_(i)) plus or minus
     Student's t quantile with n - 1 degrees of freedom times the jackknife standard error. For a mean it
     is exactly the classical t-interval."""
@@ -54,8 +55,9 @@ def jackknife_interval(value: float, leave_one_out: np.ndarray,
     return corrected, corrected - half_width, corrected + half_width
 
 
-def permutation_pvalue(stat: Callable[[np.ndarray], float], n: int, num_permutations: int = 200,
-                       seed: int = 0) -> float:
+def permutation_pvalue(
+    stat: Callable[[np.ndarray], float], n: int, num_permutations: int = 200, seed: int = 0
+) -> float:
     """Two-sided paired permutation (swap) p-value for a LoRA-minus-base statistic over n prompts.
 
     `stat(swap)` gets a bool array [n] and computes the statistic with the LoRA and base images of the
@@ -80,8 +82,9 @@ def _signs(swap: np.ndarray) -> np.ndarray:
     return np.where(swap, -1.0, 1.0)
 
 
-def cmmd_gap(lora: np.ndarray, base: np.ndarray, test: np.ndarray, prompt: np.ndarray,
-             sigma: float = 10.0) -> PairedGap:
+def cmmd_gap(
+    lora: np.ndarray, base: np.ndarray, test: np.ndarray, prompt: np.ndarray, sigma: float = 10.0
+) -> PairedGap:
     """cmmd(lora, test) - cmmd(base, test) (biased, the paper's CMMD) over prompts. Row r of `lora` and of
     `base` belongs to prompt `prompt[r]` (the same in both), row i of `test` to prompt i.
 
@@ -91,7 +94,9 @@ def cmmd_gap(lora: np.ndarray, base: np.ndarray, test: np.ndarray, prompt: np.nd
     is linear in the signs s_i = +-1, sum_i s_i w_i (see `w` below), so a swap costs O(n)."""
     kernel = partial(metrics.rbf_kernel_minus_one, sigma=sigma)  # the gap's counts match: the -1 cancels
     test_prompt = np.arange(len(test))
-    ll, bb, lb = (metrics.kernel_sums(kernel, a, b, prompt, prompt) for a, b in ((lora, lora), (base, base), (lora, base)))
+    ll, bb, lb = (
+        metrics.kernel_sums(kernel, a, b, prompt, prompt) for a, b in ((lora, lora), (base, base), (lora, base))
+    )
     lt, bt = (metrics.kernel_sums(kernel, a, test, prompt, test_prompt) for a in (lora, base))
     n, images = len(test), len(lora)
     per_prompt = np.bincount(prompt, minlength=n)
@@ -100,8 +105,12 @@ def cmmd_gap(lora: np.ndarray, base: np.ndarray, test: np.ndarray, prompt: np.nd
         return metrics.CMMD_SCALE * (within / images**2 - 2 * between / (images * prompts))
 
     value = float(gap(ll.total - bb.total, lt.total - bt.total, images, n))
-    leave_one_out = gap(ll.without_each_unit() - bb.without_each_unit(),
-                        lt.without_each_unit() - bt.without_each_unit(), images - per_prompt, n - 1)
+    leave_one_out = gap(
+        ll.without_each_unit() - bb.without_each_unit(),
+        lt.without_each_unit() - bt.without_each_unit(),
+        images - per_prompt,
+        n - 1,
+    )
     # Prompt i's share: its LoRA rows against everything minus its base rows against everything, where
     # "everything" is read with the other prompts' swaps applied (hence the LoRA-base cross sums).
     w = gap(ll.rows - bb.rows + lb.rows - lb.columns, lt.rows - bt.rows, images, n)
@@ -114,8 +123,10 @@ def clip_score_gap(lora: np.ndarray, base: np.ndarray, text: np.ndarray, prompt:
     captions = text[prompt]
     n, images = len(text), len(lora)
     per_prompt = np.bincount(prompt, minlength=n)
-    cosines = {name: np.bincount(prompt, np.sum(metrics.l2_normalise(rows) * metrics.l2_normalise(captions), axis=1), n)
-               for name, rows in (("lora", lora), ("base", base))}
+    cosines = {
+        name: np.bincount(prompt, np.sum(metrics.l2_normalise(rows) * metrics.l2_normalise(captions), axis=1), n)
+        for name, rows in (("lora", lora), ("base", base))
+    }
 
     def score(cosine_sums, count):
         return np.maximum(metrics.CLIP_SCORE_SCALE * cosine_sums / count, 0.0)
@@ -125,6 +136,7 @@ def clip_score_gap(lora: np.ndarray, base: np.ndarray, text: np.ndarray, prompt:
         base_sum = np.where(swap, cosines["lora"], cosines["base"]).sum()
         return float(score(lora_sum, images) - score(base_sum, images))
 
-    leave_one_out = (score(cosines["lora"].sum() - cosines["lora"], images - per_prompt)
-                     - score(cosines["base"].sum() - cosines["base"], images - per_prompt))
+    leave_one_out = score(cosines["lora"].sum() - cosines["lora"], images - per_prompt) - score(
+        cosines["base"].sum() - cosines["base"], images - per_prompt
+    )
     return PairedGap(swapped(np.zeros(n, dtype=bool)), leave_one_out, swapped)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from lanskap.core.provenance import Provenance
 from lanskap.evaluate.comparisons import FID_STABLE_N
 from lanskap.evaluate.paired import MIN_INTERVAL_PROMPTS
-from lanskap.core.provenance import Provenance
 
 # Bar chart rows: metric name -> (base model's key, LoRA's key); both against the same reference.
 BASE_VS_LORA_KEYS = {
@@ -29,8 +29,10 @@ BASE_VS_LORA_KEYS = {
 GAP_SUFFIX = "_lora_minus_base"
 IMAGE_SETS = ("test", "base", "lora", "text")  # "text": the test captions, one per test image
 STAND_IN_PREFIX = "builtin:"
-FID_CAVEAT = (f"FID on fewer than {FID_STABLE_N} images per set is biased (the covariance estimate is "
-              "rank-deficient): compare FID values only between runs with the same n.")
+FID_CAVEAT = (
+    f"FID on fewer than {FID_STABLE_N} images per set is biased (the covariance estimate is "
+    "rank-deficient): compare FID values only between runs with the same n."
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,11 @@ def base_vs_lora_table(metrics: dict[str, float]) -> pd.DataFrame:
     `bar` ("metric model") is the chart's category axis: DVC's bar templates separate bars only by
     revision, so two rows sharing a category would be drawn on top of each other.
     """
-    rows = [{"metric": metric, "model": model, "value": metrics[key], "bar": f"{metric} {model}"}
-            for metric, keys in BASE_VS_LORA_KEYS.items() for model, key in zip(("base", "lora"), keys)]
+    rows = [
+        {"metric": metric, "model": model, "value": metrics[key], "bar": f"{metric} {model}"}
+        for metric, keys in BASE_VS_LORA_KEYS.items()
+        for model, key in zip(("base", "lora"), keys)
+    ]
     return pd.DataFrame(rows, columns=["metric", "model", "value", "bar"])
 
 
@@ -89,24 +94,43 @@ def interval_cells(key: str, metrics: dict[str, float]) -> list[str]:
 
 def gaps_section(metrics: dict[str, float]) -> str:
     """Each LoRA-minus-base gap with its jackknife interval and permutation p-value."""
-    rows = [[f"`{key}`", format_value(metrics[key]), *interval_cells(key, metrics),
-             f"{metrics[key + '_pvalue']:.3f}", sample_size(key, metrics)]
-            for key in sorted(k for k in metrics if k.endswith(GAP_SUFFIX))]
+    rows = [
+        [
+            f"`{key}`",
+            format_value(metrics[key]),
+            *interval_cells(key, metrics),
+            f"{metrics[key + '_pvalue']:.3f}",
+            sample_size(key, metrics),
+        ]
+        for key in sorted(k for k in metrics if k.endswith(GAP_SUFFIX))
+    ]
     table = markdown_table(["gap", "LoRA minus base", "bias-corrected", "95% interval", "p-value", "n"], rows)
-    return ("## LoRA minus base\n\nPaired by prompt and seed. Interval: jackknife over prompts (leave one out), "
-            "Student t, for the gap with unlimited prompts; it is centred on the bias-corrected gap, which removes "
-            "the small-n offset of the biased CMMD. None is given below "
-            f"{MIN_INTERVAL_PROMPTS} prompts, where the permutation test cannot reach p < 0.05. p-value: "
-            "swapping a prompt's LoRA and base images (exact over all swaps when they are few).\n\n" + table)
+    return (
+        "## LoRA minus base\n\nPaired by prompt and seed. Interval: jackknife over prompts (leave one out), "
+        "Student t, for the gap with unlimited prompts; it is centred on the bias-corrected gap, which removes "
+        "the small-n offset of the biased CMMD. None is given below "
+        f"{MIN_INTERVAL_PROMPTS} prompts, where the permutation test cannot reach p < 0.05. p-value: "
+        "swapping a prompt's LoRA and base images (exact over all swaps when they are few).\n\n" + table
+    )
 
 
 def base_vs_lora_section(metrics: dict[str, float]) -> str:
     # Base and LoRA images are paired one to one, so the LoRA key's n is the base key's too.
-    rows = [[metric, format_value(metrics[base]), format_value(metrics[lora]), sample_size(lora, metrics),
-             f"`{base}`, `{lora}`"] for metric, (base, lora) in BASE_VS_LORA_KEYS.items()]
+    rows = [
+        [
+            metric,
+            format_value(metrics[base]),
+            format_value(metrics[lora]),
+            sample_size(lora, metrics),
+            f"`{base}`, `{lora}`",
+        ]
+        for metric, (base, lora) in BASE_VS_LORA_KEYS.items()
+    ]
     table = markdown_table(["metric", "base", "LoRA", "n per set", "keys"], rows)
-    return ("## Base vs LoRA\n\nLower is better for CMMD, FID and KID; higher for CLIP score. n per set: the "
-            "sizes of the two compared sets, in the order the key names them.\n\n" + table)
+    return (
+        "## Base vs LoRA\n\nLower is better for CMMD, FID and KID; higher for CLIP score. n per set: the "
+        "sizes of the two compared sets, in the order the key names them.\n\n" + table
+    )
 
 
 def every_metric_section(metrics: dict[str, float]) -> str:
@@ -133,15 +157,24 @@ def provenance_section(provenance: Provenance) -> str:
         ["commit", commit_cell(provenance)],
         ["preset", f"`{provenance.preset}`" if provenance.preset else "none recorded in params.yaml"],
         ["base model", f"`{provenance.base_model}` revision `{provenance.base_revision}`"],
-        ["LoRA", f"rank {lora['rank']}, alpha {format_value(lora['alpha'])}" + "".join(f", {v}" for v in variants)
-         + f"; on {targets}"],
-        ["training", f"{train['steps']} steps, batch {train['batch_size']} x {train['gradient_accumulation_steps']} "
-                     f"accumulated, learning rate {format_value(train['learning_rate'])}, seed {train['seed']}"],
+        [
+            "LoRA",
+            f"rank {lora['rank']}, alpha {format_value(lora['alpha'])}"
+            + "".join(f", {v}" for v in variants)
+            + f"; on {targets}",
+        ],
+        [
+            "training",
+            f"{train['steps']} steps, batch {train['batch_size']} x {train['gradient_accumulation_steps']} "
+            f"accumulated, learning rate {format_value(train['learning_rate'])}, seed {train['seed']}",
+        ],
         ["training data", f"sha256 `{provenance.data_sha256}` (of the training table, processed/train.csv)"],
     ]
-    return ("## Run\n\n" + "\n".join(f"- **{name}**: {value}" for name, value in rows) + "\n\nThe date is the "
-            "commit's: the report holds no clock time, so the same commit and inputs give the same file. Every "
-            "input's hash is in `dvc.lock`.")
+    return (
+        "## Run\n\n" + "\n".join(f"- **{name}**: {value}" for name, value in rows) + "\n\nThe date is the "
+        "commit's: the report holds no clock time, so the same commit and inputs give the same file. Every "
+        "input's hash is in `dvc.lock`."
+    )
 
 
 def gap_verdict(key: str, metrics: dict[str, float]) -> str:
@@ -159,17 +192,22 @@ def gap_verdict(key: str, metrics: dict[str, float]) -> str:
 def flags_section(metrics: dict[str, float]) -> str:
     """The flags and sample sizes explained: what each number can carry at this run's n."""
     comparable = metrics["fid_comparable"] == 1
-    fid = (f"1**: both sets have at least {FID_STABLE_N} images, so FID can be compared with other runs and "
-           "published values computed the same way (clean-fid)." if comparable else
-           f"0**: {FID_CAVEAT} The paper's FID does not apply either.")
+    fid = (
+        f"1**: both sets have at least {FID_STABLE_N} images, so FID can be compared with other runs and "
+        "published values computed the same way (clean-fid)."
+        if comparable
+        else f"0**: {FID_CAVEAT} The paper's FID does not apply either."
+    )
     verdicts = [[f"`{key}`", gap_verdict(key, metrics)] for key in sorted(k for k in metrics if k.endswith(GAP_SUFFIX))]
-    return ("## Flags and sample sizes\n\n"
-            f"- **`fid_comparable` = {fid}\n"
-            f"- **n** is the number of images (or prompts) behind a number. CMMD, FID and KID are set statistics: "
-            "with few images they move from sample to sample and carry a bias that depends on n, so two runs "
-            "compare only at the same n. A LoRA-minus-base gap carries weight only when its 95% interval excludes "
-            f"0; below {MIN_INTERVAL_PROMPTS} prompts there is no interval, and no p-value below 0.05 is possible.\n\n"
-            + markdown_table(["gap", "at this n"], verdicts))
+    return (
+        "## Flags and sample sizes\n\n"
+        f"- **`fid_comparable` = {fid}\n"
+        f"- **n** is the number of images (or prompts) behind a number. CMMD, FID and KID are set statistics: "
+        "with few images they move from sample to sample and carry a bias that depends on n, so two runs "
+        "compare only at the same n. A LoRA-minus-base gap carries weight only when its 95% interval excludes "
+        f"0; below {MIN_INTERVAL_PROMPTS} prompts there is no interval, and no p-value below 0.05 is possible.\n\n"
+        + markdown_table(["gap", "at this n"], verdicts)
+    )
 
 
 def data_card_section(text: str, source: str) -> str:
@@ -180,21 +218,30 @@ def data_card_section(text: str, source: str) -> str:
 
 
 def extractor_line(role: str, name: str) -> str:
-    flag = (" (stand-in trained on procedural images, see its card in lanskap/assets/builtin/: the numbers compare "
-            "runs of this demo, not real-world CMMD or FID)") if name.startswith(STAND_IN_PREFIX) else ""
+    flag = (
+        (
+            " (stand-in trained on procedural images, see its card in lanskap/assets/builtin/: the numbers compare "
+            "runs of this demo, not real-world CMMD or FID)"
+        )
+        if name.startswith(STAND_IN_PREFIX)
+        else ""
+    )
     return f"- {role}: `{name}`{flag}"
 
 
 def report_markdown(metrics: dict[str, float], inputs: ReportInputs) -> str:
     """The whole report as Markdown; the same metrics and inputs always give the same text."""
-    loss = (f"![training and validation loss]({inputs.loss_curve})" if inputs.loss_curve
-            else "No training log was found.")
+    loss = (
+        f"![training and validation loss]({inputs.loss_curve})" if inputs.loss_curve else "No training log was found."
+    )
     sections = [
         "# Evaluation report",
         provenance_section(inputs.provenance),
         f"Images: {metrics['n_test']:.0f} test, {metrics['n_base']:.0f} base, {metrics['n_lora']:.0f} LoRA (from "
         + ("the EMA weights, models/lora/ema/)." if metrics["ema_weights_scored"] else "the trained weights)."),
-        "Feature extractors:\n\n" + extractor_line("CLIP (CMMD, CLIP score)", inputs.clip_name) + "\n"
+        "Feature extractors:\n\n"
+        + extractor_line("CLIP (CMMD, CLIP score)", inputs.clip_name)
+        + "\n"
         + extractor_line("Inception (FID, KID)", inputs.inception_name),
         gaps_section(metrics),
         base_vs_lora_section(metrics),
@@ -223,9 +270,13 @@ def report_html(markdown_text: str, images: dict[str, bytes], title: str = "Eval
     from markdown_it import MarkdownIt
 
     body = inline_images(MarkdownIt("commonmark").enable("table").render(markdown_text), images)
-    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.4}"
-             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
-             "text-align:left;vertical-align:top}code{font-size:0.9em;overflow-wrap:anywhere}"
-             "blockquote{background:#fff4d6;margin:0;padding:4px 12px}img{max-width:100%}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
-            f"<style>{style}</style></head>\n<body>\n{body}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.4}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+        "text-align:left;vertical-align:top}code{font-size:0.9em;overflow-wrap:anywhere}"
+        "blockquote{background:#fff4d6;margin:0;padding:4px 12px}img{max-width:100%}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{style}</style></head>\n<body>\n{body}</body></html>\n"
+    )

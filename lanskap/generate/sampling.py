@@ -26,8 +26,11 @@ class Job:
 
 def plan_jobs(captions: list[str], params: GenerateParams) -> list[Job]:
     """One job per (caption, sample); the seed depends only on their position and generate.seed."""
-    return [Job(i, k, caption, params.seed + i * params.images_per_prompt + k)
-            for i, caption in enumerate(captions) for k in range(params.images_per_prompt)]
+    return [
+        Job(i, k, caption, params.seed + i * params.images_per_prompt + k)
+        for i, caption in enumerate(captions)
+        for k in range(params.images_per_prompt)
+    ]
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -40,8 +43,12 @@ def load_pipeline(model_dir: Path, params: GenerateParams, device: torch.device)
     import diffusers
 
     pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
-        model_dir, dtype=inference_dtype(params.dtype, device), safety_checker=None, requires_safety_checker=False,
-        use_safetensors=True)
+        model_dir,
+        dtype=inference_dtype(params.dtype, device),
+        safety_checker=None,
+        requires_safety_checker=False,
+        use_safetensors=True,
+    )
     scheduler_class, extra = SCHEDULERS[params.scheduler]
     pipeline.scheduler = getattr(diffusers, scheduler_class).from_config(pipeline.scheduler.config, **extra)
     pipeline.set_progress_bar_config(disable=True)
@@ -56,8 +63,13 @@ def sample(pipeline, captions: list[str], seeds: list[int], params: GeneratePara
     """One batch through the pipeline; each image gets its own seeded generator, so batching never changes it."""
     generators = [torch.Generator(pipeline.device).manual_seed(seed) for seed in seeds]
     return pipeline(
-        captions, negative_prompt=[params.negative_prompt] * len(captions), num_inference_steps=steps,
-        guidance_scale=params.guidance_scale, height=resolution, width=resolution, generator=generators,
+        captions,
+        negative_prompt=[params.negative_prompt] * len(captions),
+        num_inference_steps=steps,
+        guidance_scale=params.guidance_scale,
+        height=resolution,
+        width=resolution,
+        generator=generators,
     ).images
 
 
@@ -67,9 +79,10 @@ def generate_images(pipeline, jobs: list[Job], params: GenerateParams, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for start in progress(range(0, len(jobs), params.batch_size), desc=f"generate {label}", unit="batch"):
-        batch = jobs[start:start + params.batch_size]
-        images = sample(pipeline, [job.caption for job in batch], [job.seed for job in batch], params, resolution,
-                        params.steps)
+        batch = jobs[start : start + params.batch_size]
+        images = sample(
+            pipeline, [job.caption for job in batch], [job.seed for job in batch], params, resolution, params.steps
+        )
         for job, image in zip(batch, images):
             path = out_dir / f"{job.prompt_index:04d}_{job.sample:02d}.png"
             image.save(path)

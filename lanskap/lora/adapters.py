@@ -30,12 +30,23 @@ def adapter_config(params: LoraParams, target_modules: list[str]) -> peft.PeftCo
     if params.type == "loha":
         return peft.LoHaConfig(r=params.rank, alpha=params.alpha, target_modules=targets)
     if params.type == "lokr":
-        return peft.LoKrConfig(r=params.rank, alpha=params.alpha, target_modules=targets,
-                               decompose_factor=params.decompose_factor, decompose_both=params.decompose_both)
+        return peft.LoKrConfig(
+            r=params.rank,
+            alpha=params.alpha,
+            target_modules=targets,
+            decompose_factor=params.decompose_factor,
+            decompose_both=params.decompose_both,
+        )
     # Gaussian or Kaiming-uniform A and zero B.
-    return peft.LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                           target_modules=targets, use_dora=params.use_dora, use_rslora=params.use_rslora,
-                           init_lora_weights="gaussian" if params.init_lora_weights == "gaussian" else True)
+    return peft.LoraConfig(
+        r=params.rank,
+        lora_alpha=params.alpha,
+        lora_dropout=params.dropout,
+        target_modules=targets,
+        use_dora=params.use_dora,
+        use_rslora=params.use_rslora,
+        init_lora_weights="gaussian" if params.init_lora_weights == "gaussian" else True,
+    )
 
 
 def add_lora(model, params: LoraParams, target_modules: list[str]) -> list[torch.nn.Parameter]:
@@ -70,6 +81,8 @@ def adapter_module_count(model, adapter_name: str) -> int:
     """How many layers of `model` carry an adapter (LoRA, LoHa or LoKr) named `adapter_name`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return sum(isinstance(module, BaseTunerLayer)
-               and any(adapter_name in getattr(module, name) for name in module.adapter_layer_names)
-               for module in model.modules())
+    return sum(
+        isinstance(module, BaseTunerLayer)
+        and any(adapter_name in getattr(module, name) for name in module.adapter_layer_names)
+        for module in model.modules()
+    )

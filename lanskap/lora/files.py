@@ -25,10 +25,15 @@ from pathlib import Path
 
 from lanskap.core.errors import UserError
 from lanskap.core.io import canonicalise_safetensors
-from lanskap.lora.adapters import (ADAPTER_NAME, LOADED_ADAPTER_NAME, adapter_metadata, adapter_module_count,
-                                   peft_state_dict)
-from lanskap.lora.kohya import kohya_metadata, kohya_state_dict, kohya_weight_name
 from lanskap.core.params import LoraParams
+from lanskap.lora.adapters import (
+    ADAPTER_NAME,
+    LOADED_ADAPTER_NAME,
+    adapter_metadata,
+    adapter_module_count,
+    peft_state_dict,
+)
+from lanskap.lora.kohya import kohya_metadata, kohya_state_dict, kohya_weight_name
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "peft_adapter_weights.safetensors"
@@ -42,8 +47,9 @@ def components_of(unet, text_encoder=None) -> dict:
 
 
 def module_counts(components: dict) -> str:
-    return json.dumps({name: adapter_module_count(model, ADAPTER_NAME) for name, model in components.items()},
-                      sort_keys=True)
+    return json.dumps(
+        {name: adapter_module_count(model, ADAPTER_NAME) for name, model in components.items()}, sort_keys=True
+    )
 
 
 def write_diffusers_file(components: dict, out_dir: Path) -> Path:
@@ -53,7 +59,8 @@ def write_diffusers_file(components: dict, out_dir: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline.save_lora_weights(
-        out_dir, weight_name=DIFFUSERS_WEIGHT_NAME,
+        out_dir,
+        weight_name=DIFFUSERS_WEIGHT_NAME,
         **{f"{name}_lora_layers": peft_state_dict(model) for name, model in components.items()},
         **{f"{name}_lora_adapter_metadata": adapter_metadata(model) for name, model in components.items()},
     )
@@ -61,8 +68,9 @@ def write_diffusers_file(components: dict, out_dir: Path) -> Path:
     # save_lora_weights takes no metadata of ours: add the counts by writing the file again, then fix its header.
     with safetensors.safe_open(path, "pt") as file:
         metadata = file.metadata()
-    safetensors.torch.save_file(safetensors.torch.load_file(path), path,
-                                metadata={**metadata, MODULE_COUNT_KEY: module_counts(components)})
+    safetensors.torch.save_file(
+        safetensors.torch.load_file(path), path, metadata={**metadata, MODULE_COUNT_KEY: module_counts(components)}
+    )
     canonicalise_safetensors(path)
     return path
 
@@ -71,12 +79,18 @@ def write_peft_file(components: dict, out_dir: Path) -> Path:
     """`peft_adapter_weights.safetensors`: `<component>.<PEFT key>`, the peft configs and the trained counts."""
     import safetensors.torch
 
-    tensors = {f"{name}.{key}": weight.contiguous() for name, model in components.items()
-               for key, weight in peft_state_dict(model).items()}
+    tensors = {
+        f"{name}.{key}": weight.contiguous()
+        for name, model in components.items()
+        for key, weight in peft_state_dict(model).items()
+    }
     configs = {name: adapter_metadata(model) for name, model in components.items()}
     path = out_dir / PEFT_WEIGHT_NAME
-    safetensors.torch.save_file(tensors, path, metadata={ADAPTER_CONFIG_KEY: json.dumps(configs, sort_keys=True),
-                                                         MODULE_COUNT_KEY: module_counts(components)})
+    safetensors.torch.save_file(
+        tensors,
+        path,
+        metadata={ADAPTER_CONFIG_KEY: json.dumps(configs, sort_keys=True), MODULE_COUNT_KEY: module_counts(components)},
+    )
     canonicalise_safetensors(path)
     return path
 
@@ -89,27 +103,36 @@ def export_lora(unet, out_dir: Path, params: LoraParams, base: dict, text_encode
 
     out_dir = Path(out_dir)
     components = components_of(unet, text_encoder)
-    files = ({"diffusers": write_diffusers_file(components, out_dir)} if params.type == "lora"
-             else {"peft": write_peft_file(components, out_dir)})
+    files = (
+        {"diffusers": write_diffusers_file(components, out_dir)}
+        if params.type == "lora"
+        else {"peft": write_peft_file(components, out_dir)}
+    )
     if params.use_dora:  # kohya's format and loaders have no magnitude vector: a file without it would be wrong
-        print(f"export_lora: lora.use_dora is on; {kohya_weight_name(params.type)} not written (the kohya format "
-              f"has no DoRA)")
+        print(
+            f"export_lora: lora.use_dora is on; {kohya_weight_name(params.type)} not written (the kohya format "
+            f"has no DoRA)"
+        )
         return files
     files["kohya"] = out_dir / kohya_weight_name(params.type)
-    safetensors.torch.save_file(kohya_state_dict(unet, params, text_encoder), files["kohya"],
-                                metadata=kohya_metadata(params, base))
+    safetensors.torch.save_file(
+        kohya_state_dict(unet, params, text_encoder), files["kohya"], metadata=kohya_metadata(params, base)
+    )
     canonicalise_safetensors(files["kohya"])
     return files
 
 
 def adapter_file(lora_dir: Path) -> Path:
     """The peft-keyed file of `lora_dir`: exactly one of the diffusers and the peft file."""
-    found = [Path(lora_dir) / name for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME)
-             if (Path(lora_dir) / name).is_file()]
+    found = [
+        Path(lora_dir) / name for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME) if (Path(lora_dir) / name).is_file()
+    ]
     if len(found) != 1:
-        raise UserError(f"{lora_dir}: expected one of {DIFFUSERS_WEIGHT_NAME} (LoRA) and {PEFT_WEIGHT_NAME} "
-                        f"(LoHa, LoKr), found {[path.name for path in found] or 'neither'}. Export it again: "
-                        f"dvc repro train_lora")
+        raise UserError(
+            f"{lora_dir}: expected one of {DIFFUSERS_WEIGHT_NAME} (LoRA) and {PEFT_WEIGHT_NAME} "
+            f"(LoHa, LoKr), found {[path.name for path in found] or 'neither'}. Export it again: "
+            f"dvc repro train_lora"
+        )
     return found[0]
 
 
@@ -124,9 +147,11 @@ def trained_module_counts(path: Path) -> dict[str, int]:
     """The modules trained per component, as recorded in the file at export."""
     recorded = file_metadata(path).get(MODULE_COUNT_KEY)
     if recorded is None:
-        raise UserError(f"{path}: no {MODULE_COUNT_KEY!r} metadata (the number of LoRA modules trained), so a "
-                        f"partial load could not be detected. Export it again with this version of lanskap: "
-                        f"dvc repro train_lora")
+        raise UserError(
+            f"{path}: no {MODULE_COUNT_KEY!r} metadata (the number of LoRA modules trained), so a "
+            f"partial load could not be detected. Export it again with this version of lanskap: "
+            f"dvc repro train_lora"
+        )
     return json.loads(recorded)
 
 
@@ -136,10 +161,12 @@ def require_all_modules_loaded(pipeline, path: Path, adapter_name: str) -> None:
     loaded = {name: adapter_module_count(getattr(pipeline, name), adapter_name) for name in ("unet", "text_encoder")}
     if any(loaded[name] != trained.get(name, 0) for name in loaded):
         found = "; ".join(f"{name} {loaded[name]} of {trained.get(name, 0)}" for name in loaded)
-        raise UserError(f"{path}: loading restored a different number of adapter modules than were trained "
-                        f"({found}), so the model would differ from the trained one. Export it again with this "
-                        f"version of lanskap (dvc repro train_lora); if train_lora wrote it just now, report a bug "
-                        f"with this message")
+        raise UserError(
+            f"{path}: loading restored a different number of adapter modules than were trained "
+            f"({found}), so the model would differ from the trained one. Export it again with this "
+            f"version of lanskap (dvc repro train_lora); if train_lora wrote it just now, report a bug "
+            f"with this message"
+        )
 
 
 def load_peft_file(pipeline, path: Path, adapter_name: str) -> None:
@@ -151,15 +178,18 @@ def load_peft_file(pipeline, path: Path, adapter_name: str) -> None:
     tensors = safetensors.torch.load_file(path)
     for name, config in json.loads(file_metadata(path)[ADAPTER_CONFIG_KEY]).items():
         model = getattr(pipeline, name)
-        model.add_adapter(peft.PeftConfig.from_peft_type(**{**config, "inference_mode": True}),
-                          adapter_name=adapter_name)
+        model.add_adapter(
+            peft.PeftConfig.from_peft_type(**{**config, "inference_mode": True}), adapter_name=adapter_name
+        )
         state = {key.removeprefix(f"{name}."): weight for key, weight in tensors.items() if key.startswith(f"{name}.")}
         peft.set_peft_model_state_dict(model, state, adapter_name=adapter_name)
         expected = peft_state_dict(model, adapter_name).keys()
         if expected != state.keys():
-            raise UserError(f"{path}: the {name} tensors do not match the adapter its config describes "
-                            f"({len(state.keys() - expected)} unexpected, {len(expected - state.keys())} missing). "
-                            f"Export it again: dvc repro train_lora")
+            raise UserError(
+                f"{path}: the {name} tensors do not match the adapter its config describes "
+                f"({len(state.keys() - expected)} unexpected, {len(expected - state.keys())} missing). "
+                f"Export it again: dvc repro train_lora"
+            )
 
 
 def lora_weights_dir(lora_dir: Path, weights: str) -> Path:
@@ -169,9 +199,11 @@ def lora_weights_dir(lora_dir: Path, weights: str) -> Path:
         return Path(lora_dir)
     ema_dir = Path(lora_dir) / EMA_SUBDIR
     if not any((ema_dir / name).is_file() for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME)):
-        raise UserError(f"generate.lora_weights=ema but {ema_dir} holds no adapter file: the adapter was trained "
-                        "without an EMA. Set train.ema_decay (e.g. 0.99) and rerun train_lora, or set "
-                        "generate.lora_weights: raw")
+        raise UserError(
+            f"generate.lora_weights=ema but {ema_dir} holds no adapter file: the adapter was trained "
+            "without an EMA. Set train.ema_decay (e.g. 0.99) and rerun train_lora, or set "
+            "generate.lora_weights: raw"
+        )
     return ema_dir
 
 
@@ -192,6 +224,7 @@ def require_lora_reloads(model_dir: Path, lora_dir: Path) -> None:
     does, and fail unless every trained module is restored."""
     from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, vae=None, safety_checker=None,
-                                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        model_dir, vae=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     load_lora_into_pipeline(pipeline, lora_dir, scale=1.0)

@@ -16,9 +16,9 @@ import re
 
 import torch
 
+from lanskap.core.params import LoraParams
 from lanskap.lora.adapters import ADAPTER_TITLES, peft_state_dict
 from lanskap.lora.lycoris import loha_tensors, lokr_tensors
-from lanskap.core.params import LoraParams
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_TEXT_ENCODER_PREFIX = "lora_te_text_model_"  # SD 1.x/2.x; `lora_te1_`/`lora_te2_` would mean SDXL
@@ -39,7 +39,7 @@ def kohya_weight_name(adapter_type: str) -> str:
 def kohya_alpha(params: LoraParams) -> float:
     """The alpha that gives kohya's loaders (scale = alpha / rank) the trained scale, also under rsLoRA
     (scale = alpha / sqrt(rank))."""
-    return params.alpha * params.rank ** 0.5 if params.use_rslora else params.alpha
+    return params.alpha * params.rank**0.5 if params.use_rslora else params.alpha
 
 
 def lora_tensors(tensors: dict[str, torch.Tensor], params: LoraParams) -> dict[str, torch.Tensor]:
@@ -64,8 +64,11 @@ def modules_of(peft_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
 def kohya_modules(peft_state: dict[str, torch.Tensor], prefix: str, params: LoraParams) -> dict[str, torch.Tensor]:
     """Every module's tensors in kohya/LyCORIS form under `<prefix><path with . -> _>.`."""
     convert = {"lora": lora_tensors, "loha": loha_tensors, "lokr": lokr_tensors}[params.type]
-    return {f"{prefix}{path.replace('.', '_')}.{name}": tensor
-            for path, tensors in modules_of(peft_state).items() for name, tensor in convert(tensors, params).items()}
+    return {
+        f"{prefix}{path.replace('.', '_')}.{name}": tensor
+        for path, tensors in modules_of(peft_state).items()
+        for name, tensor in convert(tensors, params).items()
+    }
 
 
 def kohya_state_dict(unet, params: LoraParams, text_encoder=None) -> dict[str, torch.Tensor]:
@@ -92,8 +95,10 @@ def kohya_metadata(params: LoraParams, base: dict) -> dict[str, str]:
 
     `base` holds model, revision, prediction_type, resolution, steps, train_images and data_sha256."""
     if base["prediction_type"] not in SD2_VARIANTS:
-        raise ValueError(f"kohya export: prediction_type {base['prediction_type']!r} is not an SD 2.x one "
-                         f"({', '.join(SD2_VARIANTS)})")
+        raise ValueError(
+            f"kohya export: prediction_type {base['prediction_type']!r} is not an SD 2.x one "
+            f"({', '.join(SD2_VARIANTS)})"
+        )
     variant = SD2_VARIANTS[base["prediction_type"]]
     resolution = int(base["resolution"])
     return {

@@ -19,14 +19,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lanskap.sweep import seed_stats
 from lanskap.core.errors import UserError
+from lanskap.sweep import seed_stats
 from lanskap.sweep.report import write_report
 
 # the CMMD gap (LoRA minus base, distance to the test images), the distances to the test images, the CLIP-score
 # gap, and the final held-out training loss
-DEFAULT_METRICS = ["cmmd_vs_test_lora_minus_base", "cmmd_test_vs_lora", "fid_test_vs_lora", "kid_test_vs_lora",
-                   "clip_score_lora_minus_base", "validation_loss_final"]
+DEFAULT_METRICS = [
+    "cmmd_vs_test_lora_minus_base",
+    "cmmd_test_vs_lora",
+    "fid_test_vs_lora",
+    "kid_test_vs_lora",
+    "clip_score_lora_minus_base",
+    "validation_loss_final",
+]
 METRIC_FILES = ["metrics/eval.json", "dvclive/train/metrics.json"]
 
 
@@ -93,8 +99,11 @@ def finished_experiments(shown: list, metric_files: list[str]) -> tuple[list[Exp
 def differing_keys(experiments: list[Experiment], seed_key: str) -> list[str]:
     """The params whose values are not the same in every experiment, the seed key aside."""
     keys = sorted({key for experiment in experiments for key in experiment.params} - {seed_key})
-    return [key for key in keys
-            if len({json.dumps(experiment.params.get(key), sort_keys=True) for experiment in experiments}) > 1]
+    return [
+        key
+        for key in keys
+        if len({json.dumps(experiment.params.get(key), sort_keys=True) for experiment in experiments}) > 1
+    ]
 
 
 def _sort_key(value) -> tuple:
@@ -110,13 +119,16 @@ def group_by_setting(experiments: list[Experiment], seed_key: str) -> dict[str, 
     if missing:
         raise UserError(f"experiments {missing} have no param {seed_key} (--seed-key)")
     keys = differing_keys(experiments, seed_key)
-    settings = sorted({tuple(experiment.params.get(key) for key in keys) for experiment in experiments},
-                      key=lambda values: [_sort_key(value) for value in values])
+    settings = sorted(
+        {tuple(experiment.params.get(key) for key in keys) for experiment in experiments},
+        key=lambda values: [_sort_key(value) for value in values],
+    )
     groups = {}
     for values in settings:
         label = " ".join(f"{key}={json.dumps(value)}" for key, value in zip(keys, values)) or "all"
-        members = [experiment for experiment in experiments
-                   if tuple(experiment.params.get(key) for key in keys) == values]
+        members = [
+            experiment for experiment in experiments if tuple(experiment.params.get(key) for key in keys) == values
+        ]
         groups[label] = sorted(members, key=lambda experiment: _sort_key(experiment.params[seed_key]))
         check_group(label, groups[label], seed_key)
     return groups
@@ -126,25 +138,32 @@ def check_group(label: str, members: list[Experiment], seed_key: str) -> None:
     seeds = [member.params[seed_key] for member in members]
     names = [member.name for member in members]
     if len(members) < seed_stats.MIN_SEEDS:
-        raise UserError(f"setting {label} has {len(members)} finished experiment(s) ({names}): an interval across "
-                        f"seeds needs at least {seed_stats.MIN_SEEDS} seeds of {seed_key}. Run more seeds, or pick the "
-                        "sweep's experiments with --exp (or remove strays: dvc exp remove NAME)")
+        raise UserError(
+            f"setting {label} has {len(members)} finished experiment(s) ({names}): an interval across "
+            f"seeds needs at least {seed_stats.MIN_SEEDS} seeds of {seed_key}. Run more seeds, or pick the "
+            "sweep's experiments with --exp (or remove strays: dvc exp remove NAME)"
+        )
     repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1})
     if repeated:
-        raise UserError(f"setting {label}: {seed_key} {repeated} ran more than once ({names}); one run per seed, or "
-                        "the repeats would count as independent draws: pick one with --exp or remove the others")
+        raise UserError(
+            f"setting {label}: {seed_key} {repeated} ran more than once ({names}); one run per seed, or "
+            "the repeats would count as independent draws: pick one with --exp or remove the others"
+        )
 
 
 def metric_values(members: list[Experiment], metric: str) -> list[float]:
     for member in members:
         if not isinstance(member.metrics.get(metric), int | float):
-            raise UserError(f"experiment {member.name} has no numeric metric {metric} in the --metrics files; "
-                            f"it has {sorted(member.metrics)}")
+            raise UserError(
+                f"experiment {member.name} has no numeric metric {metric} in the --metrics files; "
+                f"it has {sorted(member.metrics)}"
+            )
     return [float(member.metrics[metric]) for member in members]
 
 
-def compare(reference: list[Experiment], other: list[Experiment], metric: str, seed_key: str,
-            confidence: float) -> seed_stats.Difference:
+def compare(
+    reference: list[Experiment], other: list[Experiment], metric: str, seed_key: str, confidence: float
+) -> seed_stats.Difference:
     """other - reference: paired by seed when both ran the same seeds (members are sorted by seed), else Welch."""
     same_seeds = [m.params[seed_key] for m in reference] == [m.params[seed_key] for m in other]
     difference = seed_stats.paired_difference if same_seeds else seed_stats.welch_difference
@@ -156,20 +175,25 @@ def select(experiments: list[Experiment], names: list[str] | None) -> list[Exper
         return experiments
     unknown = sorted(set(names) - {experiment.name for experiment in experiments})
     if unknown:
-        raise UserError(f"--exp {unknown}: no finished experiment of that name; finished: "
-                        f"{sorted(experiment.name for experiment in experiments)}")
+        raise UserError(
+            f"--exp {unknown}: no finished experiment of that name; finished: "
+            f"{sorted(experiment.name for experiment in experiments)}"
+        )
     return [experiment for experiment in experiments if experiment.name in names]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lanskap.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--metric", action="append",
-                        help=f"metric to aggregate, repeatable (default: {DEFAULT_METRICS})")
-    parser.add_argument("--metrics", action="append",
-                        help=f"metrics file to read them from, repeatable (default: {METRIC_FILES})")
+    parser.add_argument(
+        "--metric", action="append", help=f"metric to aggregate, repeatable (default: {DEFAULT_METRICS})"
+    )
+    parser.add_argument(
+        "--metrics", action="append", help=f"metrics file to read them from, repeatable (default: {METRIC_FILES})"
+    )
     parser.add_argument("--seed-key", default="train.seed", help="the param the sweep varies (default: train.seed)")
-    parser.add_argument("--exp", action="append",
-                        help="aggregate only these experiments, repeatable (default: all finished)")
+    parser.add_argument(
+        "--exp", action="append", help="aggregate only these experiments, repeatable (default: all finished)"
+    )
     parser.add_argument("--reference", help="the setting the others are compared with (default: the first)")
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default: 0.95)")
     parser.add_argument("--from-json", help="a saved `dvc exp show --json` instead of running it")
@@ -190,10 +214,15 @@ def main(argv: list[str] | None = None) -> None:
     if reference not in groups:
         raise UserError(f"--reference {reference!r}: no such setting; the settings are {list(groups)}")
     metrics = args.metric or DEFAULT_METRICS
-    summaries = {(label, metric): seed_stats.summarise(metric_values(members, metric), args.confidence,
-                                                       f"{label} {metric}")
-                 for label, members in groups.items() for metric in metrics}
-    differences = {(label, metric): compare(groups[reference], members, metric, args.seed_key, args.confidence)
-                   for label, members in groups.items() if label != reference for metric in metrics}
+    summaries = {
+        (label, metric): seed_stats.summarise(metric_values(members, metric), args.confidence, f"{label} {metric}")
+        for label, members in groups.items()
+        for metric in metrics
+    }
+    differences = {
+        (label, metric): compare(groups[reference], members, metric, args.seed_key, args.confidence)
+        for label, members in groups.items()
+        if label != reference
+        for metric in metrics
+    }
     print(write_report(Path(args.out), groups, reference, summaries, differences, args.seed_key, args.confidence))
-

@@ -74,8 +74,9 @@ def paired_difference(a, b, confidence: float = 0.95, what: str = "values") -> D
     """b - a seed by seed (a[i] and b[i] ran the same seed): t-interval and p-value of the mean difference."""
     a, b = _draws(a, what), _draws(b, what)
     if a.shape != b.shape:
-        raise UserError(f"{what}: a paired comparison needs one value per seed in both settings, got {a.size} "
-                        f"and {b.size}")
+        raise UserError(
+            f"{what}: a paired comparison needs one value per seed in both settings, got {a.size} and {b.size}"
+        )
     differences = b - a
     mean, se, dof = float(differences.mean()), float(differences.std(ddof=1) / np.sqrt(a.size)), a.size - 1
     low, high = _t_interval(mean, se, dof, confidence)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from lanskap.core.params import AugmentParams, TrainParams
 from lanskap.data.augment import train_transform
 from lanskap.data.buckets import bucket_groups, require_trainable_bucket, table_sizes
-from lanskap.core.params import AugmentParams, TrainParams
 
 AUGMENTATION_STREAM, NOISE_STREAM, LATENT_VARIANT_STREAM = 0, 1, 2  # derived_seed streams: never reuse a number
 
@@ -37,11 +37,12 @@ class BatchShare:
     size: int | None = None
 
     def rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[self.start:self.start + (self.size or self.total)]
+        return tensor[self.start : self.start + (self.size or self.total)]
 
     def randn(self, sample_shape, generator, dtype) -> torch.Tensor:
-        return self.rows(torch.randn((self.total, *sample_shape), generator=generator, device=generator.device,
-                                     dtype=dtype))
+        return self.rows(
+            torch.randn((self.total, *sample_shape), generator=generator, device=generator.device, dtype=dtype)
+        )
 
     def rand(self, generator) -> torch.Tensor:
         return self.rows(torch.rand(self.total, generator=generator, device=generator.device))
@@ -80,15 +81,18 @@ def epoch_batches(groups: list[list[int]], global_batch: int, generator: torch.G
     batches = []
     for group in groups:
         order = torch.randperm(len(group), generator=generator).tolist()
-        batches += [[group[i] for i in order[start:start + global_batch]]
-                    for start in range(0, len(group) - global_batch + 1, global_batch)]
+        batches += [
+            [group[i] for i in order[start : start + global_batch]]
+            for start in range(0, len(group) - global_batch + 1, global_batch)
+        ]
     if len(groups) > 1:  # a single bucket's batches are in random order already (and unbucketed runs unchanged)
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     return batches
 
 
-def global_batches(groups: list[list[int]], global_batch: int, seed: int,
-                   start: int) -> Iterator[list[tuple[int, int]]]:
+def global_batches(
+    groups: list[list[int]], global_batch: int, seed: int, start: int
+) -> Iterator[list[tuple[int, int]]]:
     """Global micro-batches of (image index, augmentation seed) forever, from micro-batch number `start` on; each
     from one group (bucket) of image indices.
 
@@ -114,8 +118,9 @@ def process_batches(batches: Iterator[list], share: BatchShare) -> Iterator[list
         yield share.rows(batch)
 
 
-def training_batches(train_table: pd.DataFrame, augment: AugmentParams, params: TrainParams, share: BatchShare,
-                     first_batch: int) -> tuple[CaptionedImages, Iterator[list], list[str]]:
+def training_batches(
+    train_table: pd.DataFrame, augment: AugmentParams, params: TrainParams, share: BatchShare, first_batch: int
+) -> tuple[CaptionedImages, Iterator[list], list[str]]:
     """The augmented training images (each at its bucket's size: the table's bucket columns), this process's keys
     of each micro-batch from micro-batch `first_batch` on, and the distinct captions the images' caption ids
     index."""
@@ -136,8 +141,14 @@ def pixel_batches(dataset: CaptionedImages, keys: Iterator[list], params: TrainP
     # place in the run, so their number changes no result. The loader's own generator: creating its iterator would
     # otherwise draw from the global RNG that a resume restored.
     workers = params.dataloader_workers
-    loader = DataLoader(dataset, batch_sampler=keys, generator=torch.Generator().manual_seed(params.seed),
-                        num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(
+        dataset,
+        batch_sampler=keys,
+        generator=torch.Generator().manual_seed(params.seed),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
     return iter(loader)
 
 

@@ -25,8 +25,14 @@ class TrainingState:
     logged: list[dict] = field(default_factory=list)  # DVCLive rows, replayed on resume (DVC deletes the log)
 
 
-def save_checkpoint(checkpoint_dir: Path, state: TrainingState, lora_parameters: dict[str, torch.nn.Parameter],
-                    optimizer, lr_scheduler, ema: LoraEMA | None = None) -> Path:
+def save_checkpoint(
+    checkpoint_dir: Path,
+    state: TrainingState,
+    lora_parameters: dict[str, torch.nn.Parameter],
+    optimizer,
+    lr_scheduler,
+    ema: LoraEMA | None = None,
+) -> Path:
     """The full training state after `state.step` (the EMA shadows too, when on), written atomically; only the
     newest CHECKPOINTS_KEPT stay."""
     import safetensors.torch
@@ -37,22 +43,37 @@ def save_checkpoint(checkpoint_dir: Path, state: TrainingState, lora_parameters:
         safetensors.torch.save_file(lora_tensors, staging / "lora.safetensors")
         if ema is not None:
             safetensors.torch.save_file(ema.shadow, staging / "ema.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   staging / "optimizer.pt")
-        numpy_rng = np.random.get_state()
-        (staging / "state.json").write_text(json.dumps({
-            "state": vars(state), "python_rng": random.getstate(),
-            "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
-        }))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            staging / "optimizer.pt",
+        )
+        numpy_rng = np.random.get_state()  # noqa: NPY002 (the legacy global state is what libraries draw from)
+        (staging / "state.json").write_text(
+            json.dumps(
+                {
+                    "state": vars(state),
+                    "python_rng": random.getstate(),
+                    "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+                }
+            )
+        )
     for old in sorted(checkpoint_dir.glob("step-*"))[:-CHECKPOINTS_KEPT]:
         remove_dir(old)  # never half-deleted under its own name, where a resume would pick it
     return target
 
 
-def load_checkpoint(checkpoint_dir: Path, lora_parameters: dict[str, torch.nn.Parameter], optimizer,
-                    lr_scheduler, ema: LoraEMA | None = None) -> TrainingState | None:
+def load_checkpoint(
+    checkpoint_dir: Path,
+    lora_parameters: dict[str, torch.nn.Parameter],
+    optimizer,
+    lr_scheduler,
+    ema: LoraEMA | None = None,
+) -> TrainingState | None:
     """Restore the newest checkpoint into the LoRA parameters, EMA, optimizer, lr scheduler and RNGs; None if
     none. (The folder is keyed by the params, train.ema_decay included: an EMA run never finds a checkpoint
     without its shadows.)"""
@@ -77,10 +98,11 @@ def load_checkpoint(checkpoint_dir: Path, lora_parameters: dict[str, torch.nn.Pa
     version, internal, gauss = document["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = document["numpy_rng"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))  # noqa: NPY002 (as saved)
     state = TrainingState(**document["state"])
     state.validation_losses, state.ema_validation_losses = (  # JSON keys are str
-        {int(step): loss for step, loss in losses.items()} for losses in (state.validation_losses,
-                                                                          state.ema_validation_losses))
+        {int(step): loss for step, loss in losses.items()}
+        for losses in (state.validation_losses, state.ema_validation_losses)
+    )
     print(f"train_lora: resuming from {saved[-1]} (step {state.step})")
     return state

@@ -55,16 +55,19 @@ class LatentCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, dataset: CaptionedImages, vae, accelerator, variants: int, seed: int,
-              workers: int = 0) -> "LatentCache":
+    def build(
+        cls, dataset: CaptionedImages, vae, accelerator, variants: int, seed: int, workers: int = 0
+    ) -> "LatentCache":
         """Augment each image `variants` times through `dataset` (so its transform, whatever it is, applies) and
         encode each variant alone, under the training autocast: len(dataset) x variants VAE calls, independent of
         any batch size. Kept on the CPU; the workers decode and augment ahead of the encoder."""
-        keys = [(index, variant_seed(seed, index, variant)) for index in range(len(dataset))
-                for variant in range(variants)]
+        keys = [
+            (index, variant_seed(seed, index, variant)) for index in range(len(dataset)) for variant in range(variants)
+        ]
         # the loader's own generator: creating its iterator would otherwise draw from the global RNG
-        loader = DataLoader(dataset, sampler=keys, batch_size=None, num_workers=workers,
-                            generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(
+            dataset, sampler=keys, batch_size=None, num_workers=workers, generator=torch.Generator().manual_seed(seed)
+        )
         posteriors = [[] for _ in range(len(dataset))]
         for (index, _), (pixels, _) in zip(keys, loader):
             with accelerator.autocast():

@@ -9,14 +9,15 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from lanskap.core.params import TrainParams
 from lanskap.data.augment import eval_transform
 from lanskap.data.buckets import bucket_groups, table_sizes
-from lanskap.core.params import TrainParams
 from lanskap.train.checkpoints import TrainingState
 from lanskap.train.ema import LoraEMA
 from lanskap.train.latents import encode
 from lanskap.train.setup import Components
 from lanskap.train.step import CaptionEncoder, diffusion_loss
+
 
 @contextmanager
 def eval_mode(*modules: torch.nn.Module):
@@ -55,7 +56,9 @@ class HeldOut:
         with eval_mode(parts.unet, parts.text_encoder), torch.no_grad():
             for pixel_values, rows in self.buckets:  # weights n_b / n: exactly 1.0 for a single bucket
                 states = self.captions(parts.text_encoder, rows)
-                loss += diffusion_loss(parts, encode(parts.vae, pixel_values), states, generator).item() * (len(rows) / count)
+                loss += diffusion_loss(parts, encode(parts.vae, pixel_values), states, generator).item() * (
+                    len(rows) / count
+                )
         return loss
 
 
@@ -69,16 +72,28 @@ def validation_images(parts: Components, prompts: list[str], params: TrainParams
 
     scheduler_class, extra = SCHEDULERS["dpm++"]
     pipeline = diffusers.StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
         scheduler=getattr(diffusers, scheduler_class).from_config(parts.noise_scheduler.config, **extra),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.set_progress_bar_config(disable=True)
     device = parts.unet.device
     generators = [torch.Generator(device).manual_seed(params.seed + index) for index in range(len(prompts))]
     mixed = parts.unet.dtype != torch.float32  # frozen weights in bf16/fp16, LoRA in fp32: autocast as in training
     with eval_mode(parts.unet, parts.text_encoder), torch.autocast(device.type, parts.unet.dtype, enabled=mixed):
-        images = pipeline(prompts, num_inference_steps=params.image_inference_steps, height=resolution,
-                          width=resolution, guidance_scale=params.image_guidance_scale, generator=generators).images
+        images = pipeline(
+            prompts,
+            num_inference_steps=params.image_inference_steps,
+            height=resolution,
+            width=resolution,
+            guidance_scale=params.image_guidance_scale,
+            generator=generators,
+        ).images
     return image_grid([images], column_labels=prompts, cell=min(max(resolution, 64), 256))
 
 
@@ -114,8 +129,12 @@ class Monitor:
         if not self.main:
             return
         step, last = state.step, state.step == self.params.steps
-        row = {"step": step, "train/loss": state.losses[-1], "learning_rate": learning_rate,
-               "images_per_second": images_per_second}
+        row = {
+            "step": step,
+            "train/loss": state.losses[-1],
+            "learning_rate": learning_rate,
+            "images_per_second": images_per_second,
+        }
         if step % self.params.validation_every == 0 or last:
             row |= self.validate(parts, state)
         state.logged.append(row)

@@ -19,22 +19,29 @@ def make_optimizer(parameter_groups: list[dict], params: TrainParams, fused: boo
     warm-up is its own (train.warmup_steps) under a constant schedule, and which starts in train mode."""
     from diffusers.optimization import get_scheduler
 
-    settings = {"lr": params.learning_rate, "betas": (params.adam_beta1, params.adam_beta2),
-                "weight_decay": params.adam_weight_decay, "eps": params.adam_epsilon}
+    settings = {
+        "lr": params.learning_rate,
+        "betas": (params.adam_beta1, params.adam_beta2),
+        "weight_decay": params.adam_weight_decay,
+        "eps": params.adam_epsilon,
+    }
     if params.optimizer == "adamw8bit":
         optimizer = optional_module("bitsandbytes", params).optim.AdamW8bit(parameter_groups, **settings)
     elif params.optimizer == "prodigy":
         # safeguard_warmup: Prodigy's advice under an lr warm-up, whose small early lr would inflate its estimate
-        optimizer = optional_module("prodigyopt", params).Prodigy(parameter_groups, **settings,
-                                                                 safeguard_warmup=params.warmup_steps > 0)
+        optimizer = optional_module("prodigyopt", params).Prodigy(
+            parameter_groups, **settings, safeguard_warmup=params.warmup_steps > 0
+        )
     elif params.optimizer == SCHEDULE_FREE:
         optimizer = optional_module("schedulefree", params).AdamWScheduleFree(
-            parameter_groups, **settings, warmup_steps=params.warmup_steps)
+            parameter_groups, **settings, warmup_steps=params.warmup_steps
+        )
         optimizer.train()  # it refuses to step in eval mode
     else:
         optimizer = torch.optim.AdamW(parameter_groups, fused=fused, **settings)
-    lr_scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps,
-                                 num_training_steps=params.steps)
+    lr_scheduler = get_scheduler(
+        params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps, num_training_steps=params.steps
+    )
     return optimizer, lr_scheduler
 
 
@@ -52,8 +59,10 @@ def optional_module(name: str, params: TrainParams):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise UserError(f"train.optimizer={params.optimizer} needs {name}, which is not installed: {INSTALL[name]}, "
-                        "or set train.optimizer: adamw") from None
+        raise UserError(
+            f"train.optimizer={params.optimizer} needs {name}, which is not installed: {INSTALL[name]}, "
+            "or set train.optimizer: adamw"
+        ) from None
 
 
 @contextmanager

@@ -79,8 +79,10 @@ def make_accelerator(params: TrainParams):
     accelerator = Accelerator(mixed_precision=params.mixed_precision, cpu=not torch.cuda.is_available())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # each process would train alone and write the same outputs
-        raise UserError(f"train_lora: launched as {launched} processes but accelerate set up "
-                        f"{accelerator.num_processes}; launch with `accelerate launch --multi_gpu --num_processes N`")
+        raise UserError(
+            f"train_lora: launched as {launched} processes but accelerate set up "
+            f"{accelerator.num_processes}; launch with `accelerate launch --multi_gpu --num_processes N`"
+        )
     return accelerator
 
 
@@ -92,9 +94,11 @@ def check_mixed_precision(model_dir: Path, params: TrainParams) -> None:
         return
     config = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
     if config.get("upcast_attention"):
-        raise UserError(f"train.mixed_precision=fp16 with {model_dir}: its UNet sets upcast_attention (as SD 2.1-768 "
-                        "does) because its attention overflows in fp16. Set train.mixed_precision: bf16 (or 'no' on "
-                        "a GPU without bf16)")
+        raise UserError(
+            f"train.mixed_precision=fp16 with {model_dir}: its UNet sets upcast_attention (as SD 2.1-768 "
+            "does) because its attention overflows in fp16. Set train.mixed_precision: bf16 (or 'no' on "
+            "a GPU without bf16)"
+        )
 
 
 def pixel_multiple(parts: Components) -> int:
@@ -108,13 +112,16 @@ def check_training_sizes(parts: Components, sizes: list[tuple[int, int]]) -> Non
     """Refuse aspect-ratio buckets whose sides this model cannot take evenly. Square sizes are preprocess.resolution,
     accepted at any multiple of 8 as before buckets existed."""
     multiple = pixel_multiple(parts)
-    uneven = sorted({(width, height) for width, height in sizes if width != height and (width % multiple or
-                                                                                          height % multiple)})
+    uneven = sorted(
+        {(width, height) for width, height in sizes if width != height and (width % multiple or height % multiple)}
+    )
     if uneven:
-        raise UserError(f"train_lora: aspect-ratio buckets {', '.join(f'{w}x{h}' for w, h in uneven)} have sides "
-                        f"that are not multiples of {multiple}, which this base model needs (its VAE and UNet "
-                        f"downsample by {multiple} in all); set preprocess.bucket_reso_steps to a multiple of "
-                        f"{multiple}")
+        raise UserError(
+            f"train_lora: aspect-ratio buckets {', '.join(f'{w}x{h}' for w, h in uneven)} have sides "
+            f"that are not multiples of {multiple}, which this base model needs (its VAE and UNet "
+            f"downsample by {multiple} in all); set preprocess.bucket_reso_steps to a multiple of "
+            f"{multiple}"
+        )
 
 
 def prepare_trainer(model_dir: Path, lora: LoraParams, params: TrainParams) -> tuple[Trainer, object, object]:
@@ -130,7 +137,8 @@ def prepare_trainer(model_dir: Path, lora: LoraParams, params: TrainParams) -> t
     text_encoder = parts.text_encoder
     if params.text_encoder_learning_rate is not None:
         text_encoder = accelerator.prepare(text_encoder)
-    share = BatchShare(params.batch_size * accelerator.num_processes, accelerator.process_index * params.batch_size,
-                       params.batch_size)
+    share = BatchShare(
+        params.batch_size * accelerator.num_processes, accelerator.process_index * params.batch_size, params.batch_size
+    )
     trainer = Trainer(parts, replace(parts, unet=unet, text_encoder=text_encoder), lora_parameters, share, accelerator)
     return trainer, optimizer, lr_scheduler

@@ -11,10 +11,12 @@ from lanskap.train.batches import NOISE_STREAM, BatchShare, derived_seed
 from lanskap.train.latents import Posterior, posterior_of
 from lanskap.train.setup import Components, Trainer
 
+
 def tokenize(captions: list[str], tokenizer) -> torch.Tensor:
     """CLIP token ids [n, 77], padded and truncated as SD 2.x's pipeline does."""
-    return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
 
 
 class CaptionEncoder:
@@ -46,7 +48,9 @@ def training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
         return noise
     if prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise UserError(f"model scheduler has prediction_type={prediction_type!r}; only epsilon and v_prediction are supported")
+    raise UserError(
+        f"model scheduler has prediction_type={prediction_type!r}; only epsilon and v_prediction are supported"
+    )
 
 
 def min_snr_weights(noise_scheduler, timesteps, snr_gamma: float) -> torch.Tensor:
@@ -61,9 +65,15 @@ def min_snr_weights(noise_scheduler, timesteps, snr_gamma: float) -> torch.Tenso
     return clipped / snr
 
 
-def diffusion_loss(parts: Components, posterior: Posterior, encoder_hidden_states, generator: torch.Generator,
-                   share: BatchShare | None = None, noise_offset: float = 0.0,
-                   snr_gamma: float | None = None) -> torch.Tensor:
+def diffusion_loss(
+    parts: Components,
+    posterior: Posterior,
+    encoder_hidden_states,
+    generator: torch.Generator,
+    share: BatchShare | None = None,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
     """The denoising loss of one batch: the VAE posterior of its images (latents.encode, or the latent cache),
     states [B, 77, hidden].
 
@@ -87,8 +97,9 @@ def diffusion_loss(parts: Components, posterior: Posterior, encoder_hidden_state
     return (per_sample * min_snr_weights(parts.noise_scheduler, timesteps, snr_gamma)).mean()
 
 
-def drop_captions(caption_ids: torch.Tensor, empty_id: int, probability: float, generator,
-                  share: BatchShare) -> torch.Tensor:
+def drop_captions(
+    caption_ids: torch.Tensor, empty_id: int, probability: float, generator, share: BatchShare
+) -> torch.Tensor:
     """Replace each sample's caption by the empty caption with `probability` (teaches the unconditional prediction
     classifier-free guidance uses). Draws no random numbers when off, so default runs are unchanged."""
     if not probability:
@@ -106,8 +117,9 @@ def check_finite(loss: torch.Tensor, step: int, params: TrainParams) -> None:
         )
 
 
-def accumulate_gradients(trainer: Trainer, batches, captions: CaptionEncoder, params: TrainParams,
-                         first_micro_batch: int) -> tuple[torch.Tensor, int]:
+def accumulate_gradients(
+    trainer: Trainer, batches, captions: CaptionEncoder, params: TrainParams, first_micro_batch: int
+) -> tuple[torch.Tensor, int]:
     """Backward over gradient_accumulation_steps micro-batches, numbered from `first_micro_batch` (which seeds
     their noise); return their mean loss (detached) and this process's image count. Gradients are averaged across
     processes once, on the last micro-batch."""
@@ -118,7 +130,8 @@ def accumulate_gradients(trainer: Trainer, batches, captions: CaptionEncoder, pa
         inputs = inputs.to(accelerator.device, non_blocking=True)
         caption_ids = caption_ids.to(accelerator.device, non_blocking=True)
         generator = torch.Generator(accelerator.device).manual_seed(
-            derived_seed(params.seed, NOISE_STREAM, first_micro_batch + micro))
+            derived_seed(params.seed, NOISE_STREAM, first_micro_batch + micro)
+        )
         caption_ids = drop_captions(caption_ids, captions.empty_id, params.caption_dropout, generator, trainer.share)
         with ExitStack() as stack:
             if micro < params.gradient_accumulation_steps - 1:
@@ -126,8 +139,15 @@ def accumulate_gradients(trainer: Trainer, batches, captions: CaptionEncoder, pa
                     stack.enter_context(accelerator.no_sync(module))
             with accelerator.autocast():
                 encoder_hidden_states = captions(parts.text_encoder, caption_ids)
-                loss = diffusion_loss(parts, posterior_of(parts.vae, inputs), encoder_hidden_states, generator,
-                                      trainer.share, params.noise_offset, params.snr_gamma)
+                loss = diffusion_loss(
+                    parts,
+                    posterior_of(parts.vae, inputs),
+                    encoder_hidden_states,
+                    generator,
+                    trainer.share,
+                    params.noise_offset,
+                    params.snr_gamma,
+                )
             accelerator.backward(loss / params.gradient_accumulation_steps)
         losses.append(loss.detach())
         images += caption_ids.shape[0]
