@@ -78,7 +78,7 @@ def run_queue(jobs: int, poll_seconds: float, settle_seconds: float) -> tuple[Co
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1, help="workers, each running one experiment at a time")
-    parser.add_argument("--poll", type=float, default=5.0, help="seconds between looks at `dvc queue status`")
+    parser.add_argument("--poll", type=float, default=15.0, help="seconds between `dvc queue status` calls")
     parser.add_argument("--settle", type=float, default=20.0, help="seconds a newly started worker gets to register")
     args = parser.parse_args(argv)
     try:
