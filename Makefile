@@ -5,7 +5,7 @@ UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 RUN := $(UV) run --frozen
 
-.PHONY: install repro lint format test test-fast params builtins clean-env
+.PHONY: install repro queue lint format test test-fast params builtins clean-env
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -19,6 +19,11 @@ install: .venv/.synced
 
 repro: install
 	$(RUN) dvc repro
+
+# Run the experiments queued with `dvc exp run --queue` until none is left (lanskap/sweep/run_queue.py): DVC starts
+# its workers as the `dvc` on PATH, and a worker can stop with experiments still queued.
+queue: install
+	$(RUN) python -m lanskap.sweep.run_queue $(QUEUE_ARGS)
 
 # Ruff (pyproject.toml [tool.ruff]): the lint rules, and the formatting as checked, not applied.
 lint: install

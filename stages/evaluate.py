@@ -6,7 +6,7 @@ Inputs:  PROCESSED/test.csv (reference images and captions), GENERATED/index.csv
          LoRA shape, steps, data hash), params.yaml's `preset`, and the git commit when there is one
 Outputs: OUT  metrics JSON with flat numeric keys (for `dvc metrics diff`); ema_weights_scored says which LoRA
               weights generate used (1: the EMA weights, 0: the raw ones)
-         REPORTS/base_vs_lora.csv  metric, model, value, bar: base and LoRA per metric (`dvc plots` bar chart)
+         REPORTS/base_vs_lora.csv  metric, model, value: base and LoRA per metric (`dvc plots` bar chart)
          REPORTS/report.md, loss.png  the run's report for a reviewer (figures linked by relative path)
          REPORTS/report.html          the same, one self-contained file (figures inline) that opens offline
 Params:  evaluate, preset

@@ -53,17 +53,14 @@ class ReportInputs:
 
 
 def base_vs_lora_table(metrics: dict[str, float]) -> pd.DataFrame:
-    """Long table (metric, model, value, bar) for `dvc plots`: one base and one LoRA row per metric.
-
-    `bar` ("metric model") is the chart's category axis: DVC's bar templates separate bars only by
-    revision, so two rows sharing a category would be drawn on top of each other.
-    """
+    """Long table (metric, model, value) for `dvc plots`: one base and one LoRA row per metric, drawn one panel per
+    metric by `.dvc/plots/base_vs_lora.json` (KID runs to thousands, CMMD to about 10: one axis would hide CMMD)."""
     rows = [
-        {"metric": metric, "model": model, "value": metrics[key], "bar": f"{metric} {model}"}
+        {"metric": metric, "model": model, "value": metrics[key]}
         for metric, keys in BASE_VS_LORA_KEYS.items()
         for model, key in zip(("base", "lora"), keys)
     ]
-    return pd.DataFrame(rows, columns=["metric", "model", "value", "bar"])
+    return pd.DataFrame(rows, columns=["metric", "model", "value"])
 
 
 def sample_size(key: str, metrics: dict[str, float]) -> str:
