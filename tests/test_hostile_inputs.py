@@ -89,7 +89,7 @@ def test_hostile_folder_gives_reasons_and_leaves_the_source_untouched(workdir, p
     assert len(manifest) == 4 and manifest["path"].is_unique
     caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
     captions = pd.read_csv(workdir / "data/captions.csv").set_index("source")["caption"]
-    assert captions[str(folder / "latin1.png")] == "caf\ufffd au lac"  # undecodable byte replaced, not a crash
+    assert captions[str(folder / "latin1.png")] == "café au lac"  # not UTF-8: read as Windows-1252, with a note
     assert "truncated to 77" in capsys.readouterr().out
 
 
