@@ -4,8 +4,10 @@ and the source folder is never modified."""
 import codecs
 import errno
 import hashlib
+import importlib
 import io
 import json
+import re
 import struct
 import unicodedata
 import zlib
@@ -530,3 +532,126 @@ def test_caption_bytes_are_decoded_with_a_note_or_refused_never_replaced(data, e
     else:
         text, note = decode_caption(data)
         assert text == expected[0] and expected[1] in note and (note == "") == (expected[1] == "")
+
+
+# --- Disk full and failing disks at every writer (issue 22): the errors each library really raises ---
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # from a full tmpfs
+TORCH_FULL = "[enforce fail at inline_container.cc:671] . unexpected pos 576 vs 534"  # torch.save on a full tmpfs
+
+
+def raising(error: BaseException):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+def previous_output(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"the previous output")
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("writer", "patched", "error", "message"),
+    [
+        ("csv", (pd.DataFrame, "to_csv"), ENOSPC, "disk full while writing {target} (No space left on device)"),
+        ("json", (Path, "write_text"), ENOSPC, "disk full while writing {target} (No space left on device)"),
+        ("text", (Path, "write_text"), OSError(errno.EIO, "I/O"), "could not write {target} (Input/output error)"),
+        ("png", (Image.Image, "save"), ENOSPC, "disk full while writing {target} (No space left on device)"),
+        ("safetensors", (Path, "write_bytes"), ENOSPC, "disk full while writing {target} (No space left on device)"),
+    ],
+)
+def test_each_writer_maps_a_full_or_failing_disk_to_the_disk_message(
+    tmp_path, monkeypatch, writer, patched, error, message
+):
+    import safetensors.torch
+    import torch
+
+    from lanskap.core.figures import save_png
+    from lanskap.core.io import canonicalise_safetensors, write_csv, write_json, write_text
+
+    target = tmp_path / "out" / f"a.{writer}"
+    before = previous_output(target)
+    if writer == "safetensors":  # the header rewrite of every exported file
+        safetensors.torch.save_file({"a": torch.zeros(4)}, target)
+        before = target.read_bytes()
+    monkeypatch.setattr(*patched, raising(error))
+    write = {
+        "csv": lambda: write_csv(target, pd.DataFrame({"a": [1]})),
+        "json": lambda: write_json(target, {"a": 1}),
+        "text": lambda: write_text(target, "a"),
+        "png": lambda: save_png(Image.new("RGB", (8, 8)), target),
+        "safetensors": lambda: canonicalise_safetensors(target),
+    }[writer]
+    with pytest.raises(UserError, match=re.escape(message.format(target=target))) as raised:
+        write()
+    assert "the previous" in str(raised.value) and f"df -h {target.parent}" in str(raised.value)
+    assert target.read_bytes() == before and sorted(path.name for path in target.parent.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize(
+    ("failing", "error"),
+    [
+        ("safetensors.torch.save_file", "safetensors"),
+        ("torch.save", RuntimeError(TORCH_FULL)),
+        ("pathlib.Path.write_text", ENOSPC),
+    ],
+)
+def test_a_full_disk_while_saving_a_checkpoint_is_the_disk_message(tmp_path, monkeypatch, failing, error):
+    from safetensors import SafetensorError
+
+    from lanskap.train.checkpoints import TrainingState, save_checkpoint
+    from tests.test_interruptions import tiny_training
+
+    parameters, optimizer, scheduler = tiny_training()
+    checkpoint_dir = tmp_path / ".lanskap-cache/checkpoints/key"
+    save_checkpoint(checkpoint_dir, TrainingState(step=4), parameters, optimizer, scheduler)
+    module, name = failing.rsplit(".", 1)
+    monkeypatch.setattr(
+        importlib.import_module(module) if module != "pathlib.Path" else Path,
+        name,
+        raising(SafetensorError(SAFETENSORS_FULL) if error == "safetensors" else error),
+    )
+    with pytest.raises(UserError, match=r"(disk full|could not) .*step-00000008.* the previous .* unchanged"):
+        save_checkpoint(checkpoint_dir, TrainingState(step=8), parameters, optimizer, scheduler)
+    assert sorted(path.name for path in checkpoint_dir.iterdir()) == ["step-00000004"]
+
+
+def test_a_full_disk_during_the_lora_export_is_the_disk_message(tmp_path, monkeypatch):
+    """The export as train_lora runs it (inside its output's staging folder), with safetensors' own error type."""
+    import safetensors.torch
+    from diffusers import UNet2DConditionModel
+    from safetensors import SafetensorError
+
+    from lanskap.core.io import atomic_dir
+    from lanskap.core.params import LoraParams
+    from lanskap.lora.adapters import add_unet_lora
+    from lanskap.lora.files import export_lora
+    from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_base_model(BUILTIN_TINY_SD2, None).path, subfolder="unet")
+    params = LoraParams(rank=4, alpha=4.0)
+    add_unet_lora(unet, params)
+    out = tmp_path / "models/lora"
+    before = previous_output(out / "pytorch_lora_weights.safetensors")
+    monkeypatch.setattr(safetensors.torch, "save_file", raising(SafetensorError(SAFETENSORS_FULL)))
+    message = r"disk full while writing .*models/lora \(No space left on device\)"
+    with pytest.raises(UserError, match=message), atomic_dir(out) as staging:
+        export_lora(unet, staging, params, {"model": "builtin:tiny-sd2", "revision": ""})
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == before
+    assert sorted(path.name for path in out.parent.iterdir()) == ["lora"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("CUDA out of memory"), OSError(errno.ENOENT, "No such file"), ValueError("a bug")],
+)
+def test_errors_that_are_no_disk_failure_keep_their_own_type(tmp_path, error):
+    """The negative control: only a failed write becomes the disk message."""
+    from lanskap.core.io import atomic_dir
+
+    with pytest.raises(type(error), match=str(error.args[-1])), atomic_dir(tmp_path / "out"):
+        raise error
