@@ -18,6 +18,7 @@ The source is only read. Downloads are cached in .lanskap-cache/downloads/, so a
 import argparse
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -72,11 +73,22 @@ def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParam
     def read_local() -> bytes:
         if not path.resolve().is_relative_to(folder.resolve()):
             raise ItemRejected(f"path outside the manifest's folder {folder}: {reference}")
+        if "\\" in reference and not path.exists():
+            raise ItemRejected(
+                f"no such file: {reference}; this looks like a Windows path: write paths with / "
+                f"between folders, relative to the manifest ({windows_to_posix(reference)})"
+            )
         data = path.read_bytes()
         require_sha256(data, row.get("sha256", ""))
         return data
 
     return read_local
+
+
+def windows_to_posix(reference: str) -> str:
+    """`photos\\a.jpg` -> `photos/a.jpg`; a drive (`C:\\...`) cannot be made relative, so it is named instead."""
+    posix = reference.replace("\\", "/")
+    return f"e.g. {posix}" if not re.match(r"[A-Za-z]:/", posix) else "not a drive letter such as C:"
 
 
 def folder_candidates(folder: Path, result: IngestResult):

@@ -655,3 +655,81 @@ def test_errors_that_are_no_disk_failure_keep_their_own_type(tmp_path, error):
 
     with pytest.raises(type(error), match=str(error.args[-1])), atomic_dir(tmp_path / "out"):
         raise error
+
+
+# --- Manifests as Windows tools save them (issue 22) ---
+
+
+@pytest.mark.parametrize(
+    ("name", "encode"),
+    [
+        ("manifest.csv", lambda text: text.encode("utf-16")),  # with a byte-order mark, as Notepad saves "Unicode"
+        ("manifest.csv", lambda text: text.encode("utf-16-le")),  # without one
+        ("manifest.csv", lambda text: text.encode("utf-16-be")),
+        ("manifest.jsonl", lambda text: text.encode("utf-16")),
+    ],
+)
+def test_a_utf16_manifest_is_read(workdir, project_params, name, encode):
+    rows = [{"path": f"{index}.png", "caption": f"café n°{index}"} for index in range(6)]
+    for index in range(6):
+        (workdir / f"{index}.png").write_bytes(png_bytes(seed=index))
+    text = (
+        pd.DataFrame(rows).to_csv(index=False)
+        if name.endswith(".csv")
+        else "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    )
+    (workdir / name).write_bytes(encode(text))
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": name, "min_size": 32}})
+    ingest.main(["--out", "data/ingested"])
+    manifest = pd.read_csv(workdir / "data/ingested/manifest.csv")
+    assert sorted(manifest["source_caption"]) == [f"café n°{index}" for index in range(6)]
+
+
+def test_a_manifest_in_another_encoding_is_one_clear_error(workdir, project_params):
+    (workdir / "manifest.csv").write_bytes("path,caption\n0.png,café\n".encode("cp1252"))
+    write_params(workdir, {**project_params, "ingest": {**project_params["ingest"], "source": "manifest.csv"}})
+    with pytest.raises(UserError, match=r"manifest.csv: cannot parse manifest: not UTF-8 or UTF-16 text .*save it as"):
+        ingest.main(["--out", "data/ingested"])
+    assert not (workdir / "data/ingested").exists()
+
+
+def test_windows_paths_in_a_manifest_get_a_hint(workdir, project_params):
+    (workdir / "photos").mkdir()
+    for index in range(7):
+        (workdir / f"photos/{index}.png").write_bytes(png_bytes(seed=index))
+    paths = [f"photos/{index}.png" for index in range(6)] + ["photos\\6.png", "C:\\Users\\me\\photos\\6.png"]
+    (workdir / "manifest.csv").write_text(pd.DataFrame({"path": paths}).to_csv(index=False))
+    before = tree_digest(workdir / "photos")
+    write_params(
+        workdir, {**project_params, "ingest": {**project_params["ingest"], "source": "manifest.csv", "min_size": 32}}
+    )
+    ingest.main(["--out", "data/ingested"])
+    assert tree_digest(workdir / "photos") == before
+    reasons = pd.read_csv(workdir / "data/ingested/rejected.csv").set_index("source")["reason"]
+    assert reasons["photos\\6.png"] == (
+        "no such file: photos\\6.png; this looks like a Windows path: write paths with / between folders, relative "
+        "to the manifest (e.g. photos/6.png)"
+    )
+    assert "this looks like a Windows path" in reasons["C:\\Users\\me\\photos\\6.png"]
+    assert "(not a drive letter such as C:)" in reasons["C:\\Users\\me\\photos\\6.png"]
+    assert len(pd.read_csv(workdir / "data/ingested/manifest.csv")) == 6
+
+
+def test_a_symlink_out_of_the_source_is_followed_in_a_folder_and_refused_in_a_manifest(workdir, project_params):
+    """The documented rule (README, Your own images): a folder is the user's own selection, links included; a
+    manifest's rows are confined to its folder, so a shared manifest cannot read files elsewhere on the machine."""
+    outside, folder = workdir / "elsewhere", workdir / "raw"
+    outside.mkdir(), folder.mkdir()
+    (outside / "linked.png").write_bytes(png_bytes(seed=9))
+    for index in range(6):
+        (folder / f"{index}.png").write_bytes(png_bytes(seed=index))
+    (folder / "linked.png").symlink_to(outside / "linked.png")
+    (folder / "manifest.csv").write_text("path\n" + "".join(f"{index}.png\n" for index in range(6)) + "linked.png\n")
+    for source, accepted, refused in ((folder, 7, 0), (folder / "manifest.csv", 6, 1)):
+        write_params(
+            workdir, {**project_params, "ingest": {**project_params["ingest"], "source": str(source), "min_size": 32}}
+        )
+        ingest.main(["--out", "data/ingested"])
+        rejected = pd.read_csv(workdir / "data/ingested/rejected.csv")
+        assert (len(pd.read_csv(workdir / "data/ingested/manifest.csv")), len(rejected)) == (accepted, refused)
+    assert "path outside the manifest's folder" in rejected["reason"][0]

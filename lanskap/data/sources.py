@@ -11,6 +11,7 @@ editors save) when that gives printable text, with a note; otherwise the item is
 """
 
 import codecs
+import io
 import json
 import unicodedata
 from dataclasses import dataclass, field
@@ -148,7 +149,8 @@ def clean_caption(text: str) -> str:
 
 
 def manifest_rows(manifest: Path) -> list[dict[str, str]]:
-    """Rows of a CSV or JSONL manifest (UTF-8, a byte-order mark allowed), values as text ("" for empty or null);
+    """Rows of a CSV or JSONL manifest (UTF-8 or UTF-16 as Excel and Notepad save them, a byte-order mark allowed),
+    values as text ("" for empty or null);
     every row needs a `path` (a local path relative to the manifest, or a URL). A malformed row is a UserError
     naming its line."""
     rows = jsonl_rows(manifest) if manifest.suffix.lower() == ".jsonl" else csv_rows(manifest)
@@ -161,9 +163,28 @@ def manifest_rows(manifest: Path) -> list[dict[str, str]]:
     return [row for _, row in rows]
 
 
-def csv_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+def manifest_text(manifest: Path) -> str:
+    """The manifest's text: UTF-16 by its byte-order mark or NUL bytes (Excel's "Unicode Text"), else UTF-8."""
+    data = manifest.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif looks_like_utf16(data[:4096]):
+        encoding = "utf-16-le" if data[1::2].count(0) > data[0::2].count(0) else "utf-16-be"
+    else:
+        encoding = "utf-8-sig"
     try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{manifest}: cannot parse manifest: not UTF-8 or UTF-16 text ({error}); save it as UTF-8 "
+            "(Excel: CSV UTF-8)"
+        ) from None
+
+
+def csv_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+    text = manifest_text(manifest)
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (ValueError, pd.errors.ParserError) as error:
         raise UserError(f"{manifest}: cannot parse manifest: {error}") from None
     if "path" not in table.columns:
@@ -172,10 +193,7 @@ def csv_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
 
 
 def jsonl_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
-    try:
-        lines = manifest.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as error:
-        raise UserError(f"{manifest}: cannot parse manifest: not UTF-8 ({error})") from None
+    lines = manifest_text(manifest).splitlines()
     rows = []
     for line, text in enumerate(lines, start=1):
         if not text.strip():
