@@ -7,7 +7,7 @@ Outputs: OUT/images/<sha256 prefix>.png  RGB, shorter side resized to preprocess
          OUT/train.csv, OUT/test.csv     the split tables pointing at the canonical images, with each image's
                                          training size (bucket_width, bucket_height: square unless bucketed)
          REPORTS/preview.png             original | augmented samples (git-tracked; the paper's Figure 4)
-         REPORTS/data_card.md            counts, sizes, caption statistics, rejected items, buckets
+         REPORTS/data_card.md            counts, sizes, caption statistics, rejected items, ingest notes, buckets
 Params:  preprocess, augment, train.batch_size (the buckets' batches per epoch)
 """
 

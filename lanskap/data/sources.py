@@ -111,13 +111,7 @@ def decode_caption(data: bytes) -> Caption:
     """Caption text from a sidecar's bytes: UTF-8 or UTF-16 by their byte-order marks, UTF-16 without one by its
     NUL bytes, else UTF-8, else Windows-1252 when that gives printable text; ItemRejected otherwise."""
     try:
-        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            return Caption(clean_caption(data.decode("utf-16")))
-        if looks_like_utf16(data):
-            return Caption(
-                clean_caption(data.decode("utf-16-le" if data[1::2].count(0) > data[0::2].count(0) else "utf-16-be"))
-            )
-        return Caption(clean_caption(data.decode("utf-8-sig")))
+        return Caption(clean_caption(data.decode(unicode_encoding(data))))
     except UnicodeDecodeError as error:
         utf_error = error
     try:
@@ -130,6 +124,15 @@ def decode_caption(data: bytes) -> Caption:
         f"caption file is not text in UTF-8, UTF-16 or Windows-1252 ({utf_error.encoding}: "
         f"{utf_error.reason} at byte {utf_error.start}); save it as UTF-8"
     )
+
+
+def unicode_encoding(data: bytes) -> str:
+    """UTF-16 by a byte-order mark or by NUL bytes (byte order from where they fall), else UTF-8 (BOM or not)."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if looks_like_utf16(data[:4096]):
+        return "utf-16-le" if data[1:4096:2].count(0) > data[0:4096:2].count(0) else "utf-16-be"
+    return "utf-8-sig"
 
 
 def looks_like_utf16(data: bytes) -> bool:
@@ -166,14 +169,8 @@ def manifest_rows(manifest: Path) -> list[dict[str, str]]:
 def manifest_text(manifest: Path) -> str:
     """The manifest's text: UTF-16 by its byte-order mark or NUL bytes (Excel's "Unicode Text"), else UTF-8."""
     data = manifest.read_bytes()
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encoding = "utf-16"
-    elif looks_like_utf16(data[:4096]):
-        encoding = "utf-16-le" if data[1::2].count(0) > data[0::2].count(0) else "utf-16-be"
-    else:
-        encoding = "utf-8-sig"
     try:
-        return data.decode(encoding)
+        return data.decode(unicode_encoding(data))
     except UnicodeDecodeError as error:
         raise UserError(
             f"{manifest}: cannot parse manifest: not UTF-8 or UTF-16 text ({error}); save it as UTF-8 "
