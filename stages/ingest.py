@@ -9,6 +9,8 @@ Outputs: OUT/images/<sha256 prefix><ext>  accepted images, byte-identical copies
                                   group (sub-folder or manifest column), phash
          OUT/rejected.csv         source, reason - every item not accepted, with why
          OUT/near_duplicates.csv  pairs of accepted images whose perceptual hashes nearly match (kept, reported)
+         OUT/notes.csv            source, note - accepted items read by a documented rule: a caption decoded as
+                                  Windows-1252, an ICC profile for another colour space ignored
 Params:  ingest; and the model, caption, split and evaluate keys the preflight checks (lanskap/preflight.py)
 The source is only read. Downloads are cached in .lanskap-cache/downloads/, so a rerun resumes.
 """
@@ -16,6 +18,7 @@ The source is only read. Downloads are cached in .lanskap-cache/downloads/, so a
 import argparse
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -70,11 +73,22 @@ def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParam
     def read_local() -> bytes:
         if not path.resolve().is_relative_to(folder.resolve()):
             raise ItemRejected(f"path outside the manifest's folder {folder}: {reference}")
+        if "\\" in reference and not path.exists():
+            raise ItemRejected(
+                f"no such file: {reference}; this looks like a Windows path: write paths with / "
+                f"between folders, relative to the manifest ({windows_to_posix(reference)})"
+            )
         data = path.read_bytes()
         require_sha256(data, row.get("sha256", ""))
         return data
 
     return read_local
+
+
+def windows_to_posix(reference: str) -> str:
+    """`photos\\a.jpg` -> `photos/a.jpg`; a drive (`C:\\...`) cannot be made relative, so it is named instead."""
+    posix = reference.replace("\\", "/")
+    return f"e.g. {posix}" if not re.match(r"[A-Za-z]:/", posix) else "not a drive letter such as C:"
 
 
 def folder_candidates(folder: Path, result: IngestResult):
@@ -87,9 +101,12 @@ def folder_candidates(folder: Path, result: IngestResult):
         candidate = Candidate(path.as_posix(), group=parts[0] if len(parts) > 1 else "")
         sidecar = scan.sidecar(path)
         try:
-            candidate.caption = decode_caption(sidecar.read_bytes()) if sidecar else ""
+            candidate.caption, candidate.note = decode_caption(sidecar.read_bytes()) if sidecar else ("", "")
         except OSError as error:
             yield unreadable(f"caption file {sidecar} unreadable: {error.strerror or error}"), candidate
+            continue
+        except ItemRejected as error:
+            yield unreadable(f"{sidecar.name}: {error}"), candidate
             continue
         yield (lambda p=path: p.read_bytes()), candidate
 
@@ -132,7 +149,7 @@ def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result:
     """Validated image and its bytes, or None after recording why the item was rejected."""
     try:
         data = read()
-        image, file_format = check_image(data, candidate.source, params.min_size, params.max_aspect_ratio)
+        image, file_format, note = check_image(data, candidate.source, params.min_size, params.max_aspect_ratio)
     except ItemRejected as reason:
         return result.reject(candidate.source, str(reason))
     except OSError as error:
@@ -141,6 +158,8 @@ def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result:
     if digest in seen:
         return result.reject(candidate.source, f"exact duplicate of {seen[digest]}")
     seen[digest] = candidate.source
+    for text in filter(None, (candidate.note, note)):
+        result.notes.append({"source": candidate.source, "note": text})
     return image, data, digest, file_format
 
 
@@ -199,6 +218,7 @@ def ingest(params: IngestParams, out: Path) -> IngestResult:
         write_csv(staging / "manifest.csv", pd.DataFrame(result.accepted, columns=MANIFEST_COLUMNS))
         write_csv(staging / "rejected.csv", pd.DataFrame(result.rejected, columns=["source", "reason"]))
         write_csv(staging / "near_duplicates.csv", near_duplicates(result.accepted, params.near_duplicate_distance))
+        write_csv(staging / "notes.csv", pd.DataFrame(result.notes, columns=["source", "note"]))
         if len(result.accepted) < 2:
             print_rejected(result)
             raise UserError(too_few_images(result, params.source))
@@ -257,6 +277,8 @@ def main(argv=None):
         f"ingest: {len(result.accepted)} accepted, {len(result.rejected)} rejected, {len(near)} near-duplicate "
         f"pair(s) reported{', ' + skipped if skipped else ''} -> {args.out}/manifest.csv"
     )
+    for note, count in pd.Series([item["note"] for item in result.notes], dtype=str).value_counts().items():
+        print(f"  note: {count} item(s): {note} (listed in {args.out}/notes.csv)")
     print_rejected(result)
 
 

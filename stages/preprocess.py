@@ -7,7 +7,7 @@ Outputs: OUT/images/<sha256 prefix>.png  RGB, shorter side resized to preprocess
          OUT/train.csv, OUT/test.csv     the split tables pointing at the canonical images, with each image's
                                          training size (bucket_width, bucket_height: square unless bucketed)
          REPORTS/preview.png             original | augmented samples (git-tracked; the paper's Figure 4)
-         REPORTS/data_card.md            counts, sizes, caption statistics, rejected items, buckets
+         REPORTS/data_card.md            counts, sizes, caption statistics, rejected items, ingest notes, buckets
 Params:  preprocess, augment, train.batch_size (the buckets' batches per epoch)
 """
 
@@ -81,6 +81,7 @@ def histogram_rows(values: pd.Series, edges: list[int], unit: str) -> list[str]:
 def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolution: int, bucketed: bool) -> str:
     rejected = read_table(ingested / "rejected.csv", ["source", "reason"])
     near = read_table(ingested / "near_duplicates.csv", ["source_a", "source_b", "hash_distance"])
+    notes = read_table(ingested / "notes.csv", ["source", "note"])
     both = pd.concat([train.assign(side="train"), test.assign(side="test")])
     words = both["caption"].str.split().str.len()
     lines = [
@@ -89,6 +90,8 @@ def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolutio
         f"- images: {len(both)} ({len(train)} train, {len(test)} test), trained at {resolution} px"
         + (" (in aspect-ratio buckets of about that area: see below)" if bucketed else ""),
         f"- rejected at ingest: {len(rejected)}; near-duplicate pairs kept: {len(near)}",
+        f"- read by a documented rule at ingest: {len(notes)}"
+        + "".join(f"; {count} {note}" for note, count in notes["note"].value_counts().items()),
         f"- caption words: min {words.min()}, median {int(words.median())}, max {words.max()}; "
         f"CLIP tokens max {both['clip_tokens'].max()} ({(both['clip_tokens'] > 77).sum()} over 77, truncated)",
         "",

@@ -21,10 +21,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+from safetensors import SafetensorError
 
 from lanskap.core.errors import UserError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FAILED = (errno.EIO, errno.EROFS)  # the disk or its connection failed, or it was remounted read-only
+# Writers that report a failed write without an OSError: safetensors quotes the OS error in its own error's text
+# ("I/O error: No space left on device (os error 28)"; older: "Os { code: 28, ... }"); torch.save's zip writer
+# only says that it could not write what it meant to ("[enforce fail at inline_container.cc] unexpected pos").
+SAFETENSORS_ERRNO = re.compile(r"os error (\d+)|code: (\d+)")
+TORCH_WRITE_FAILED = re.compile(r"inline_container\.cc|PytorchStreamWriter")
 
 
 def process_exists(pid: int) -> bool:
@@ -120,19 +127,38 @@ def final_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def disk_full_as_user_error(target: Path) -> Iterator[None]:
-    """A disk that fills up mid-write (after the stage's start-up check, or because another program wrote) is the
-    user's to fix, not a bug: say which output and which folder's disk, and that the previous output is unchanged."""
+    """A disk that fills up or fails mid-write (after the stage's start-up check, or because another program wrote)
+    is the user's to fix, not a bug: say which output and which folder's disk, and that the previous output is
+    unchanged. Covers OSError and the writers that raise their own errors (safetensors, torch.save)."""
     try:
         yield
-    except OSError as error:
-        if error.errno not in DISK_FULL:
+    except (OSError, SafetensorError, RuntimeError) as error:
+        code = write_errno(error)
+        if code is None:
             raise
         shown = final_path(target)
+        what = f"disk full while writing {shown}" if code in DISK_FULL else f"could not write {shown}"
+        fix = "free space on" if code in DISK_FULL else "check"
         raise UserError(
-            f"disk full while writing {shown} ({os.strerror(error.errno)}): free space on the disk holding "
+            f"{what} ({os.strerror(code) if code else short_reason(error)}): {fix} the disk holding "
             f"{shown.parent.resolve()} (`df -h {shown.parent}`) and rerun; the previous {shown} is "
             "unchanged and the partial one was removed"
         ) from None
+
+
+def write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write, 0 for a failed write whose cause is unknown, None for any other error."""
+    if isinstance(error, OSError):
+        return error.errno if error.errno in DISK_FULL + DISK_FAILED else None
+    if isinstance(error, SafetensorError):
+        match = SAFETENSORS_ERRNO.search(str(error))
+        code = int(match.group(1) or match.group(2)) if match else None
+        return code if code in DISK_FULL + DISK_FAILED else None
+    return 0 if TORCH_WRITE_FAILED.search(str(error)) else None
+
+
+def short_reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error)[:120]}; a full or failing disk"
 
 
 def write_json(path: str | Path, data: dict) -> None:

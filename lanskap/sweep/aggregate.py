@@ -14,13 +14,13 @@ read the others.
 
 import argparse
 import json
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lanskap.core.errors import UserError
 from lanskap.sweep import seed_stats
+from lanskap.sweep.exp_show import read_exp_show
 from lanskap.sweep.report import write_report
 
 # the CMMD gap (LoRA minus base, distance to the test images), the distances to the test images, the gap in mean
@@ -52,19 +52,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def read_exp_show(saved: str | None) -> list:
-    """`dvc exp show --json` of the current project, or a saved copy of it."""
-    if saved:
-        try:
-            return json.loads(Path(saved).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"--from-json {saved}: cannot read it as `dvc exp show --json` output ({error})") from None
-    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise UserError(f"`dvc exp show --json` failed (run this in the project root):\n{shown.stderr.strip()}")
-    return json.loads(shown.stdout)
 
 
 def _experiment(name: str, data: dict, metric_files: list[str]) -> Experiment:
