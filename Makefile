@@ -5,7 +5,7 @@ UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 RUN := $(UV) run --frozen
 
-.PHONY: install repro lint format test test-fast params builtins clean-env
+.PHONY: install repro rate lint format test test-fast params builtins clean-env
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -19,6 +19,11 @@ install: .venv/.synced
 
 repro: install
 	$(RUN) dvc repro
+
+# The blind side-by-side rating page for the generated images, on http://127.0.0.1:8765/ (lanskap/rate); Ctrl-C,
+# then commit ratings/votes.sqlite and `dvc repro qualitative` for the win rates.
+rate: install
+	$(RUN) python -m lanskap.rate $(RATE_ARGS)
 
 # Ruff (pyproject.toml [tool.ruff]): the lint rules, and the formatting as checked, not applied.
 lint: install
