@@ -130,6 +130,10 @@ def create_app(panel: Panel) -> Flask:
     def page():
         return send_from_directory(STATIC, "index.html")
 
+    @app.get("/favicon.ico")
+    def no_icon():
+        return Response(status=204)
+
     @app.get("/api/state")
     def state():
         rater = request.args.get("rater", "")
