@@ -67,6 +67,11 @@ def chosen(page, count: int) -> None:
     expect(page.locator("#criteria button.chosen")).to_have_count(count)
 
 
+def saved(page) -> None:
+    """Wait until every answer given has reached the server (the page shows an answer before it is saved)."""
+    expect(page.locator("#saving")).to_have_text("all answers saved", timeout=30_000)
+
+
 def sign_in(page, url: str, rater: str) -> None:
     page.goto(url)
     page.fill("#rater", rater)
@@ -95,6 +100,7 @@ def test_clicks_and_keys_record_the_right_rows(chromium, served):
         chosen(page, answered)
     page.keyboard.press("ArrowLeft")  # overall A, the last question: on to the next item
     expect(page.locator("#count")).to_have_text(f"1 of {N_ITEMS} rated")
+    saved(page)
     expected = list(zip(CRITERIA, ["A", "B", "tie", "B", "A"], strict=True))
     assert sorted(rows(root)) == sorted(("alice", item.prompt_index, side, c, a) for c, a in expected)
     assert page.inner_text("#caption") == expected_item(root, "alice", 1)[0].caption  # on to the next item
@@ -113,10 +119,10 @@ def test_the_page_and_its_requests_never_reveal_which_side_is_the_lora(chromium,
 
     page.on("response", on_response)
     sign_in(page, url, "alice")
-    for n in range(2 * len(CRITERIA)):  # two items, every question
+    for _ in range(2 * len(CRITERIA)):  # two items, every question, typed as fast as keys go
         page.keyboard.press("a")
-        chosen(page, (n + 1) % len(CRITERIA))
     expect(page.locator("#count")).to_have_text(f"2 of {N_ITEMS} rated")
+    saved(page)
     page.reload()
     page.wait_for_selector("#item:not([hidden])")
     seen.append(page.content())
@@ -133,6 +139,7 @@ def test_a_reload_and_a_restart_resume_where_the_rater_stopped(chromium, served)
     for n, key in enumerate(["a"] * len(CRITERIA) + ["b", "b"]):  # the first item, two questions of the second
         page.keyboard.press(key)
         chosen(page, (n + 1) % len(CRITERIA))
+    saved(page)
     second = expected_item(root, "carol", 1)[0].caption
 
     def resumed():

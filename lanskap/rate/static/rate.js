@@ -10,6 +10,8 @@ let rater = null;
 let state = null;
 let position = 0; // which of the rater's items is shown
 let row = 0; // which question the keys answer
+let queue = Promise.resolve(); // the votes not yet sent, in order
+let unsaved = 0;
 
 function answersOf(item) {
   return state.answers[item.id] || {};
@@ -84,20 +86,12 @@ function render() {
   renderItem();
 }
 
-async function answer(n, value) {
+// An answer shows at once and the keys move on; the votes go to the server one after another, in order, and an
+// answer the server refused is taken back with the reason shown.
+function answer(n, value) {
   const item = state.items[position];
   const criterion = state.criteria[n].name;
-  const response = await fetch("/api/vote", {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": state.token },
-    body: JSON.stringify({ rater, item: item.id, criterion, answer: value }),
-  });
-  if (!response.ok) {
-    const body = await response.json().catch(() => ({}));
-    showError(`Not saved: ${body.error || response.status}`);
-    return;
-  }
-  showError("");
+  const previous = answersOf(item)[criterion];
   state.answers[item.id] = { ...answersOf(item), [criterion]: value };
   const open = state.criteria.findIndex((c, k) => k > n && !(c.name in state.answers[item.id]));
   if (open >= 0) {
@@ -109,6 +103,34 @@ async function answer(n, value) {
     row = state.criteria.findIndex((c) => !(c.name in state.answers[item.id]));
   }
   render();
+  unsaved += 1;
+  renderSaving();
+  queue = queue.then(() => send(item, criterion, value, previous));
+}
+
+async function send(item, criterion, value, previous) {
+  const response = await fetch("/api/vote", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": state.token },
+    body: JSON.stringify({ rater, item: item.id, criterion, answer: value }),
+  }).catch(() => null);
+  unsaved -= 1;
+  if (response && response.ok) {
+    renderSaving();
+    return;
+  }
+  const body = response ? await response.json().catch(() => ({})) : {};
+  const given = { ...answersOf(item) };
+  if (previous === undefined) delete given[criterion];
+  else given[criterion] = previous;
+  state.answers[item.id] = given;
+  showError(`Not saved: ${body.error || (response ? response.status : "the server did not answer")}`);
+  renderSaving();
+  render();
+}
+
+function renderSaving() {
+  $("saving").textContent = unsaved ? `saving ${unsaved}...` : "all answers saved";
 }
 
 function move(step) {
@@ -142,6 +164,7 @@ async function load() {
     return;
   }
   state = await response.json();
+  renderSaving();
   position = nextOpen(0);
   row = position < state.items.length ? Math.max(0, state.criteria.findIndex((c) => !(c.name in answersOf(state.items[position])))) : 0;
   render();
@@ -177,6 +200,9 @@ function start() {
     askForId();
   });
   document.addEventListener("keydown", onKey);
+  window.addEventListener("beforeunload", (event) => {
+    if (unsaved) event.preventDefault(); // the browser asks before leaving with answers not yet saved
+  });
   rater = localStorage.getItem("rater");
   if (rater && ID_PATTERN.test(rater)) load();
   else askForId();
