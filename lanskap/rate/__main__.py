@@ -16,7 +16,7 @@ from werkzeug.serving import make_server
 from lanskap.core.errors import UserError, run_stage
 from lanskap.core.params import load_params
 from lanskap.rate import votes as db
-from lanskap.rate.items import read_items
+from lanskap.rate.items import check_references, read_items
 from lanskap.rate.server import Panel, create_app
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -46,6 +46,7 @@ def main(argv=None):
     params = load_params("rate")["rate"]
 
     items = read_items(args.generated / "index.csv")
+    check_references(items, args.generated / "index.csv")
     connection, lock = db.connect(args.votes, create=True), threading.Lock()
     try:
         panel = Panel(items, dict(params.criteria), params.seed, connection, lock)

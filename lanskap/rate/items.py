@@ -42,7 +42,7 @@ def read_items(index: Path, root: Path = Path(".")) -> list[Item]:
     items = []
     for (prompt_index, sample), row in pairs.iterrows():
         base, lora = root / row["base"], root / row["lora"]
-        for path in (base, lora, root / first.loc[(prompt_index, sample), "reference_path"]):
+        for path in (base, lora):  # the references only the page shows: `check_references`
             if not path.is_file():
                 raise UserError(f"{index}: image {path} not found; rerun generate (dvc repro generate)")
         items.append(
@@ -58,6 +58,15 @@ def read_items(index: Path, root: Path = Path(".")) -> list[Item]:
             )
         )
     return items
+
+
+def check_references(items: list[Item], index: Path) -> None:
+    missing = [str(item.reference) for item in items if not item.reference.is_file()]
+    if missing:
+        raise UserError(
+            f"{index}: reference image(s) {', '.join(missing[:3])} not found; rerun preprocess and generate "
+            "(dvc repro generate)"
+        )
 
 
 def opaque_id(key: bytes, text: str) -> str:
