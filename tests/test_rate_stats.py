@@ -120,6 +120,33 @@ def test_a_real_preference_is_found():
     assert detection_rates(prefers_lora(0.8), 100, ("overall_sign_pvalue",))[0] >= 0.9
 
 
+def test_raters_who_agree_on_items_without_a_real_effect_fool_the_pooled_test_not_the_item_test():
+    """Five raters who all see the same thing in each item, with no preference for either model overall: their
+    votes are one vote per item five times over. The pooled test treats them as 5x the evidence and cries wolf;
+    the item-level test stays at its level."""
+    rng = np.random.default_rng(6)
+    pooled = by_item = 0
+    panels = 400
+    for _ in range(panels):
+        items = fake_items(20)
+        prefers = {item.lora_sha256: rng.random() < 0.5 for item in items}  # the item's look, not the model
+        votes = []
+        for r in range(5):
+            _, sides = rater_plan(items, f"rater{r}", seed=0)
+            for item, side in zip(items, sides, strict=True):
+                lora_wins = prefers[item.lora_sha256]
+                answer = "A" if lora_wins == (side == "left") else "B"
+                votes.append(Vote(f"rater{r}", item.prompt_index, 0, "", item.base_sha256, item.lora_sha256, side,
+                                  "overall", answer))  # fmt: skip
+        metrics = summarise(votes, items, ["overall"])
+        pooled += metrics["overall_sign_pvalue"] <= SIGNIFICANCE
+        by_item += metrics["overall_item_sign_pvalue"] <= SIGNIFICANCE
+    assert by_item / panels <= 0.05
+    assert (
+        pooled / panels > 0.15
+    )  # about 26%: the negative control: the pooled p is wrong here, which is why item p exists
+
+
 def test_an_always_left_rater_is_flagged_for_position_bias_not_for_the_lora():
     items = fake_items(20)
     metrics = summarise(panel_votes(items, 1, always_left, np.random.default_rng(3), CRITERIA), items, CRITERIA)

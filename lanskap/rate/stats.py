@@ -1,8 +1,8 @@
 """The statistics of a blind A/B panel: Wilson interval, exact sign test, Krippendorff's alpha.
 
 Ties are kept apart: the win rate is LoRA wins / (LoRA wins + base wins), and the sign test asks whether that
-split could come from a fair coin. Votes of several raters on the same items are pooled as if independent,
-which overstates the evidence when raters agree closely; alpha says how closely they do.
+split could come from a fair coin, over all votes or over items (summary.py: each item once, by its raters'
+majority, since votes of several raters on one item are not independent). Alpha says how closely raters agree.
 """
 
 import math

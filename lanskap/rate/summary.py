@@ -49,13 +49,25 @@ def criterion_metrics(name: str, votes: list[Vote]) -> dict[str, float]:
         m[f"{name}_sign_pvalue"] = sign_test(wins["lora"], wins["base"])
         m[f"{name}_left_share"] = left / (left + right)
         m[f"{name}_left_pvalue"] = sign_test(left, right)  # position bias: does the left side win more than half?
-    if m[f"{name}_n_raters"] >= 2:
-        units = defaultdict(dict)
-        for vote in votes:
-            units[vote.prompt_index, vote.sample][vote.rater] = winner(vote)
-        alpha = krippendorff_alpha_nominal(units)
-        if alpha is not None:
-            m[f"{name}_krippendorff_alpha"] = alpha
+        m.update(item_level(name, votes))
+    return m
+
+
+def item_level(name: str, votes: list[Vote]) -> dict[str, float]:
+    """Each item's majority (LoRA or base; an even split is dropped) and a sign test over items: votes of several
+    raters on one item are not independent, so with close agreement the pooled test overstates the evidence and
+    this one does not. Krippendorff's alpha from two raters up."""
+    units = defaultdict(dict)
+    for vote in votes:
+        units[vote.prompt_index, vote.sample][vote.rater] = winner(vote)
+    margins = [sum((w == "lora") - (w == "base") for w in unit.values()) for unit in units.values()]
+    lora_items, base_items = sum(d > 0 for d in margins), sum(d < 0 for d in margins)
+    m = {f"{name}_lora_items": lora_items, f"{name}_base_items": base_items}
+    if lora_items + base_items:
+        m[f"{name}_item_sign_pvalue"] = sign_test(lora_items, base_items)
+    alpha = krippendorff_alpha_nominal(units) if len({v.rater for v in votes}) >= 2 else None
+    if alpha is not None:
+        m[f"{name}_krippendorff_alpha"] = alpha
     return m
 
 
@@ -105,6 +117,7 @@ def criterion_row(metrics: dict[str, float], name: str) -> list[str]:
         optional(metrics, f"{name}_lora_win_rate"),
         f"[{low}, {high}]",
         optional(metrics, f"{name}_sign_pvalue", "{:.2g}"),
+        optional(metrics, f"{name}_item_sign_pvalue", "{:.2g}"),
         optional(metrics, f"{name}_krippendorff_alpha"),
         optional(metrics, f"{name}_left_share"),
     ]
@@ -120,13 +133,14 @@ def summary_markdown(metrics: dict[str, float], criteria: list[str]) -> str:
     lines += [
         f"{metrics['n_votes']:.0f} answers from {metrics['n_raters']:.0f} rater(s) on {metrics['n_items']:.0f} "
         f"items{stale}. Win rate: LoRA wins / (LoRA + base wins), ties apart; 95% Wilson interval; p: exact "
-        "two-sided sign test (ties excluded; votes pooled across raters as if independent).",
+        "two-sided sign test (ties excluded) over all votes as if independent; item p: the same test over items, "
+        "each counted once by its raters' majority (the one to trust when several raters rated the same items).",
         "",
     ]
     rows = [criterion_row(metrics, name) for name in criteria]
     biased = [name for name in criteria if metrics.get(f"{name}_left_pvalue", 1.0) <= SIGNIFICANCE]
     header = ["criterion", "n", "raters", "LoRA / base / tie", "LoRA win rate", "95% interval", "sign p"]
-    lines.append(markdown_table([*header, "alpha", "left share"], rows))
+    lines.append(markdown_table([*header, "item p", "alpha", "left share"], rows))
     lines.append("")
     lines.append("alpha: Krippendorff's (nominal) agreement between raters (1 perfect, 0 chance), from 2 raters.")
     if biased:
