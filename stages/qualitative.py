@@ -4,7 +4,8 @@ Inputs:  VOTES (the votes database, in git: ratings/votes.sqlite), GENERATED/ind
          generate: which votes were cast on the current images, by sha256)
 Outputs: OUT      metrics JSON with flat numeric keys (for `dvc metrics diff`): per criterion n votes and raters,
                   LoRA / base wins and ties, LoRA win rate (ties apart) with its 95% Wilson interval, exact sign-test
-                  p, Krippendorff's alpha (2 raters or more), the left side's share and its p; n_stale_votes
+                  p over votes (`_sign_pvalue`) and over items by majority (`_item_sign_pvalue`), Krippendorff's
+                  alpha (2 raters or more), the left side's share and its p (position bias); n_stale_votes
          REPORTS/summary.md     the report section ("No ratings yet" without votes)
          REPORTS/win_rates.csv  criterion, lora_win_rate, low, high (`dvc plots`)
 Params:  rate.criteria
