@@ -5,7 +5,7 @@ UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 RUN := $(UV) run --frozen
 
-.PHONY: install repro queue lint format test test-fast params builtins clean-env
+.PHONY: install repro queue rate lint format test test-fast params builtins clean-env
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -24,6 +24,11 @@ repro: install
 # its workers as the `dvc` on PATH, and a worker can stop with experiments still queued.
 queue: install
 	$(RUN) python -m lanskap.sweep.run_queue $(QUEUE_ARGS)
+
+# The blind side-by-side rating page for the generated images, on http://127.0.0.1:8765/ (lanskap/rate); Ctrl-C,
+# then commit ratings/votes.sqlite and `dvc repro qualitative` for the win rates.
+rate: install
+	$(RUN) python -m lanskap.rate $(RATE_ARGS)
 
 # Ruff (pyproject.toml [tool.ruff]): the lint rules, and the formatting as checked, not applied.
 lint: install

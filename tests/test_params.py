@@ -68,6 +68,10 @@ def test_paper_preset_is_sd21_768_v_prediction(tmp_path):
         ("generate", {"scheduler": "plms"}, "generate.scheduler"),
         ("train", {"warmup_steps": 10, "lr_scheduler": "constant"}, "warmup_steps=10 has no effect"),
         ("train", {"warmup_steps": 100, "steps": 100, "lr_scheduler": "linear"}, "must be below steps=100"),
+        ("rate", {"criteria": {}}, "rate.criteria"),
+        ("rate", {"criteria": {"Overall score": "Which is better?"}}, "criterion 'Overall score'"),
+        ("rate", {"criteria": {"overall": " "}}, "each needs a question"),
+        ("rate", {"seed": "x"}, "rate.seed"),
     ],
 )
 def test_invalid_params_name_the_key_and_value(group, values, named):

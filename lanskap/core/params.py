@@ -7,6 +7,7 @@ presets that compose `params.yaml` (see README).
 """
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -258,6 +259,31 @@ class EvaluateParams(Group):
     seed: int = 0
 
 
+class RateParams(Group):
+    # criterion name (a metric key prefix) -> the question the rating page asks
+    criteria: dict[str, str] = Field(
+        default_factory=lambda: {
+            "detail": "Which shows more fine detail?",
+            "sharpness": "Which is sharper?",
+            "texture": "Which has the more convincing texture?",
+            "caption": "Which matches the caption better?",
+            "overall": "Which is better overall, next to the reference?",
+        },
+        min_length=1,
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _criteria_are_keys(self):
+        for name, question in self.criteria.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name) or not question.strip():
+                raise ValueError(
+                    f"criterion {name!r}: names are lower-case letters, digits and _ (up to 32, a letter first; "
+                    "they prefix the metric keys) and each needs a question"
+                )
+        return self
+
+
 GROUPS: dict[str, type[Group]] = {
     "model": ModelParams,
     "ingest": IngestParams,
@@ -269,6 +295,7 @@ GROUPS: dict[str, type[Group]] = {
     "train": TrainParams,
     "generate": GenerateParams,
     "evaluate": EvaluateParams,
+    "rate": RateParams,
 }
 
 
