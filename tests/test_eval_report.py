@@ -13,7 +13,7 @@ from PIL import Image
 
 from lanskap.core.errors import UserError
 from lanskap.core.figures import image_grid, save_loss_curves
-from lanskap.core.params import GROUPS, EvaluateParams
+from lanskap.core.params import GROUPS, conf_group
 from lanskap.core.provenance import Commit, git_commit, read_model_card
 from lanskap.evaluate.comparisons import FID_STABLE_N, Features, lora_minus_base, set_comparisons
 from lanskap.evaluate.report import (
@@ -85,7 +85,7 @@ def metrics() -> dict[str, float]:
     clip = {name: unit_rows(n_test) for name in ("test", "base", "lora", "text")}
     inception = {name: rng.normal(size=(n_test, dim)) for name in ("test", "base", "lora")}
     features = Features(clip, inception, np.arange(n_test))
-    params = EvaluateParams(kid_subsets=5, permutations=10)
+    params = conf_group("evaluate", kid_subsets=5, permutations=10)
     results = {**set_comparisons(features, params), **lora_minus_base(features, params), "ema_weights_scored": 0.0}
     return {key: float(value) for key, value in results.items()}
 
