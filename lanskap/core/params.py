@@ -7,6 +7,7 @@ no default, so the values (and the comments that explain them) live in one place
 `params.yaml` (see README). Tests and bench scripts build params from conf/ too (`conf_group`).
 """
 
+import difflib
 import json
 from functools import cache
 from pathlib import Path
@@ -254,6 +255,27 @@ GROUPS: dict[str, type[Group]] = {
 }
 
 
+def known_keys() -> list[str]:
+    """Every key params.yaml may hold, dotted as `-S` and `make params OVERRIDES=...` write them."""
+    return ["preset", *(f"{name}.{key}" for name, model in GROUPS.items() for key in model.model_fields)]
+
+
+def nearest_key(key: str) -> str | None:
+    """The valid key a misspelt one most likely meant (`lora.rnk` -> `lora.rank`, `lroa.rank` -> `lora.rank`), None
+    when none is close. A known group's own keys come first: `train.lr` should not become `train.seed`."""
+    group, _, field = key.partition(".")
+    if group in GROUPS and field:
+        close = difflib.get_close_matches(field, list(GROUPS[group].model_fields), n=1)
+        return f"{group}.{close[0]}" if close else None
+    close = difflib.get_close_matches(key, known_keys(), n=1)
+    return close[0] if close else None
+
+
+def unknown_key_message(key: str) -> str:
+    meant = nearest_key(key)
+    return f"{key} is not a key" + (f": did you mean {meant}?" if meant else " (the keys are in conf/config.yaml)")
+
+
 def validate_group(name: str, values: dict, source: str = PARAMS_FILE) -> Group:
     """Validate one group; a bad value raises UserError naming `group.key`, the value and the rule."""
     try:
@@ -264,6 +286,9 @@ def validate_group(name: str, values: dict, source: str = PARAMS_FILE) -> Group:
             key = ".".join([name, *map(str, item["loc"])])
             if item["type"] == "missing":
                 problems.append(f"  {key}: missing (conf/config.yaml has every key: `make params` recomposes {source})")
+                continue
+            if item["type"] == "extra_forbidden":
+                problems.append(f"  {unknown_key_message(key)}")
                 continue
             message = item["msg"].removeprefix("Value error, ")
             got = f" (got {item.get('input')!r})" if item["loc"] else ""  # a whole-group rule names its keys itself
