@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lanskap.core.errors import UserError
 
 PARAMS_FILE = "params.yaml"
-CONF_FILE = Path(__file__).resolve().parents[2] / "conf" / "config.yaml"  # the demo preset: conf/preset/demo.yaml
-# sets no value
+# The demo preset's values: conf/preset/demo.yaml changes none of conf/config.yaml's.
+CONF_FILE = Path(__file__).resolve().parents[2] / "conf" / "config.yaml"
 
 
 class Group(BaseModel):
