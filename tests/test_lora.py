@@ -253,7 +253,7 @@ def without_module(source: Path, destination: Path, module: str) -> None:
     """A copy of a diffusers file, metadata and all, without the tensors of one module."""
     with safetensors.safe_open(source, "pt") as file:
         metadata = file.metadata()
-        tensors = {key: file.get_tensor(key) for key in file if not key.startswith(f"{module}.")}
+        tensors = {key: file.get_tensor(key) for key in file.keys() if not key.startswith(f"{module}.")}  # noqa: SIM118
     safetensors.torch.save_file(tensors, destination / DIFFUSERS_WEIGHT_NAME, metadata=metadata)
 
 
@@ -275,7 +275,7 @@ def test_the_old_mixed_naming_is_caught(export_of, model_dir, tmp_path):
     source = export_of("unet wide")["files"]["diffusers"]
     with safetensors.safe_open(source, "pt") as file:
         metadata = file.metadata()
-        tensors = {key: file.get_tensor(key) for key in file}
+        tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open is not iterable)
     mixed = {
         f"unet.{key}": value
         for key, value in convert_state_dict_to_diffusers(
