@@ -14,6 +14,7 @@ round runs every measurement for both versions, alternating which goes first, an
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def scratch_project(inputs: Path, folder: Path) -> Path:
 
 
 def baseline_checkout(ref: str, folder: Path) -> Path:
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), ref], check=True)
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(folder), ref], check=True)
     return folder
 
 
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped early: still remove the baseline worktree
     missing = [
         path for path in ("data/processed", "data/generated", "models/lora") if not (args.inputs / path).exists()
     ]
@@ -161,17 +163,17 @@ def main() -> None:
                         for version in order:
                             sample = measure(versions[version], scratch[version], run_command, stop)
                             samples.setdefault((stage, what, version), []).append(sample)
-                print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+                print_table(samples, args.stages, round_index + 1, args.baseline)  # a table per round: a long run
+                # stopped early still leaves its medians so far
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(versions["baseline"])])
-    print_table(samples, args)
 
 
-def print_table(samples: dict, args) -> None:
-    print(f"median of {args.rounds} rounds; baseline {args.baseline} vs this checkout; CPU-s = user + sys")
+def print_table(samples: dict, stages: list[str], rounds: int, baseline: str) -> None:
+    print(f"\nmedian of {rounds} round(s); baseline {baseline} vs this checkout; CPU-s = user + sys", flush=True)
     print(f"{'stage':12s} {'run':8s} {'CPU-s before':>12s} {'CPU-s after':>12s} {'MiB before':>11s} {'MiB after':>10s}")
     failures = {}
-    for stage in args.stages:
+    for stage in stages:
         for what in ("--help", "to work"):
             cells = []
             for version in ("baseline", "this"):
@@ -189,7 +191,7 @@ def print_table(samples: dict, args) -> None:
                 f"{stage:12s} {what:8s} {cells[0][0]:>12s} {cells[1][0]:>12s} {cells[0][1]:11.0f} {cells[1][1]:10.0f}"
             )
     for failure in failures:
-        print(f"! failed: {failure}")
+        print(f"! failed: {failure}", flush=True)
 
 
 if __name__ == "__main__":
