@@ -12,19 +12,24 @@ split to leave evaluate its minimum of test prompts; one message lists every pro
 
 GPU: `require_batch_fits` runs one real step (a training step, a sampling call) at the configured batch
 before the long loop; on an out-of-memory error it searches for the largest batch that fits and stops
-with the settings to use. On CPU it does nothing: host memory is not probed.
+with the settings to use. On CPU it does nothing: host memory is not probed. torch is imported there, not here:
+ingest runs these checks without it.
 """
+
+from __future__ import annotations
 
 import gc
 import math
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lanskap.core.errors import UserError
 from lanskap.data.split import MIN_TEST_PROMPTS
+
+if TYPE_CHECKING:
+    import torch
 
 MARGIN = 1.25  # file-system blocks, PNG headers and row filters, logs, temporary files
 HEADROOM_BYTES = 256 * 2**20  # never fill the disk to the last byte: other programs share it
@@ -210,11 +215,15 @@ def require_pipeline_inputs(params: dict) -> None:
 
 
 def is_cuda(device: torch.device | str) -> bool:
+    import torch
+
     return torch.device(device).type == "cuda"
 
 
 def gpu_memory(device: torch.device | str) -> tuple[int, int]:
     """(total, free) bytes of the GPU."""
+    import torch
+
     free, total = torch.cuda.mem_get_info(torch.device(device))
     return total, free
 
@@ -222,6 +231,8 @@ def gpu_memory(device: torch.device | str) -> tuple[int, int]:
 def fits(run_batch: Callable[[int], None], batch: int) -> bool:
     """Whether `run_batch(batch)` completes without running out of GPU memory; the memory it used is given
     back to the driver either way, so the next probe and the real run start from the same state."""
+    import torch
+
     try:
         run_batch(batch)
         ok = True

@@ -16,21 +16,19 @@ gap p (`_pvalue`, t-test of "gap = 0", agrees with its interval) and a changed p
 "the LoRA changed nothing").
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
-from lanskap.core.console import quiet_libraries
 from lanskap.core.errors import UserError, run_stage
-from lanskap.core.figures import save_loss_curves
-from lanskap.core.io import atomic_dir, write_csv, write_json, write_text
-from lanskap.core.params import PARAMS_FILE, load_params
-from lanskap.core.provenance import Provenance, git_commit, read_model_card
-from lanskap.data.manifest import read_table
-from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, format_pvalue, report_html, report_markdown
+
+if TYPE_CHECKING:  # the libraries load where the work starts, so that --help is instant
+    import pandas as pd
+
+    from lanskap.core.provenance import Provenance
 
 
 def extract_features(test, generated, params):
@@ -53,12 +51,17 @@ def extract_features(test, generated, params):
 
 def read_loss_curves(training_log: Path) -> dict[str, pd.DataFrame]:
     """dvclive's train and validation loss tables that exist (a run may have no validation split)."""
+    import pandas as pd
+
     tables = {split: training_log / split / "loss.tsv" for split in ("train", "validation")}
     return {split: pd.read_csv(path, sep="\t") for split, path in tables.items() if path.is_file()}
 
 
 def read_report_sources(args) -> tuple[Provenance, str]:
     """The run's provenance and the data card's text, read before any work: a missing one stops the stage."""
+    from lanskap.core.params import PARAMS_FILE
+    from lanskap.core.provenance import git_commit, read_model_card
+
     for path, stage in ((args.comparison, "generate"), (args.data_card, "preprocess")):
         if not path.is_file():
             raise UserError(f"evaluate: {path} not found; the report shows it. Run {stage} first (dvc repro {stage})")
@@ -67,6 +70,10 @@ def read_report_sources(args) -> tuple[Provenance, str]:
 
 def write_reports(results: dict[str, float], names: tuple[str, str], args, sources: tuple[Provenance, str]) -> None:
     """The bar-chart table, the loss curve and the report, replacing REPORTS as a whole."""
+    from lanskap.core.figures import save_loss_curves
+    from lanskap.core.io import atomic_dir, write_csv, write_text
+    from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, report_html, report_markdown
+
     curves = read_loss_curves(args.training_log)
     with atomic_dir(args.reports) as staging:
         write_csv(staging / "base_vs_lora.csv", base_vs_lora_table(results))
@@ -93,6 +100,7 @@ def write_reports(results: dict[str, float], names: tuple[str, str], args, sourc
 def gap_text(results: dict[str, float], gap: str) -> str:
     """The gap's interval and its two p-values, each named by what it tests."""
     from lanskap.evaluate.paired import MIN_INTERVAL_PROMPTS
+    from lanskap.evaluate.report import format_pvalue
 
     changed = f"changed p: {format_pvalue(results[gap + '_changed_pvalue'])} (swap test: LoRA images differ from base)"
     if gap + "_ci_low" not in results:
@@ -115,9 +123,16 @@ def main(argv=None):
     parser.add_argument("--data-card", type=Path, default=Path("reports/preprocess/data_card.md"))
     parser.add_argument("--model-card", type=Path, default=Path("models/lora/README.md"))
     args = parser.parse_args(argv)
+    from lanskap.core.console import quiet_libraries  # here, not above: --help needs none of them
+    from lanskap.core.params import load_params
+
     params = load_params("evaluate")["evaluate"]
     quiet_libraries()
 
+    import numpy as np
+
+    from lanskap.core.io import write_json
+    from lanskap.data.manifest import read_table
     from lanskap.data.split import MIN_TEST_PROMPTS
     from lanskap.evaluate.comparisons import (
         FID_STABLE_N,

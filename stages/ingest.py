@@ -15,33 +15,22 @@ Params:  ingest; and the model, caption, split and evaluate keys the preflight c
 The source is only read. Downloads are cached in .lanskap-cache/downloads/, so a rerun resumes.
 """
 
+from __future__ import annotations
+
 import argparse
 import hashlib
 import io
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from PIL import Image
-
-from lanskap.core.console import progress
 from lanskap.core.errors import UserError, run_stage
-from lanskap.core.io import atomic_dir, write_csv
-from lanskap.core.params import IngestParams, load_params
-from lanskap.data.download import DownloadPolicy, cache_path, download
-from lanskap.data.images import check_image
-from lanskap.data.manifest import (
-    MANIFEST_COLUMNS,
-    Candidate,
-    IngestResult,
-    ItemRejected,
-    image_record,
-    near_duplicate_pairs,
-    require_sha256,
-)
-from lanskap.data.procedural import generate_item
-from lanskap.data.sources import clean_caption, decode_caption, manifest_rows, scan_folder
-from lanskap.preflight import procedural_ingest_bytes, require_free_space, require_pipeline_inputs, source_ingest_bytes
+
+if TYPE_CHECKING:  # the libraries load where the work starts, so that --help is instant
+    import pandas as pd
+
+    from lanskap.core.params import IngestParams
+    from lanskap.data.manifest import Candidate, IngestResult
 
 DOWNLOAD_CACHE = Path(".lanskap-cache/downloads")
 USUAL_SUFFIX = {
@@ -53,6 +42,9 @@ USUAL_SUFFIX = {
 
 
 def procedural_candidates(params: IngestParams):
+    from lanskap.data.manifest import Candidate
+    from lanskap.data.procedural import generate_item
+
     for index in range(params.num_images):
         image, caption = generate_item(index, params.image_size, params.seed, params.world)
         buffer = io.BytesIO()
@@ -63,6 +55,9 @@ def procedural_candidates(params: IngestParams):
 
 def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParams):
     """A deferred read of one manifest entry: a download for URLs, a file read confined to the folder."""
+    from lanskap.data.download import DownloadPolicy, download
+    from lanskap.data.manifest import ItemRejected, require_sha256
+
     if "://" in reference:
         policy = DownloadPolicy(
             params.download_timeout, int(params.max_download_mb * 2**20), params.download_retries, backoff=0.5
@@ -94,6 +89,9 @@ def windows_to_posix(reference: str) -> str:
 def folder_candidates(folder: Path, result: IngestResult):
     """Each image below `folder` with its sidecar caption and group (the top-level sub-folder, empty for files
     directly in `folder`); hidden and non-image files are counted in `result`."""
+    from lanskap.data.manifest import Candidate, ItemRejected
+    from lanskap.data.sources import decode_caption, scan_folder
+
     scan = scan_folder(folder)
     result.hidden, result.ignored = scan.hidden, scan.ignored
     for path in scan.images:
@@ -112,6 +110,8 @@ def folder_candidates(folder: Path, result: IngestResult):
 
 
 def unreadable(reason: str):
+    from lanskap.data.manifest import ItemRejected
+
     def read() -> bytes:
         raise ItemRejected(reason)
 
@@ -119,6 +119,9 @@ def unreadable(reason: str):
 
 
 def local_candidates(source: Path, params: IngestParams, result: IngestResult):
+    from lanskap.data.manifest import Candidate
+    from lanskap.data.sources import clean_caption, manifest_rows
+
     if source.is_dir():
         yield from folder_candidates(source, result)
         return
@@ -147,6 +150,9 @@ def candidates(params: IngestParams, result: IngestResult):
 
 def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result: IngestResult):
     """Validated image and its bytes, or None after recording why the item was rejected."""
+    from lanskap.data.images import check_image
+    from lanskap.data.manifest import ItemRejected
+
     try:
         data = read()
         image, file_format, note = check_image(data, candidate.source, params.min_size, params.max_aspect_ratio)
@@ -165,6 +171,10 @@ def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result:
 
 def planned_bytes(params: IngestParams) -> int:
     """Upper bound of the bytes ingest writes (images and download cache), for the disk preflight."""
+    from lanskap.data.download import cache_path
+    from lanskap.data.sources import manifest_rows, scan_folder
+    from lanskap.preflight import procedural_ingest_bytes, source_ingest_bytes
+
     if params.source == "builtin:procedural":
         return procedural_ingest_bytes(params.num_images, params.image_size)
     source = Path(params.source)
@@ -182,6 +192,8 @@ def image_suffix(source: str, file_format: str) -> str:
     """The stored file's extension, from the format Pillow decoded: the source's own when it names that format
     (`.jpeg`, `.pgm`), else the format's usual one (JPEG bytes named `.png` are stored as `.jpg`). Nothing else
     of the source's name is kept: a URL's can be any length and hold any character."""
+    from PIL import Image
+
     suffix = Path(source).suffix.lower()
     extensions = Image.registered_extensions()
     if extensions.get(suffix) == file_format:
@@ -195,6 +207,13 @@ def image_suffix(source: str, file_format: str) -> str:
 
 
 def ingest(params: IngestParams, out: Path) -> IngestResult:
+    import pandas as pd
+
+    from lanskap.core.console import progress
+    from lanskap.core.io import atomic_dir, write_csv
+    from lanskap.data.manifest import MANIFEST_COLUMNS, IngestResult, image_record
+    from lanskap.preflight import require_free_space
+
     result, seen = IngestResult(), {}
     items = candidates(params, result)  # checks the source exists before it is measured
     shrink = (
@@ -249,6 +268,10 @@ def skipped_summary(result: IngestResult) -> str:
 
 
 def near_duplicates(accepted: list[dict], max_distance: int) -> pd.DataFrame:
+    import pandas as pd
+
+    from lanskap.data.manifest import near_duplicate_pairs
+
     hashes = [int(record["phash"], 16) for record in accepted]
     rows = [
         {"source_a": accepted[i]["source"], "source_b": accepted[j]["source"], "hash_distance": distance}
@@ -268,6 +291,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    import pandas as pd
+
+    from lanskap.core.params import load_params
+    from lanskap.preflight import require_pipeline_inputs
+
     params = load_params("ingest", "model", "caption", "split", "evaluate")
     require_pipeline_inputs(params)  # every later stage's models and enough images, before any work
     result = ingest(params["ingest"], args.out)

@@ -62,12 +62,12 @@ def test_a_healthy_folder_passes_and_each_damage_is_named(tmp_path, monkeypatch)
 
 
 def test_the_captioner_folder_is_checked_too(tmp_path, monkeypatch):
-    from lanskap.core.params import CaptionParams
+    from lanskap.core.params import conf_group
     from lanskap.data.captions import resolve_captioner
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="caption.model: the folder ./blip does not exist"):
-        resolve_captioner(CaptionParams(method="model", model="./blip"))
+        resolve_captioner(conf_group("caption", method="model", model="./blip"))
 
 
 @pytest.mark.parametrize(

@@ -274,17 +274,17 @@ def test_base_model_with_only_bin_weights_is_refused_before_loading(tmp_path):
 
 def test_pipeline_loader_never_falls_back_to_pickle(tmp_path):
     """Even past resolve_base_model's check, the loader itself refuses .bin weights."""
-    from lanskap.core.params import GenerateParams
+    from lanskap.core.params import conf_group
     from lanskap.generate.sampling import load_pipeline
 
     marker = tmp_path / "unpickled"
     with pytest.raises(OSError, match="safetensors"):
-        load_pipeline(pipeline_folder(tmp_path, marker), GenerateParams(), torch.device("cpu"))
+        load_pipeline(pipeline_folder(tmp_path, marker), conf_group("generate"), torch.device("cpu"))
     assert not marker.exists()
 
 
 def test_clip_and_captioner_folders_with_only_bin_weights_are_refused(tmp_path):
-    from lanskap.core.params import CaptionParams
+    from lanskap.core.params import conf_group
     from lanskap.data.captions import resolve_captioner
 
     marker = tmp_path / "unpickled"
@@ -293,7 +293,7 @@ def test_clip_and_captioner_folders_with_only_bin_weights_are_refused(tmp_path):
     with pytest.raises(UserError, match="evaluate.clip_model: .* only pickle weights \\(pytorch_model.bin\\)"):
         load_clip(str(tmp_path), None, device="cpu")
     with pytest.raises(UserError, match="caption.model: .* only pickle weights"):
-        resolve_captioner(CaptionParams(method="model", model=str(tmp_path)))
+        resolve_captioner(conf_group("caption", method="model", model=str(tmp_path)))
     assert not marker.exists()
 
 

@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import LoraParams, TrainParams, validate_group
+from lanskap.core.params import conf_group
 from lanskap.lora.adapters import add_unet_lora
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, export_lora
 from lanskap.lora.kohya import kohya_alpha, kohya_weight_name
@@ -180,8 +180,13 @@ def test_text_encoder_lora_trains_at_its_own_learning_rate_and_is_exported(workd
 
 def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandbytes():
     unet_weight, text_weight = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    params = TrainParams(
-        learning_rate=1.0e-4, text_encoder_learning_rate=5.0e-5, lr_scheduler="linear", warmup_steps=10, steps=100
+    params = conf_group(
+        "train",
+        learning_rate=1.0e-4,
+        text_encoder_learning_rate=5.0e-5,
+        lr_scheduler="linear",
+        warmup_steps=10,
+        steps=100,
     )
     optimizer, lr_scheduler = make_optimizer(
         [{"params": [unet_weight], "lr": 1.0e-4}, {"params": [text_weight], "lr": 5.0e-5}], params
@@ -192,11 +197,11 @@ def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandby
     assert lr_scheduler.get_last_lr() == pytest.approx([0.5e-4, 2.5e-5])  # half-way through the warm-up, each
     if importlib.util.find_spec("bitsandbytes") is None:  # not a dependency: the option says what to install
         with pytest.raises(UserError, match="adamw8bit needs bitsandbytes"):
-            make_optimizer([{"params": [unet_weight]}], TrainParams(optimizer="adamw8bit"))
+            make_optimizer([{"params": [unet_weight]}], conf_group("train", optimizer="adamw8bit"))
 
 
 def test_global_batch_size_and_trainer_option_validation():
-    assert global_batch_size(TrainParams(batch_size=4, gradient_accumulation_steps=3), num_processes=2) == 24
+    assert global_batch_size(conf_group("train", batch_size=4, gradient_accumulation_steps=3), num_processes=2) == 24
     for key, value in [
         ("snr_gamma", 0.0),
         ("gradient_accumulation_steps", 0),
@@ -204,9 +209,9 @@ def test_global_batch_size_and_trainer_option_validation():
         ("noise_offset", -0.1),
     ]:
         with pytest.raises(UserError, match=f"train.{key}"):
-            validate_group("train", {key: value})
+            conf_group("train", **{key: value})
     with pytest.raises(UserError, match="lora.init_lora_weights"):
-        validate_group("lora", {"init_lora_weights": "pissa"})
+        conf_group("lora", **{"init_lora_weights": "pissa"})
 
 
 def tiny_unet():
@@ -216,7 +221,7 @@ def tiny_unet():
 
 
 def test_dora_adds_magnitude_vectors_and_skips_the_kohya_file(tmp_path, capsys):
-    params = LoraParams(use_dora=True)
+    params = conf_group("lora", use_dora=True)
     unet = tiny_unet()
     add_unet_lora(unet, params)
     names = [name for name, p in unet.named_parameters() if p.requires_grad]
@@ -237,7 +242,7 @@ def test_dora_adds_magnitude_vectors_and_skips_the_kohya_file(tmp_path, capsys):
 
 @pytest.mark.parametrize(("use_rslora", "scale"), [(False, 8.0 / 4), (True, 8.0 / 2)])
 def test_rslora_scales_by_alpha_over_sqrt_rank_and_kohya_alpha_keeps_that_scale(use_rslora, scale):
-    params = LoraParams(rank=4, alpha=8.0, use_rslora=use_rslora, init_lora_weights="kaiming")
+    params = conf_group("lora", rank=4, alpha=8.0, use_rslora=use_rslora, init_lora_weights="kaiming")
     unet = tiny_unet()
     add_unet_lora(unet, params)
     config = unet.peft_config["default"]

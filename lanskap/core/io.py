@@ -4,8 +4,11 @@ DVC records whatever a stage leaves behind, so a stage must never leave a half-w
 file and folder is written under a temporary name beside its target and renamed into place only when
 complete (rename is atomic within one filesystem). A process killed mid-write (kill -9, power loss) leaves
 its temporary name behind, never a partial output; temporary names carry the writer's pid, and the
-next write of the same file or folder removes those whose process is gone.
+next write of the same file or folder removes those whose process is gone. Outputs get the modes any other file
+would (0666 or 0777 less the umask), not the owner-only modes of Python's temporary files.
 """
+
+from __future__ import annotations
 
 import contextlib
 import errno
@@ -19,11 +22,14 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from safetensors import SafetensorError
 
 from lanskap.core.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DISK_FAILED = (errno.EIO, errno.EROFS)  # the disk or its connection failed, or it was remounted read-only
@@ -42,6 +48,20 @@ def process_exists(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def with_umask_mode(path: Path, mode: int) -> Path:
+    """`path` given `mode` less the umask, as open() and mkdir() would have created it (mkstemp and mkdtemp make
+    owner-only files and folders, which a teammate sharing the outputs could not read)."""
+    os.chmod(path, mode & ~umask())
+    return path
 
 
 def temporary_prefix(target: Path, kind: str) -> str:
@@ -69,7 +89,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     created_parent = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
-    staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "tmp"), dir=target.parent))
+    staging = with_umask_mode(Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "tmp"), dir=target.parent)), 0o777)
     try:
         with disk_full_as_user_error(target):
             yield staging
@@ -110,7 +130,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     remove_stale_temporaries(target)
     handle, staging = tempfile.mkstemp(prefix=temporary_prefix(target, "tmp"), suffix=target.suffix, dir=target.parent)
     os.close(handle)
-    staging = Path(staging)
+    staging = with_umask_mode(Path(staging), 0o666)
     try:
         with disk_full_as_user_error(target):
             yield staging
