@@ -627,13 +627,13 @@ def test_a_full_disk_during_the_lora_export_is_the_disk_message(tmp_path, monkey
     from safetensors import SafetensorError
 
     from lanskap.core.io import atomic_dir
-    from lanskap.core.params import LoraParams
+    from lanskap.core.params import conf_group
     from lanskap.lora.adapters import add_unet_lora
     from lanskap.lora.files import export_lora
     from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 
     unet = UNet2DConditionModel.from_pretrained(resolve_base_model(BUILTIN_TINY_SD2, None).path, subfolder="unet")
-    params = LoraParams(rank=4, alpha=4.0)
+    params = conf_group("lora", rank=4, alpha=4.0)
     add_unet_lora(unet, params)
     out = tmp_path / "models/lora"
     before = previous_output(out / "pytorch_lora_weights.safetensors")

@@ -243,18 +243,8 @@ class EvaluateParams(Group):
 
 
 class RateParams(Group):
-    # criterion name (a metric key prefix) -> the question the rating page asks
-    criteria: dict[str, str] = Field(
-        default_factory=lambda: {
-            "detail": "Which shows more fine detail?",
-            "sharpness": "Which is sharper?",
-            "texture": "Which has the more convincing texture?",
-            "caption": "Which matches the caption better?",
-            "overall": "Which is better overall, next to the reference?",
-        },
-        min_length=1,
-    )
-    seed: int = 0
+    criteria: dict[str, str] = Field(min_length=1)  # criterion name (a metric key prefix) -> the page's question
+    seed: int
 
     @model_validator(mode="after")
     def _criteria_are_keys(self):
