@@ -181,6 +181,9 @@ class TrainParams(Group):
     snr_gamma: float | None = Field(None, gt=0.0)  # min-SNR loss weighting (5.0 is usual); None: off
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)  # 0.05-0.1 is usual; 0: off
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # probability of training on the empty caption
+    # True: each training image is trained with another training image's caption (a seeded cycle): a negative
+    # control, whose LoRA should match its images to their prompts worse than one trained on the right captions
+    shuffle_captions: bool = False
     # validation images: fixed prompts (empty: the first 4 test captions) and seeds, every this many steps; 0: off
     images_every: int = Field(0, ge=0)
     image_prompts: list[str] = Field(default_factory=list)
