@@ -1,18 +1,28 @@
 """The built-in models: the builder runs and is reproducible (a miniature build, in seconds), a missing weight is a
 clear error, and the shipped stand-ins learnt what evaluate relies on (on procedural pairs none of them saw)."""
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lanskap import builtin
 from lanskap.builtin.build import main as build_main
 from lanskap.builtin.clip import retrieval_accuracy
 from lanskap.builtin.config import FULL
+from lanskap.builtin.heads import LABELS, SceneHeads, head_accuracy, load_scene_heads, save_scene_heads
 from lanskap.builtin.worlds import render_world
 from lanskap.core.errors import UserError
-from lanskap.evaluate.features import BUILTIN_TINY_CLIP, BUILTIN_TINY_INCEPTION, load_clip, load_inception
+from lanskap.evaluate.features import (
+    BUILTIN_TINY_CLIP,
+    BUILTIN_TINY_INCEPTION,
+    InceptionEmbedder,
+    load_clip,
+    load_inception,
+    load_tiny_inception,
+)
 from lanskap.evaluate.metrics import frechet_distance
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 
@@ -58,6 +68,35 @@ def test_built_folders_load_through_the_real_loaders(miniature_builds):
     assert clip.text_embeddings(["a fantasy landscape"]).shape == (1, 32)
 
 
+def test_miniature_inception_ships_heads_that_load_beside_its_features(miniature_builds, fresh_pairs):
+    folder = miniature_builds[0] / "tiny-inception"
+    heads = load_scene_heads(folder)
+    assert heads.labels == LABELS and not heads.training
+    paths, _, _ = fresh_pairs
+    features = InceptionEmbedder(load_tiny_inception(folder), "miniature", 64, "cpu").features(paths["base"][:5])
+    logits = heads(torch.from_numpy(features))
+    assert {name: tuple(rows.shape) for name, rows in logits.items()} == {
+        name: (5, len(labels)) for name, labels in LABELS.items()
+    }
+
+
+def test_scene_heads_round_trip_through_their_files(tmp_path):
+    torch.manual_seed(0)
+    heads = SceneHeads(64, LABELS)
+    save_scene_heads(heads, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"heads": heads.layout()}))
+    loaded, features = load_scene_heads(tmp_path), torch.randn(3, 64)
+    with torch.no_grad():
+        for name, logits in heads(features).items():
+            torch.testing.assert_close(loaded(features)[name], logits, atol=2e-3, rtol=2e-3)  # shipped in fp16
+
+
+def test_folder_without_heads_says_how_to_rebuild(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": {}}))
+    with pytest.raises(UserError, match="python -m lanskap.builtin tiny-inception"):
+        load_scene_heads(tmp_path)
+
+
 def test_missing_builtin_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(builtin, "builtin_assets", lambda: tmp_path)
     for spec, load in (
@@ -81,9 +120,9 @@ def test_builtin_revision_is_the_digest_of_the_shipped_weights():
 
 @pytest.fixture(scope="module")
 def fresh_pairs(tmp_path_factory):
-    """Procedural image files and captions of both worlds that no built-in model was trained or checked on."""
+    """Procedural image files, captions and scenes of both worlds that no built-in model was trained or checked on."""
     folder = tmp_path_factory.mktemp("fresh")
-    paths, captions = {}, {}
+    paths, captions, scenes = {}, {}, {}
     for world in ("base", "fantasy"):
         images = render_world(world, 40, FRESH_SEED, FULL.render_size, FULL.resolution)
         paths[world] = []
@@ -91,12 +130,12 @@ def fresh_pairs(tmp_path_factory):
             path = folder / f"{world}-{index:02d}.png"
             Image.fromarray(pixels).save(path)
             paths[world].append(path)
-        captions[world] = images.captions
-    return paths, captions
+        captions[world], scenes[world] = images.captions, images.scenes
+    return paths, captions, scenes
 
 
 def test_tiny_clip_retrieves_captions_far_above_chance(fresh_pairs):
-    paths, captions = fresh_pairs
+    paths, captions, _ = fresh_pairs
     clip = load_clip(BUILTIN_TINY_CLIP, None, device="cpu")
     all_paths, all_captions = paths["base"] + paths["fantasy"], captions["base"] + captions["fantasy"]
     scores = retrieval_accuracy(clip.image_embeddings(all_paths), clip.text_embeddings(all_captions), all_captions)
@@ -104,9 +143,19 @@ def test_tiny_clip_retrieves_captions_far_above_chance(fresh_pairs):
 
 
 def test_tiny_inception_features_tell_the_worlds_apart(fresh_pairs):
-    paths, _ = fresh_pairs
+    paths, _, _ = fresh_pairs
     inception = load_inception(BUILTIN_TINY_INCEPTION, device="cpu")
     base, fantasy = inception.features(paths["base"]), inception.features(paths["fantasy"])
     within = frechet_distance(fantasy[:20], fantasy[20:])
     between = frechet_distance(base[:20], fantasy[20:])
     assert between > 3 * within, (between, within)
+
+
+def test_tiny_inception_heads_see_what_fresh_scenes_show(fresh_pairs):
+    paths, _, scenes = fresh_pairs
+    features = load_inception(BUILTIN_TINY_INCEPTION, device="cpu").features(paths["base"] + paths["fantasy"])
+    heads = load_scene_heads(builtin.builtin_folder(BUILTIN_TINY_INCEPTION, "test"))
+    accuracy = head_accuracy(heads, features, scenes["base"] + scenes["fantasy"])
+    chance = {name: 1 / len(labels) for name, labels in LABELS.items()}
+    assert accuracy["palette"] > 0.9, accuracy  # the card's held-out palette accuracy is 1
+    assert sum(accuracy.values()) > sum(chance.values()) + 1.0, (accuracy, chance)

@@ -201,31 +201,37 @@ def build_tiny_inception(config: BuildConfig, data: Data, out: Path, work: Path,
     from safetensors.torch import save_file
 
     from lanskap.builtin.config import TINY_INCEPTION
-    from lanskap.builtin.inception import HEADS, train_inception
+    from lanskap.builtin.heads import head_accuracy, load_scene_heads, save_scene_heads
+    from lanskap.builtin.inception import train_inception
     from lanskap.evaluate.features import InceptionEmbedder, load_tiny_inception
     from lanskap.evaluate.metrics import frechet_distance
 
     log = LossLog()
-    network, accuracy, seconds = train_inception(
+    network, heads, seconds = train_inception(
         config, data.both_worlds(config.inception_images_per_world), data.held_out_both(), log
     )
     with atomic_dir(out / BUILTIN_FOLDERS["builtin:tiny-inception"]) as staging:
         save_file({name: tensor.half() for name, tensor in network.state_dict().items()}, staging / "model.safetensors")
-        (staging / "config.json").write_text(json.dumps({"architecture": TINY_INCEPTION}, indent=2) + "\n")
+        save_scene_heads(heads, staging)
+        config_json = {"architecture": TINY_INCEPTION, "heads": heads.layout()}
+        (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         features = InceptionEmbedder(
             load_tiny_inception(staging), "builtin:tiny-inception", network.dim, "cpu"
         ).features(data.held_out_pngs(work))
+        # Measured on the saved fp16 weights, loaded as evaluation loads them.
+        accuracy = head_accuracy(load_scene_heads(staging), features, data.held_out_both().scenes)
         half = config.held_out_images // 2  # rows: base world, then fantasy world
         base, fantasy = features[: config.held_out_images], features[config.held_out_images :]
         Card(
             "builtin:tiny-inception",
             f"The FID/KID stand-in: strided convolutions and a global average pool ({network.dim}-d features, "
             f"{parameter_count(network) / 1e6:.3f} M parameters), taking clean-fid's input (299 x 299, values in "
-            "[0, 255]). Trained as a classifier of what each scene shows; the heads are dropped and the pool "
-            "features ship.",
+            "[0, 255]). Trained as a classifier of what each scene shows; the pool features feed FID and KID, and "
+            "the linear heads ship beside them (`heads.safetensors`, layout in config.json; "
+            "`lanskap.builtin.heads.load_scene_heads`). Held-out accuracy is measured on the saved weights.",
             [
                 f"{config.inception_images_per_world} images of each world (seed {TRAIN_SEED}) at {config.resolution} "
-                "px, clean-fid preprocessing to 299 px; labels: " + ", ".join(name for name, _ in HEADS),
+                "px, clean-fid preprocessing to 299 px; labels: " + ", ".join(heads.labels),
                 f"held out: {config.held_out_images} images of each world (seed {HELD_OUT_SEED})",
             ],
             [
