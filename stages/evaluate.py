@@ -12,7 +12,9 @@ Outputs: OUT  metrics JSON with flat numeric keys (for `dvc metrics diff`); ema_
          REPORTS/report.html          the same, one self-contained file (figures inline) that opens offline
 Params:  evaluate, preset
 CMMD is the reference's biased estimator x1000 (an `_unbiased` twin beside it); FID is clean-fid's
-"clean" mode; FID below 2048 images per set is flagged (`fid_comparable` = 0).
+"clean" mode; FID below 2048 images per set is flagged (`fid_comparable` = 0). Each LoRA-minus-base gap has a
+gap p (`_pvalue`, t-test of "gap = 0", agrees with its interval) and a changed p (`_changed_pvalue`, swap test of
+"the LoRA changed nothing").
 """
 
 import argparse
@@ -29,7 +31,7 @@ from lanskap.core.io import atomic_dir, write_csv, write_json, write_text
 from lanskap.core.params import PARAMS_FILE, load_params
 from lanskap.core.provenance import Provenance, git_commit, read_model_card
 from lanskap.data.manifest import read_table
-from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, report_html, report_markdown
+from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, format_pvalue, report_html, report_markdown
 
 
 def extract_features(test, generated, params):
@@ -89,14 +91,17 @@ def write_reports(results: dict[str, float], names: tuple[str, str], args, sourc
         write_text(staging / "report.html", report_html(markdown, images))
 
 
-def interval_text(results: dict[str, float], gap: str) -> str:
+def gap_text(results: dict[str, float], gap: str) -> str:
+    """The gap's interval and its two p-values, each named by what it tests."""
     from lanskap.evaluate.paired import MIN_INTERVAL_PROMPTS
 
+    changed = f"changed p: {format_pvalue(results[gap + '_changed_pvalue'])} (swap test: LoRA images differ from base)"
     if gap + "_ci_low" not in results:
-        return f"no interval below {MIN_INTERVAL_PROMPTS} prompts"
+        return f"no interval or gap test below {MIN_INTERVAL_PROMPTS} prompts; {changed}"
     return (
         f"95% interval [{results[gap + '_ci_low']:.4f}, {results[gap + '_ci_high']:.4f}] "
-        f"(bias-corrected {results[gap + '_bias_corrected']:.4f})"
+        f"(bias-corrected {results[gap + '_bias_corrected']:.4f}), gap p: {format_pvalue(results[gap + '_pvalue'])} "
+        f"(t-test: gap = 0); {changed}"
     )
 
 
@@ -158,10 +163,14 @@ def main(argv=None):
         "fid_test_vs_base",
         "clip_score_lora",
         "clip_score_base",
+        "clip_s_lora",
+        "clip_s_base",
+        "clip_cosine_lora",
+        "clip_cosine_base",
     ):
         print(f"  {key:28s} {results[key]:12.4f}")
-    gap = "cmmd_vs_test_lora_minus_base"
-    print(f"  {gap:28s} {results[gap]:12.4f}  {interval_text(results, gap)}, p = {results[gap + '_pvalue']:.3f}")
+    for gap in ("cmmd_vs_test_lora_minus_base", "clip_cosine_lora_minus_base"):
+        print(f"  {gap:28s} {results[gap]:12.4f}  {gap_text(results, gap)}")
     if not results["fid_comparable"]:
         print(f"  note: FID on fewer than {FID_STABLE_N} images per set is biased and not comparable across n")
     print(f"-> {args.out}; report -> {args.reports / 'report.md'}")

@@ -3,7 +3,8 @@
 Image sets: `test` (held-out reference images), `base` and `lora` (generated, paired by prompt and seed),
 and `text` (CLIP embeddings of the test captions). Every set comparison is reported for the base model
 too, so a LoRA's effect is read against the model it started from; LoRA-minus-base differences carry a
-jackknife interval over prompts and a permutation p-value (lanskap.evaluate.paired).
+jackknife interval over prompts, the t-test of "gap = 0" that inverts it, and the swap test of "the LoRA
+changed nothing" (lanskap.evaluate.paired says why these differ).
 """
 
 from dataclasses import dataclass
@@ -53,19 +54,26 @@ def set_comparisons(f: Features, params: EvaluateParams) -> dict[str, float]:
     for name in ("test", "base", "lora"):
         out[f"n_{name}"] = len(f.clip[name])
         text = f.clip["text"] if name == "test" else f.clip["text"][f.prompt]
-        out[f"clip_score_{name}"] = metrics.clip_score(f.clip[name], text)
+        out[f"clip_score_{name}"] = metrics.clip_score(f.clip[name], text)  # clamped: descriptive only
+        out[f"clip_s_{name}"] = metrics.clip_s(f.clip[name], text)  # clamped per image: descriptive only
+        out[f"clip_cosine_{name}"] = float(np.mean(metrics.clip_cosines(f.clip[name], text)))
     out["fid_comparable"] = float(min(len(f.inception["test"]), len(f.inception["lora"])) >= FID_STABLE_N)
     return out
 
 
 def lora_minus_base(f: Features, params: EvaluateParams) -> dict[str, float]:
-    """Each gap, with a permutation p-value (swap the LoRA and base images of random prompts: under "the
-    LoRA changes nothing" the swap leaves the gap's distribution alone) and, from MIN_INTERVAL_PROMPTS
-    prompts on, its jackknife bias-corrected value and 95 % interval (see lanskap.evaluate.paired)."""
+    """Each gap (`<gap>`: CMMD to the test images; the unclamped mean CLIP cosine to the captions, which, unlike
+    a clamped CLIP score, can fall below the base's) with
+
+    - `<gap>_changed_pvalue`: the swap test of "the LoRA changed nothing" (swap the LoRA and base images of
+      random prompts); small also when the LoRA changes the images without changing the gap, and
+    - from MIN_INTERVAL_PROMPTS prompts on, `<gap>_bias_corrected`, `_ci_low`, `_ci_high`: the jackknife
+      95 % interval, and `<gap>_pvalue`: the t-test of "gap = 0" that inverts it (p < 0.05 exactly when the
+      interval excludes 0). See lanskap.evaluate.paired."""
     lora, base = f.clip["lora"], f.clip["base"]
     gaps = {
         "cmmd_vs_test": paired.cmmd_gap(lora, base, f.clip["test"], f.prompt),
-        "clip_score": paired.clip_score_gap(lora, base, f.clip["text"], f.prompt),
+        "clip_cosine": paired.clip_cosine_gap(lora, base, f.clip["text"], f.prompt),
     }
     n_prompts = len(f.clip["test"])
     out = {}
@@ -73,9 +81,13 @@ def lora_minus_base(f: Features, params: EvaluateParams) -> dict[str, float]:
         name = f"{key}_lora_minus_base"
         out[name] = gap.value
         if n_prompts >= paired.MIN_INTERVAL_PROMPTS:
-            corrected, low, high = paired.jackknife_interval(gap.value, gap.leave_one_out)
-            out[f"{name}_bias_corrected"], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = corrected, low, high
-        out[f"{name}_pvalue"] = paired.permutation_pvalue(gap.swapped, n_prompts, params.permutations, seed=params.seed)
+            test = paired.jackknife_t(gap.value, gap.leave_one_out)
+            for suffix, value in (("bias_corrected", test.corrected), ("ci_low", test.low), ("ci_high", test.high)):
+                out[f"{name}_{suffix}"] = value
+            out[f"{name}_pvalue"] = test.pvalue
+        out[f"{name}_changed_pvalue"] = paired.permutation_pvalue(
+            gap.swapped, n_prompts, params.permutations, seed=params.seed
+        )
     return out
 
 

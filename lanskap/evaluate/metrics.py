@@ -18,7 +18,11 @@ Reference implementations, reproduced as they compute (see the project's metric 
   on random subsets of size min(m, n, max_subset_size), averaged; here with a seeded generator, and with
   a standard error (jackknife over prompts plus the subsets' Monte Carlo error) instead of the spread
   across subsets that torch-fidelity reports: that spread is 0 whenever the subsets are the whole sets.
-- CLIP score: torchmetrics `CLIPScore`: 100 * cosine per (image, text) pair, averaged, then clamped at 0.
+- CLIP score, two conventions (the project's metric notes): `clip_score`, torchmetrics `CLIPScore`: 100 *
+  cosine per (image, text) pair, averaged, then clamped at 0 (the paper's number); `clip_s`, CLIP-S of Hessel
+  et al. (EMNLP 2021): w * max(cos, 0) per image, then averaged. Both clamp, so a set whose images sit on the far
+  side of their captions scores 0 whatever it draws and a gap between two such sets cannot go negative: gaps
+  are tested on the unclamped mean cosine (`clip_cosines`, lanskap.evaluate.paired).
 """
 
 from collections.abc import Callable
@@ -29,6 +33,10 @@ import numpy as np
 
 CMMD_SCALE = 1000.0  # the paper reports MMD^2 times 1000
 CLIP_SCORE_SCALE = 100.0
+# CLIP-S's w. Hessel et al. use 2.5 (it stretches ViT-B/32 cosines, rarely above 0.4, toward [0, 1]); 100, as most
+# image-generation papers do, puts clip_s on clip_score's scale, so the two differ only in where the clamp acts
+# (clip_s >= clip_score always). Divide by 40 for the paper's w = 2.5.
+CLIP_S_WEIGHT = 100.0
 TILE_ROWS = 1024  # kernel matrices are summed in tiles of this many rows and columns (8 MiB of float64)
 
 
@@ -220,7 +228,10 @@ def kid_jackknife(x: np.ndarray, y: np.ndarray, x_units: np.ndarray, y_units: np
     m_out = m - np.bincount(x_units, minlength=units)
     n_out = n - np.bincount(y_units, minlength=units)
     if units < 2 or min(m_out.min(), n_out.min()) < 2:
-        raise ValueError(f"KID's jackknife needs 2 rows per set without any one of the {units} units")
+        raise ValueError(
+            f"KID's jackknife needs 2 rows per set without any one of its units (so 3 rows per set with one row "
+            f"per unit); got {m} and {n} rows in {units} unit(s)"
+        )
     off_diagonal = [k.without_each_unit() - (k.diagonal.sum() - k.diagonal) for k in (k_xx, k_yy)]
     leave_one_out = _unbiased_mmd(*off_diagonal, k_xy.without_each_unit(), m_out, n_out)
     value = _unbiased_mmd(k_xx.total - k_xx.diagonal.sum(), k_yy.total - k_yy.diagonal.sum(), k_xy.total, m, n)
@@ -246,17 +257,18 @@ def kid(
     sets' unbiased MMD^2 (which the subset average estimates without bias) over units, plus the subsets'
     Monte Carlo variance (their variance / num_subsets; 0 when every subset is the whole set). `units`
     gives each row's unit in x and in y (for generated images, their prompt: images of one prompt are
-    not independent); None pairs row i of x with row i of y, which needs m == n."""
+    not independent); None pairs row i of x with row i of y, which needs m == n. The jackknife needs 2 rows
+    per set without any one unit (3 rows per set at one row per unit)."""
     x, y = _feature_matrix(x, "x"), _feature_matrix(y, "y")
     _matching_dims(x, y)
+    if max_subset_size < 2:
+        raise ValueError(f"KID needs subsets of at least 2 samples; got max_subset_size {max_subset_size}")
     subset_size = min(x.shape[0], y.shape[0], max_subset_size)
-    if subset_size < 2:
-        raise ValueError(f"KID needs subsets of at least 2 samples; got {subset_size}")
     if units is None:
         if len(x) != len(y):
             raise ValueError(f"KID without units pairs rows, which needs equal sizes; got {len(x)} and {len(y)}")
         units = (np.arange(len(x)), np.arange(len(y)))
-    whole_sets, jackknife = kid_jackknife(x, y, *units)
+    whole_sets, jackknife = kid_jackknife(x, y, *units)  # first: it refuses sets too small for a standard error
     if len(x) == len(y) == subset_size:
         return whole_sets, float(np.sqrt(jackknife))
     rng = np.random.default_rng(seed)
@@ -270,12 +282,22 @@ def kid(
     return float(np.mean(values)), float(np.sqrt(jackknife + monte_carlo))
 
 
-def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
-    """CLIP score of row-paired embeddings image_emb [n, d] and text_emb [n, d] (need not be normalised):
-    the mean over pairs of 100 * cos(image_i, text_i), then clamped at 0 as torchmetrics does; the clamp
-    follows the mean, so negative pairs do pull a positive mean down."""
+def clip_cosines(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """[n] cos(image_i, text_i) of row-paired embeddings image_emb [n, d] and text_emb [n, d] (need not be
+    normalised), unclamped."""
     images, texts = l2_normalise(image_emb), l2_normalise(text_emb)
     if images.shape != texts.shape:
         raise ValueError(f"image and text embeddings must pair row by row; got {images.shape} and {texts.shape}")
-    mean_score = CLIP_SCORE_SCALE * float(np.mean(np.sum(images * texts, axis=1)))
-    return max(mean_score, 0.0)
+    return np.sum(images * texts, axis=1)
+
+
+def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
+    """torchmetrics' CLIP score: the mean over pairs of 100 * cos(image_i, text_i), then clamped at 0; the clamp
+    follows the mean, so negative pairs do pull a positive mean down, but a negative mean reads 0."""
+    return max(CLIP_SCORE_SCALE * float(np.mean(clip_cosines(image_emb, text_emb))), 0.0)
+
+
+def clip_s(image_emb: np.ndarray, text_emb: np.ndarray, weight: float = CLIP_S_WEIGHT) -> float:
+    """CLIP-S (Hessel et al. 2021): the mean over pairs of weight * max(cos(image_i, text_i), 0), the clamp per
+    image; weight defaults to CLIP_S_WEIGHT (see there)."""
+    return weight * float(np.mean(np.maximum(clip_cosines(image_emb, text_emb), 0.0)))

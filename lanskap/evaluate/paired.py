@@ -1,20 +1,29 @@
-"""LoRA-minus-base gaps over prompts: a jackknife interval and a permutation p-value for each.
+"""LoRA-minus-base gaps over prompts: a jackknife interval, the t-test that inverts it, and a swap test.
 
 The unit is the prompt: a test image, its caption, and the base and LoRA images generated for it (same
 seeds). Prompts are independent draws; the images of one prompt are not. Each gap is kept as per-prompt
 kernel sums, so the value, the n leave-one-prompt-out values and any swap of LoRA and base images cost
 O(n) after one tiled O(n^2) pass (bounded memory at any n).
 
-Interval: the delete-one-prompt jackknife t-interval, centred on the jackknife bias-corrected gap, for the
-gap between the populations (what infinitely many prompts would give). The CMMD gap's biased estimator
-carries an O(1/n) offset when LoRA and base images differ in diversity; the correction removes it (for a
-V-statistic it gives the U-statistic), so the interval need not contain the reported small-n value. It
-was chosen by simulation over the older percentile interval of 80 % subsamples, which covered 89-92 % at
-nominal 95 % for a plain mean at n = 10 and 15 (tests/test_paired.py repeats the check). The jackknife
-leaves prompts out rather than drawing them with replacement: a duplicated image inflates MMD.
+Two questions, two tests (the project's metric notes):
+- "Is the gap non-zero?" (`jackknife_t`): the delete-one-prompt jackknife t-interval, centred on the
+  jackknife bias-corrected gap, for the gap between the populations (what infinitely many prompts would
+  give), and the t-test it inverts: t = bias-corrected gap / jackknife standard error, n - 1 degrees of
+  freedom, two-sided. p < 1 - confidence exactly when the interval excludes 0. The CMMD gap's biased
+  estimator carries an O(1/n) offset when LoRA and base images differ in diversity; the correction removes
+  it (for a V-statistic it gives the U-statistic), so the interval need not contain the reported small-n
+  value. The jackknife was chosen by simulation over the older percentile interval of 80 % subsamples, which
+  covered 89-92 % at nominal 95 % for a plain mean at n = 10 and 15 (tests/test_paired.py repeats the check).
+  It leaves prompts out rather than drawing them with replacement: a duplicated image inflates MMD.
+- "Did the LoRA change the images at all?" (`permutation_pvalue`): swap the LoRA and base images of random
+  prompts. Under "LoRA and base images are exchangeable" the swaps leave the gap's distribution alone. It
+  rejects for any change the gap statistic sees, even one that leaves the gap at 0: a biased gap's diversity
+  offset, or LoRA and base images at equal distance from the test population but not from these test
+  images (the swaps keep the test images fixed). Its small p-value is no evidence that the gap is non-zero.
 
-Below MIN_INTERVAL_PROMPTS prompts no interval is given: there the permutation test cannot reach
-p < 0.05 at all (its smallest two-sided p-value is 2 / 2^n), so any interval excluding 0 would contradict it.
+Below MIN_INTERVAL_PROMPTS prompts there is no interval and no gap test: there even the exact swap test of
+the stronger null "nothing changed" cannot reach p < 0.05 (its smallest two-sided p-value is 2 / 2^n), so a
+t-test rejecting "gap = 0" would rest on normality that so few prompts cannot check.
 """
 
 import itertools
@@ -41,24 +50,40 @@ class PairedGap:
     swapped: Callable[[np.ndarray], float]  # on all prompts, LoRA and base images exchanged where swap [n] is True
 
 
-def jackknife_interval(
-    value: float, leave_one_out: np.ndarray, confidence: float = CONFIDENCE
-) -> tuple[float, float, float]:
-    """(bias-corrected value, low, high): the jackknife estimate n v - (n - 1) mean(v_(i)) plus or minus
-    Student's t quantile with n - 1 degrees of freedom times the jackknife standard error. For a mean it
-    is exactly the classical t-interval."""
+@dataclass(frozen=True)
+class JackknifeT:
+    """A gap's jackknife t-interval and the two-sided t-test of "gap = 0" that inverts it."""
+
+    corrected: float  # the bias-corrected gap, the interval's centre
+    low: float
+    high: float
+    pvalue: float
+
+
+def jackknife_t(value: float, leave_one_out: np.ndarray, confidence: float = CONFIDENCE) -> JackknifeT:
+    """The jackknife estimate n v - (n - 1) mean(v_(i)) plus or minus Student's t quantile with n - 1 degrees of
+    freedom times the jackknife standard error, and the p-value of t = estimate / standard error on the same
+    distribution, so p < 1 - confidence exactly when the interval excludes 0. For a mean these are the
+    classical t-interval and one-sample t-test. A zero standard error gives the interval [estimate, estimate]
+    and p = 1 if the estimate is 0, else 0."""
     n = len(leave_one_out)
     if n < 2:
         raise ValueError(f"a jackknife interval needs at least 2 units; got {n}")
     corrected = n * value - (n - 1) * float(np.mean(leave_one_out))
-    half_width = stats.t.ppf((1 + confidence) / 2, n - 1) * np.sqrt(metrics.jackknife_variance(leave_one_out))
-    return corrected, corrected - half_width, corrected + half_width
+    standard_error = np.sqrt(metrics.jackknife_variance(leave_one_out))
+    half_width = stats.t.ppf((1 + confidence) / 2, n - 1) * standard_error
+    if standard_error > 0:
+        pvalue = float(2 * stats.t.sf(abs(corrected) / standard_error, n - 1))
+    else:
+        pvalue = 1.0 if corrected == 0 else 0.0
+    return JackknifeT(corrected, corrected - half_width, corrected + half_width, pvalue)
 
 
 def permutation_pvalue(
     stat: Callable[[np.ndarray], float], n: int, num_permutations: int = 200, seed: int = 0
 ) -> float:
-    """Two-sided paired permutation (swap) p-value for a LoRA-minus-base statistic over n prompts.
+    """Two-sided paired permutation (swap) p-value for a LoRA-minus-base statistic over n prompts: the test of
+    "the LoRA changed nothing", not of "the gap is 0" (see the module docstring).
 
     `stat(swap)` gets a bool array [n] and computes the statistic with the LoRA and base images of the
     prompts where it is True exchanged (`PairedGap.swapped`). Under "the LoRA changes nothing" each
@@ -117,26 +142,14 @@ def cmmd_gap(
     return PairedGap(value, leave_one_out, lambda swap: float(_signs(swap) @ w))
 
 
-def clip_score_gap(lora: np.ndarray, base: np.ndarray, text: np.ndarray, prompt: np.ndarray) -> PairedGap:
-    """clip_score(lora, captions) - clip_score(base, captions) over prompts, each image scored against its
-    prompt's caption (`text` row i: prompt i's caption embedding); the clamp at 0 follows the mean."""
+def clip_cosine_gap(lora: np.ndarray, base: np.ndarray, text: np.ndarray, prompt: np.ndarray) -> PairedGap:
+    """Mean cos(LoRA image, its caption) minus mean cos(base image, its caption), unclamped, over prompts (`text`
+    row i: prompt i's caption embedding). A mean of per-prompt differences: its jackknife is the paired t-test,
+    and a swap flips the sign of a prompt's difference. Unlike a clamped CLIP score it goes negative when the
+    LoRA moves images away from their captions, also where the base's mean cosine is already below 0."""
     captions = text[prompt]
     n, images = len(text), len(lora)
     per_prompt = np.bincount(prompt, minlength=n)
-    cosines = {
-        name: np.bincount(prompt, np.sum(metrics.l2_normalise(rows) * metrics.l2_normalise(captions), axis=1), n)
-        for name, rows in (("lora", lora), ("base", base))
-    }
-
-    def score(cosine_sums, count):
-        return np.maximum(metrics.CLIP_SCORE_SCALE * cosine_sums / count, 0.0)
-
-    def swapped(swap: np.ndarray) -> float:
-        lora_sum = np.where(swap, cosines["base"], cosines["lora"]).sum()
-        base_sum = np.where(swap, cosines["lora"], cosines["base"]).sum()
-        return float(score(lora_sum, images) - score(base_sum, images))
-
-    leave_one_out = score(cosines["lora"].sum() - cosines["lora"], images - per_prompt) - score(
-        cosines["base"].sum() - cosines["base"], images - per_prompt
-    )
-    return PairedGap(swapped(np.zeros(n, dtype=bool)), leave_one_out, swapped)
+    differences = np.bincount(prompt, metrics.clip_cosines(lora, captions) - metrics.clip_cosines(base, captions), n)
+    leave_one_out = (differences.sum() - differences) / (images - per_prompt)
+    return PairedGap(differences.sum() / images, leave_one_out, lambda swap: float(_signs(swap) @ differences) / images)

@@ -1,6 +1,6 @@
 """The evaluation report a reviewer opens: which run it describes (commit, preset, base model, LoRA, data),
-metrics with their n, LoRA-minus-base gaps with intervals, what the flags and sample sizes allow, the loss curve,
-the comparison grid, the data card, and the feature extractors used.
+metrics with their n, LoRA-minus-base gaps with intervals and both tests, what the flags and sample sizes allow,
+the loss curve, the comparison grid, the data card, and the feature extractors used.
 
 Pure functions from the flat metrics dict (as `lanskap.evaluate.comparisons` produces it), the run's provenance and the
 texts and relative paths the evaluate stage passes in; the stage writes the results. Nothing here reads files or
@@ -16,6 +16,7 @@ import pandas as pd
 
 from lanskap.core.provenance import Provenance
 from lanskap.evaluate.comparisons import FID_STABLE_N
+from lanskap.evaluate.metrics import CLIP_S_WEIGHT
 from lanskap.evaluate.paired import MIN_INTERVAL_PROMPTS
 
 # Bar chart rows: metric name -> (base model's key, LoRA's key); both against the same reference.
@@ -25,7 +26,10 @@ BASE_VS_LORA_KEYS = {
     "fid_vs_test": ("fid_test_vs_base", "fid_test_vs_lora"),
     "kid_vs_test": ("kid_test_vs_base", "kid_test_vs_lora"),
     "clip_score": ("clip_score_base", "clip_score_lora"),
+    "clip_s": ("clip_s_base", "clip_s_lora"),
+    "clip_cosine": ("clip_cosine_base", "clip_cosine_lora"),
 }
+HIGHER_IS_BETTER = ("clip_",)  # key prefixes; lower is better for the rest (distances)
 GAP_SUFFIX = "_lora_minus_base"
 IMAGE_SETS = ("test", "base", "lora", "text")  # "text": the test captions, one per test image
 STAND_IN_PREFIX = "builtin:"
@@ -78,6 +82,11 @@ def format_value(value: float) -> str:
     return f"{value:.6g}"
 
 
+def format_pvalue(pvalue: float) -> str:
+    """Three decimals; "< 0.001" below, where three decimals would print an impossible 0.000."""
+    return "< 0.001" if pvalue < 0.001 else f"{pvalue:.3f}"
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -85,32 +94,42 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def interval_cells(key: str, metrics: dict[str, float]) -> list[str]:
-    """The gap's bias-corrected value and 95% interval, or why there is none."""
+    """The gap's bias-corrected value, 95% interval and the t-test's p-value, or why there are none."""
     if key + "_ci_low" not in metrics:
-        return ["", f"none below {MIN_INTERVAL_PROMPTS} prompts"]
+        return ["", f"none below {MIN_INTERVAL_PROMPTS} prompts", "none"]
     interval = f"[{format_value(metrics[key + '_ci_low'])}, {format_value(metrics[key + '_ci_high'])}]"
-    return [format_value(metrics[key + "_bias_corrected"]), interval]
+    return [format_value(metrics[key + "_bias_corrected"]), interval, format_pvalue(metrics[key + "_pvalue"])]
 
 
 def gaps_section(metrics: dict[str, float]) -> str:
-    """Each LoRA-minus-base gap with its jackknife interval and permutation p-value."""
+    """Each LoRA-minus-base gap with its jackknife interval, the t-test of "gap = 0" and the swap test."""
     rows = [
         [
             f"`{key}`",
             format_value(metrics[key]),
             *interval_cells(key, metrics),
-            f"{metrics[key + '_pvalue']:.3f}",
+            format_pvalue(metrics[key + "_changed_pvalue"]),
             sample_size(key, metrics),
         ]
         for key in sorted(k for k in metrics if k.endswith(GAP_SUFFIX))
     ]
-    table = markdown_table(["gap", "LoRA minus base", "bias-corrected", "95% interval", "p-value", "n"], rows)
+    header = ["gap", "LoRA minus base", "bias-corrected", "95% interval", "gap p", "changed p", "n"]
     return (
-        "## LoRA minus base\n\nPaired by prompt and seed. Interval: jackknife over prompts (leave one out), "
-        "Student t, for the gap with unlimited prompts; it is centred on the bias-corrected gap, which removes "
-        "the small-n offset of the biased CMMD. None is given below "
-        f"{MIN_INTERVAL_PROMPTS} prompts, where the permutation test cannot reach p < 0.05. p-value: "
-        "swapping a prompt's LoRA and base images (exact over all swaps when they are few).\n\n" + table
+        "## LoRA minus base\n\nPaired by prompt and seed. `cmmd_vs_test`: CMMD to the test images (lower is "
+        "closer); `clip_cosine`: the mean CLIP cosine of each image to its caption, unclamped, so a LoRA that "
+        "moves its images away from their captions scores below 0 even where the clamped CLIP scores of both "
+        "models read 0.\n\n"
+        "- **95% interval**: jackknife over prompts (leave one out), Student t, for the gap with unlimited "
+        "prompts; it is centred on the bias-corrected gap, which removes the small-n offset of the biased CMMD.\n"
+        '- **gap p** (`_pvalue`): the t-test of "the gap is 0" that this interval inverts (bias-corrected gap / '
+        "jackknife standard error, n - 1 degrees of freedom, two-sided): below 0.05 exactly when the interval "
+        "excludes 0.\n"
+        '- **changed p** (`_changed_pvalue`): the swap test of "the LoRA changed nothing": the LoRA and base '
+        "images of random prompts exchanged (exact over all swaps when they are few). It is small for any change "
+        "the gap statistic sees, also one that leaves the gap at 0, so it is no evidence that the gap differs "
+        "from 0.\n\n"
+        f"Below {MIN_INTERVAL_PROMPTS} prompts there is no interval and no gap p: there even the exact swap test "
+        "cannot reach p < 0.05.\n\n" + markdown_table(header, rows)
     )
 
 
@@ -128,8 +147,13 @@ def base_vs_lora_section(metrics: dict[str, float]) -> str:
     ]
     table = markdown_table(["metric", "base", "LoRA", "n per set", "keys"], rows)
     return (
-        "## Base vs LoRA\n\nLower is better for CMMD, FID and KID; higher for CLIP score. n per set: the "
-        "sizes of the two compared sets, in the order the key names them.\n\n" + table
+        "## Base vs LoRA\n\nLower is better for CMMD, FID and KID; higher for the CLIP numbers. n per set: the "
+        "sizes of the two compared sets, in the order the key names them. CLIP, each image against its own "
+        "caption: `clip_score` is torchmetrics' (100 x the mean cosine, clamped at 0: the paper's convention), "
+        f"`clip_s` CLIP-S (Hessel et al. 2021: w x max(cos, 0) per image, averaged; here w = "
+        f"{CLIP_S_WEIGHT:g}, clip_score's scale; the paper's w = 2.5 gives 1/40 of it), `clip_cosine` the mean "
+        "cosine, unclamped. A clamped score reads 0 for a set whose images sit on the far side of their "
+        "captions, whatever they show: compare models on `clip_cosine`.\n\n" + table
     )
 
 
@@ -185,7 +209,7 @@ def gap_verdict(key: str, metrics: dict[str, float]) -> str:
     if low <= 0 <= high:
         return f"interval includes 0: no difference detectable at {metrics['n_test']:.0f} prompts"
     lower = high < 0
-    better = lower != key.startswith("clip_score")  # lower is better except for CLIP score
+    better = lower != key.startswith(HIGHER_IS_BETTER)
     return f"LoRA {'lower' if lower else 'higher'} than base ({'better' if better else 'worse'}); interval excludes 0"
 
 
@@ -205,8 +229,8 @@ def flags_section(metrics: dict[str, float]) -> str:
         f"- **n** is the number of images (or prompts) behind a number. CMMD, FID and KID are set statistics: "
         "with few images they move from sample to sample and carry a bias that depends on n, so two runs "
         "compare only at the same n. A LoRA-minus-base gap carries weight only when its 95% interval excludes "
-        f"0; below {MIN_INTERVAL_PROMPTS} prompts there is no interval, and no p-value below 0.05 is possible.\n\n"
-        + markdown_table(["gap", "at this n"], verdicts)
+        f"0 (gap p < 0.05); below {MIN_INTERVAL_PROMPTS} prompts there is neither, and no p-value below 0.05 is "
+        "possible.\n\n" + markdown_table(["gap", "at this n"], verdicts)
     )
 
 
