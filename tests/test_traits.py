@@ -81,7 +81,7 @@ def test_shares_gap_and_calibration_on_a_tiny_run():
         "base": {**right, "islands": np.array([0, 0, 0, 1, 1, 1])},
         "lora": {**right, "islands": np.array([1, 1, 1, 0, 0, 0])},
     }
-    detected["test"]["islands"] = np.array([1, 0, 1])  # the detector misses prompt 1's islands
+    detected["test"]["islands"] = np.array([1, 0, 0])  # the detector misses prompt 1's islands
     out = trait_metrics(asked, detected, prompt)
     assert out["traits_islands_prompts"] == 2
     assert out["traits_islands_share_base"] == pytest.approx((0 + 0.5) / 2)
