@@ -236,13 +236,16 @@ def flags_section(metrics: dict[str, float]) -> str:
 
 def trait_cells(trait: str, metrics: dict[str, float]) -> list[str]:
     key = f"traits_{trait}"
-    accuracy = format_value(metrics[key + "_detector_accuracy"])
+    calibration = [
+        format_value(metrics[key + suffix]) if key + suffix in metrics else "-"
+        for suffix in ("_share_test", "_false_positive_test", "_detector_accuracy")
+    ]
     if key + "_share_gap" not in metrics:
-        return [trait, "fewer than 2", "", accuracy, "", "", ""]
-    shares = [format_value(metrics[f"{key}_share_{name}"]) for name in ("test", "base", "lora")]
+        return [trait, "fewer than 2", *calibration, "", "", ""]
+    shares = [format_value(metrics[f"{key}_share_{name}"]) for name in ("base", "lora")]
     gap = f"{format_value(metrics[key + '_share_gap'])} [{format_value(metrics[key + '_share_gap_ci_low'])}, "
     gap += f"{format_value(metrics[key + '_share_gap_ci_high'])}]"
-    return [trait, f"{metrics[key + '_prompts']:.0f}", shares[0], accuracy, shares[1], shares[2], gap]
+    return [trait, f"{metrics[key + '_prompts']:.0f}", *calibration, *shares, gap]
 
 
 def traits_section(metrics: dict[str, float]) -> str | None:
@@ -252,13 +255,23 @@ def traits_section(metrics: dict[str, float]) -> str | None:
     traits = [key[len("traits_") : -len(suffix)] for key in keys]
     if not traits:
         return None
-    header = ["trait", "prompts asking", "test", "detector accuracy (test)", "base", "LoRA", "LoRA - base [95%]"]
+    header = [
+        "trait",
+        "prompts asking",
+        "test",
+        "test, not asked",
+        "accuracy (test)",
+        "base",
+        "LoRA",
+        "LoRA - base [95%]",
+    ]
     return (
         "## Traits (demo diagnostic)\n\nWhat the built-in Inception stand-in's scene-classifier heads find, for "
         "each trait a prompt asks for (read from its procedural caption): the share of test, base and LoRA images "
-        "in which the detected class is the asked one, over the prompts that ask. The detector's share on the "
-        "reference test images and its accuracy on all of them (absent traits included) say how far its findings "
-        "on generated images can be trusted. Interval: paired by prompt, adjusted Wald (Bonett-Price) with "
+        "in which the detected class is the asked one, over the prompts that ask. Calibration on the reference "
+        "test images: the share where the trait is drawn, the share where it is found though not drawn (false "
+        "positives; '-' where every caption asks), and the accuracy over all. A detector that finds a trait as often "
+        "where it is not drawn tells nothing about it. Interval: paired by prompt, adjusted Wald (Bonett-Price) with "
         "Student t (`lanskap/evaluate/traits.py`).\n\n"
         + markdown_table(header, [trait_cells(trait, metrics) for trait in traits])
     )

@@ -9,9 +9,10 @@ test caption is parsed back into the classes the heads predict. For every trait 
   (the palette and ridge count are asked by every prompt; moons, islands, spires, lake and stars only where the
   caption names them), over the prompts that ask for the trait;
 - share_gap: LoRA minus base, paired by prompt and seed, with a 95 % interval over those prompts (below);
-- share_test and detector_accuracy: the calibration, on the reference test images, whose classes are known: the
-  share in which the detector finds the trait where it is there, and its accuracy over all test images (absent
-  traits included). A share is worth reading only as far as the detector finds the trait on real drawings.
+- share_test, false_positive_test and detector_accuracy: the calibration, on the reference test images, whose
+  classes are known: the share in which the detector finds the trait where it is drawn, the share in which it
+  finds it where it is not (traits not every caption asks for), and its accuracy over all test images. A share
+  on generated images is worth reading only as far as the detector tells drawn from not drawn on real ones.
 
 Interval: each prompt gives d = (LoRA share - base share) of its images, in [-1, 1]. With one image per prompt
 this is a difference of paired proportions, where the plain t-interval fails (all-equal pairs give a zero-width
@@ -113,6 +114,8 @@ def trait_metrics(asked: AskedTraits, detected: dict[str, dict[str, np.ndarray]]
         asking = asked.asking[trait]
         test_found = detected["test"][trait] == wanted
         out[f"traits_{trait}_detector_accuracy"] = float(test_found.mean())
+        if not asking.all():  # found where the caption does not ask: the detector's false-positive rate
+            out[f"traits_{trait}_false_positive_test"] = float(1 - test_found[~asking].mean())
         if asking.sum() < 2:
             continue
         shares = {
