@@ -21,6 +21,7 @@ from lanskap.evaluate.report import (
     FID_CAVEAT,
     ReportInputs,
     base_vs_lora_table,
+    format_pvalue,
     gap_verdict,
     report_html,
     report_markdown,
@@ -100,12 +101,29 @@ def test_report_lists_every_metric_key_with_its_n(metrics, inputs):
     assert "6 test, 6 base, 6 LoRA" in report
 
 
-def test_report_gives_each_gap_with_interval_and_pvalue(metrics, inputs):
+def test_report_gives_each_gap_with_interval_and_both_pvalues_named(metrics, inputs):
     report = report_markdown(metrics, inputs)
-    for gap in ("cmmd_vs_test_lora_minus_base", "clip_score_lora_minus_base"):
-        row = next(line for line in report.splitlines() if line.startswith(f"| `{gap}` |"))
+    assert "| gap p | changed p |" in report
+    assert '**gap p** (`_pvalue`): the t-test of "the gap is 0"' in report
+    assert '**changed p** (`_changed_pvalue`): the swap test of "the LoRA changed nothing"' in report
+    assert "clip_score_lora_minus_base" not in report  # a clamped gap cannot fail: not reported
+    for gap in ("cmmd_vs_test_lora_minus_base", "clip_cosine_lora_minus_base"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| `{gap}` |")).split(" | ")
         low, high = metrics[gap + "_ci_low"], metrics[gap + "_ci_high"]
-        assert f"[{low:.6g}, {high:.6g}]" in row and f"{metrics[gap + '_pvalue']:.3f}" in row
+        assert row[3] == f"[{low:.6g}, {high:.6g}]"
+        assert row[4:6] == [format_pvalue(metrics[gap + "_pvalue"]), format_pvalue(metrics[gap + "_changed_pvalue"])]
+
+
+def test_pvalues_print_three_decimals_and_never_zero():
+    assert (format_pvalue(0.0172), format_pvalue(0.001), format_pvalue(0.00034)) == ("0.017", "0.001", "< 0.001")
+
+
+def test_report_without_interval_says_why_there_is_no_gap_pvalue(metrics, inputs):
+    gap = "cmmd_vs_test_lora_minus_base"
+    fewer = {k: v for k, v in metrics.items() if not k.endswith(("_bias_corrected", "_ci_low", "_ci_high", "_pvalue"))}
+    fewer.update({k: v for k, v in metrics.items() if k.endswith("_changed_pvalue")})
+    row = next(line for line in report_markdown(fewer, inputs).splitlines() if line.startswith(f"| `{gap}` |"))
+    assert "| none below 6 prompts | none |" in row
 
 
 def test_report_carries_the_fid_caveat_figures_data_card_and_flags_stand_ins(metrics, inputs):
@@ -154,8 +172,8 @@ def test_fid_comparable_is_explained_either_way(metrics, inputs):
         ("cmmd_vs_test", -0.2, 0.1, "interval includes 0: no difference detectable at 6 prompts"),
         ("cmmd_vs_test", -0.2, -0.1, "LoRA lower than base (better)"),
         ("cmmd_vs_test", 0.1, 0.2, "LoRA higher than base (worse)"),
-        ("clip_score", -0.2, -0.1, "LoRA lower than base (worse)"),
-        ("clip_score", 0.1, 0.2, "LoRA higher than base (better)"),
+        ("clip_cosine", -0.2, -0.1, "LoRA lower than base (worse)"),
+        ("clip_cosine", 0.1, 0.2, "LoRA higher than base (better)"),
     ],
 )
 def test_each_gap_says_what_its_interval_allows(gap, low, high, verdict):

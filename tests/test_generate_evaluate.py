@@ -77,9 +77,13 @@ def test_evaluate_writes_flat_numeric_metrics_with_n(trained):
     for pair in ("test_vs_lora", "test_vs_base", "lora_vs_base"):
         for prefix in ("cmmd_", "fid_", "kid_"):
             assert prefix + pair in metrics
-    gap = "cmmd_vs_test_lora_minus_base"
-    assert metrics[gap + "_ci_low"] <= metrics[gap + "_ci_high"]
-    assert 0 < metrics[gap + "_pvalue"] <= 1
+    for gap in ("cmmd_vs_test_lora_minus_base", "clip_cosine_lora_minus_base"):
+        low, high, pvalue = (metrics[gap + suffix] for suffix in ("_ci_low", "_ci_high", "_pvalue"))
+        assert low <= high and 0 <= pvalue <= 1 and (pvalue < 0.05) == (low > 0 or high < 0)  # rounded to 1e-6
+        assert 0 < metrics[gap + "_changed_pvalue"] <= 1
+    for name in ("test", "base", "lora"):
+        assert metrics[f"clip_s_{name}"] >= metrics[f"clip_score_{name}"] >= 0
+        assert metrics[f"clip_score_{name}"] == pytest.approx(max(100 * metrics[f"clip_cosine_{name}"], 0), abs=1e-4)
     assert metrics["fid_comparable"] == 0.0  # a handful of images is far below 2048
     # The demo's traits diagnostic (built-in Inception heads, procedural captions): every trait's calibration,
     # and shares in [0, 1] for the traits at least two prompts ask for (palette and ridges: every prompt).

@@ -95,7 +95,7 @@ def test_kernel_sums_by_unit_match_the_dense_matrix(rng):
 
 
 def test_unbiased_cmmd_needs_two_rows_per_set():
-    with pytest.raises(ValueError, match="two"):
+    with pytest.raises(ValueError, match="n >= 2"):
         metrics.cmmd(np.eye(2)[:1], np.eye(2), unbiased=True)
 
 
@@ -216,3 +216,34 @@ def test_clip_score_clamps_after_the_mean():
     assert metrics.clip_score(np.array([[-1.0, 0.0], [0.0, 1.0]]), text) == 0.0  # mean cosine -0.5
     mixed = np.array([[-0.5, np.sqrt(0.75)], [1.0, 0.0]])  # cosines -0.5 and 1: the negative one counts
     assert metrics.clip_score(mixed, text) == pytest.approx(25.0, rel=1e-12)
+
+
+def test_clip_s_clamps_each_image_before_the_mean_and_clip_cosines_not_at_all():
+    text = np.array([[1.0, 0.0]] * 2)
+    images = np.array([[-0.5, np.sqrt(0.75)], [1.0, 0.0]])  # cosines -0.5 and 1
+    assert metrics.clip_cosines(3 * images, text) == pytest.approx([-0.5, 1.0], rel=1e-12)
+    assert metrics.clip_s(images, text) == pytest.approx(metrics.CLIP_S_WEIGHT * 0.5, rel=1e-12)  # (0 + 1) / 2
+    assert metrics.clip_s(images, text, weight=2.5) == pytest.approx(1.25, rel=1e-12)  # Hessel et al.'s w
+    assert metrics.clip_score(images, text) == pytest.approx(25.0, rel=1e-12)  # clamp after the mean
+
+
+def test_clip_s_is_never_below_clip_score_and_both_read_0_where_the_mean_cosine_is_negative(rng):
+    for shift in (-0.6, 0.0, 0.6):
+        texts = unit_rows(rng, 20, 8)
+        images = metrics.l2_normalise(shift * texts + rng.normal(size=(20, 8)) / np.sqrt(8))
+        assert metrics.clip_s(images, texts) >= metrics.clip_score(images, texts)
+    away = metrics.l2_normalise(-texts + 0.1 * rng.normal(size=(20, 8)))  # every image opposite its caption
+    assert metrics.clip_score(away, texts) == metrics.clip_s(away, texts) == 0.0
+    assert np.mean(metrics.clip_cosines(away, texts)) < -0.9  # what the clamped scores hide
+
+
+def test_kid_needs_three_rows_per_set_for_its_standard_error_and_says_so(rng):
+    x, y = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)) + 0.5
+    value, error = metrics.kid(x, y)
+    assert np.isfinite(value) and np.isfinite(error) and error > 0
+    with pytest.raises(ValueError, match="3 rows per set"):
+        metrics.kid(x[:2], y[:2])
+    with pytest.raises(ValueError, match="3 rows per set"):
+        metrics.kid(x[:2], y, units=(np.arange(2), np.arange(3)))
+    with pytest.raises(ValueError, match="subsets of at least 2"):
+        metrics.kid(x, y, max_subset_size=1)

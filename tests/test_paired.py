@@ -1,5 +1,6 @@
-"""LoRA-minus-base gaps (lanskap.evaluate.paired): the algebra against recomputation, the interval's coverage by
-simulation, the permutation p-value, and evaluate's refusal of unpaired images."""
+"""LoRA-minus-base gaps (lanskap.evaluate.paired): the algebra against recomputation, the interval's coverage and
+the gap test's size by simulation (also where LoRA and base images differ at equal distance from the test set, and
+the swap test rejects), the unclamped CLIP cosine gap, and evaluate's refusal of unpaired images."""
 
 import numpy as np
 import pandas as pd
@@ -61,14 +62,16 @@ def test_cmmd_gap_value_leave_one_out_and_swaps_equal_recomputation():
         assert gap.swapped(swap) == pytest.approx(expected, abs=1e-12)
 
 
-def test_clip_score_gap_value_leave_one_out_and_swaps_equal_recomputation():
+def test_clip_cosine_gap_value_leave_one_out_and_swaps_equal_recomputation():
     rng = np.random.default_rng(1)
     text, lora, base, prompt = prompt_sets(rng, 6, per_prompt=3)
     captions = text[prompt]
-    gap = paired.clip_score_gap(lora, base, text, prompt)
+    gap = paired.clip_cosine_gap(lora, base, text, prompt)
 
     def recomputed(lora_rows, base_rows, kept=slice(None)):
-        return metrics.clip_score(lora_rows[kept], captions[kept]) - metrics.clip_score(base_rows[kept], captions[kept])
+        return np.mean(metrics.clip_cosines(lora_rows[kept], captions[kept])) - np.mean(
+            metrics.clip_cosines(base_rows[kept], captions[kept])
+        )
 
     assert gap.value == pytest.approx(recomputed(lora, base), abs=1e-12)
     assert gap.leave_one_out == pytest.approx([recomputed(lora, base, prompt != i) for i in range(6)], abs=1e-12)
@@ -77,14 +80,33 @@ def test_clip_score_gap_value_leave_one_out_and_swaps_equal_recomputation():
     assert gap.swapped(swap) == pytest.approx(recomputed(np.where(rows, base, lora), np.where(rows, lora, base)))
 
 
-def test_jackknife_interval_of_a_mean_is_the_classical_t_interval():
-    values = np.random.default_rng(2).normal(size=12)
+def test_jackknife_t_of_a_mean_is_the_classical_t_interval_and_t_test():
+    values = np.random.default_rng(2).normal(size=12) + 0.4
     leave_one_out = (values.sum() - values) / 11
-    corrected, low, high = paired.jackknife_interval(values.mean(), leave_one_out)
+    test = paired.jackknife_t(values.mean(), leave_one_out)
     half_width = stats.t.ppf(0.975, 11) * values.std(ddof=1) / np.sqrt(12)
-    assert (corrected, low, high) == pytest.approx(
+    assert (test.corrected, test.low, test.high) == pytest.approx(
         (values.mean(), values.mean() - half_width, values.mean() + half_width)
     )
+    assert test.pvalue == pytest.approx(stats.ttest_1samp(values, 0.0).pvalue, rel=1e-9)
+
+
+def test_gap_pvalue_is_below_005_exactly_when_the_interval_excludes_0():
+    """By construction, for means and for CMMD gaps alike, at effects spread around the 5 % boundary."""
+    rng = np.random.default_rng(6)
+    cases = []
+    for _ in range(400):
+        n = int(rng.integers(6, 30))
+        values = rng.normal(size=n) + rng.uniform(-1.0, 1.0)
+        cases.append(paired.jackknife_t(values.mean(), (values.sum() - values) / (n - 1)))
+    for _ in range(100):
+        test, lora, base, prompt = prompt_sets(rng, 10, per_prompt=1, base_shift=rng.uniform(0.0, 0.6))
+        gap = paired.cmmd_gap(lora, base, test, prompt)
+        cases.append(paired.jackknife_t(gap.value, gap.leave_one_out))
+    rejected = [case.pvalue < 0.05 for case in cases]
+    assert rejected == [case.low > 0 or case.high < 0 for case in cases]
+    assert 0.2 < np.mean(rejected) < 0.8  # both sides of the boundary are exercised
+    assert paired.jackknife_t(0.0, np.zeros(8)).pvalue == 1.0  # no change at all: LoRA switched off
 
 
 # --- coverage ------------------------------------------------------------------------------------------
@@ -102,7 +124,8 @@ def mean_coverage(n: int, quantile: float | None = None) -> float:
         values = rng.normal(size=n)
         leave_one_out = (values.sum() - values) / (n - 1)
         if quantile is None:
-            _, low, high = paired.jackknife_interval(values.mean(), leave_one_out)
+            test = paired.jackknife_t(values.mean(), leave_one_out)
+            low, high = test.low, test.high
         else:
             half_width = quantile * np.sqrt(metrics.jackknife_variance(leave_one_out))
             low, high = values.mean() - half_width, values.mean() + half_width
@@ -124,8 +147,8 @@ def cmmd_gap_coverage(n: int, truth: float) -> float:
     for _ in range(REPETITIONS):
         test, lora, base, prompt = prompt_sets(rng, n, per_prompt=1)
         gap = paired.cmmd_gap(lora, base, test, prompt)
-        _, low, high = paired.jackknife_interval(gap.value, gap.leave_one_out)
-        covered += low <= truth <= high
+        interval = paired.jackknife_t(gap.value, gap.leave_one_out)
+        covered += interval.low <= truth <= interval.high
     return covered / REPETITIONS
 
 
@@ -144,10 +167,97 @@ def test_interval_covers_the_population_cmmd_gap_at_least_94_percent():
         assert cmmd_gap_coverage(n, truth) >= MIN_COVERAGE, n
 
 
-# --- permutation p-value and when an interval is given ------------------------------------------------
+# --- the gap test where LoRA and base images differ at equal distance from the test set -----------------
+
+SIGNIFICANCE = 0.05
 
 
-def test_permutation_pvalue_is_small_for_an_effect_large_without_and_exact_for_few_prompts():
+def mirrored_sets(rng, n: int, offset: float = 1.0, dim: int = 8):
+    """LoRA images offset by +offset along the first axis, base images by -offset, test images not at all: the
+    reflection of that axis maps the test population to itself and LoRA images to base images, so both sit at
+    exactly the same distance from the test population (population gap 0) while differing everywhere."""
+    latent = rng.normal(size=(n, dim))
+    shift = np.zeros(dim)
+    shift[0] = offset
+    test = unit(latent + 0.5 * rng.normal(size=(n, dim)))
+    lora = unit(latent + shift + 0.3 * rng.normal(size=(n, dim)))
+    base = unit(latent - shift + 0.3 * rng.normal(size=(n, dim)))
+    return test, lora, base, np.arange(n)
+
+
+@pytest.mark.parametrize("n", [10, 20])
+def test_gap_test_holds_its_size_where_lora_and_base_differ_at_equal_distance_and_the_swap_test_rejects(n):
+    """The reviewer's case: the swap test rejects "nothing changed" (rightly: the images did change), but a
+    small swap p-value says nothing about the gap. The gap test's false-positive rate stays at most 5 % (over
+    4000 repetitions it is 3.2 % at n = 10 and 4.1 % at n = 20); the swap test rejects in most runs (63 % and
+    79 %), which is also this simulation's check that the null is not trivially easy."""
+    rng = np.random.default_rng(30 + n)
+    gap_rejections = swap_rejections = 0
+    for _ in range(REPETITIONS):
+        test, lora, base, prompt = mirrored_sets(rng, n)
+        gap = paired.cmmd_gap(lora, base, test, prompt)
+        gap_rejections += paired.jackknife_t(gap.value, gap.leave_one_out).pvalue < SIGNIFICANCE
+        swap_rejections += paired.permutation_pvalue(gap.swapped, n, 200) < SIGNIFICANCE
+    assert gap_rejections / REPETITIONS <= SIGNIFICANCE
+    assert swap_rejections / REPETITIONS > 0.5
+
+
+def test_gap_test_detects_a_real_cmmd_gap():
+    """Power, so the size check above is not met by a test that never rejects: base images shifted 3 along one
+    axis, LoRA images 1.5, from the test images' latents (the gap test rejects in 98 % of runs)."""
+    rng = np.random.default_rng(40)
+    rejections = 0
+    for _ in range(200):
+        test, lora, base, prompt = prompt_sets(rng, 20, per_prompt=1, base_shift=3.0)
+        gap = paired.cmmd_gap(lora, base, test, prompt)
+        rejections += paired.jackknife_t(gap.value, gap.leave_one_out).high < 0
+    assert rejections / 200 > 0.9
+
+
+# --- the CLIP cosine gap where the clamped CLIP score cannot move ---------------------------------------
+
+
+def clip_sets(rng, n: int, lora_pull: float, base_pull: float = -0.3, dim: int = 8):
+    """Caption embeddings and, per prompt, base and LoRA images sharing a content latent, pulled toward their
+    caption by `*_pull` (negative: pushed away). At base_pull -0.3 the base's mean cosine is about -0.17,
+    near the demo's -0.136: a clamped CLIP score reads 0 for base and for any LoRA further away."""
+    text = unit(rng.normal(size=(n, dim)))
+    latent = 0.5 * rng.normal(size=(n, dim))
+
+    def images(pull: float) -> np.ndarray:
+        return unit(latent + pull * text + 0.3 * rng.normal(size=(n, dim)))
+
+    return images(lora_pull), images(base_pull), text, np.arange(n)
+
+
+def cosine_gap_outcomes(lora_pull: float, repetitions: int = REPETITIONS) -> tuple[float, float, float]:
+    """(share of runs whose interval lies below 0, above 0, share where both clamped CLIP scores read 0)."""
+    rng = np.random.default_rng(50)
+    below = above = clamped = 0
+    for _ in range(repetitions):
+        lora, base, text, prompt = clip_sets(rng, 10, lora_pull)
+        gap = paired.clip_cosine_gap(lora, base, text, prompt)
+        interval = paired.jackknife_t(gap.value, gap.leave_one_out)
+        below, above = below + (interval.high < 0), above + (interval.low > 0)
+        clamped += metrics.clip_score(lora, text) == metrics.clip_score(base, text) == 0
+    return below / repetitions, above / repetitions, clamped / repetitions
+
+
+def test_cosine_gap_is_negative_for_a_lora_that_moves_images_from_their_captions_where_the_clamp_hid_it():
+    below, above, clamped = cosine_gap_outcomes(lora_pull=-1.0, repetitions=200)
+    assert clamped > 0.9  # the clamped CLIP-score gap was 0 here: it could not fail
+    assert below > 0.9 and above == 0
+
+
+def test_cosine_gap_test_holds_its_size_when_the_lora_changes_nothing():
+    below, above, _ = cosine_gap_outcomes(lora_pull=-0.3)  # LoRA images drawn as base ones are
+    assert below + above <= 1 - MIN_COVERAGE
+
+
+# --- swap p-value and when an interval is given -------------------------------------------------------
+
+
+def test_swap_pvalue_is_small_for_an_effect_large_without_and_exact_for_few_prompts():
     rng = np.random.default_rng(3)
 
     def sign_flip_mean(differences):
@@ -165,14 +275,15 @@ def test_permutation_pvalue_is_small_for_an_effect_large_without_and_exact_for_f
 
 
 @pytest.mark.parametrize("n", [3, 5, 6])
-def test_interval_only_from_the_size_where_the_permutation_test_can_reject(n):
+def test_interval_and_gap_test_only_from_the_size_where_the_swap_test_can_reject(n):
     rng = np.random.default_rng(4)
     test, lora, base, prompt = prompt_sets(rng, n, per_prompt=1, base_shift=3.0)
     clip = {"test": test, "lora": lora, "base": base, "text": test}
     results = lora_minus_base(Features(clip, {}, prompt), EvaluateParams(permutations=200))
-    gap = "cmmd_vs_test_lora_minus_base"
-    assert (gap + "_ci_low" in results) == (n >= paired.MIN_INTERVAL_PROMPTS)
-    assert results[gap + "_pvalue"] >= 2 / 2**n
+    for gap in ("cmmd_vs_test_lora_minus_base", "clip_cosine_lora_minus_base"):
+        for suffix in ("_bias_corrected", "_ci_low", "_ci_high", "_pvalue"):
+            assert (gap + suffix in results) == (n >= paired.MIN_INTERVAL_PROMPTS)
+        assert results[gap + "_changed_pvalue"] >= 2 / 2**n
     assert 2 / 2**paired.MIN_INTERVAL_PROMPTS < 0.05 <= 2 / 2 ** (paired.MIN_INTERVAL_PROMPTS - 1)
 
 

@@ -37,7 +37,8 @@ from scipy import stats
 from lanskap.evaluate import metrics
 
 CONFIDENCE = 0.95
-# Smallest n with 2 / 2^n < 1 - CONFIDENCE (2 / 64 = 0.031): the permutation test can then reject at 5 %.
+# Smallest n with 2 / 2^n < 1 - CONFIDENCE (2 / 64 = 0.031): the exact swap test can then reject at 5 %. Below
+# it no interval and no gap test are given (see the module docstring).
 MIN_INTERVAL_PROMPTS = 6
 
 

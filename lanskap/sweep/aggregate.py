@@ -23,14 +23,15 @@ from lanskap.core.errors import UserError
 from lanskap.sweep import seed_stats
 from lanskap.sweep.report import write_report
 
-# the CMMD gap (LoRA minus base, distance to the test images), the distances to the test images, the CLIP-score
-# gap, and the final held-out training loss
+# the CMMD gap (LoRA minus base, distance to the test images), the distances to the test images, the gap in mean
+# CLIP cosine to the captions (unclamped: a clamped CLIP score's gap cannot go negative), and the final held-out
+# training loss
 DEFAULT_METRICS = [
     "cmmd_vs_test_lora_minus_base",
     "cmmd_test_vs_lora",
     "fid_test_vs_lora",
     "kid_test_vs_lora",
-    "clip_score_lora_minus_base",
+    "clip_cosine_lora_minus_base",
     "validation_loss_final",
 ]
 METRIC_FILES = ["metrics/eval.json", "dvclive/train/metrics.json"]
