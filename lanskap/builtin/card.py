@@ -1,7 +1,7 @@
 """Each built-in model's card (README.md beside its weights): what it is, what it learnt from, for how long, its
-final losses and scores, the build time and the commit that built it; plus its loss log and loss curves."""
+final losses and scores, the build time, the commit that built it and the digest of the sources that decide its
+weights (lanskap/builtin/sources.py); plus its loss log and loss curves."""
 
-import hashlib
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,41 +9,20 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lanskap.builtin import BUILTIN_FOLDERS
+from lanskap.builtin.sources import MODEL_SOURCES, ROOT, model_digest, source_files
 from lanskap.builtin.training import LossLog
 from lanskap.core.figures import save_loss_curves
 
-BUILDER_SOURCES = [
-    "lanskap/builtin",
-    "lanskap/data/procedural.py",
-    "lanskap/data/augment.py",
-    "lanskap/evaluate/features.py",
-]
 
-
-def project_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def builder_digest() -> str:
-    """sha256 of the builder's source files: a card whose digest differs from today's was built by other code."""
-    digest = hashlib.sha256()
-    for source in BUILDER_SOURCES:
-        path = project_root() / source
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(file.relative_to(project_root()).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
-
-
-def commit() -> str:
-    """The commit the builder ran from, and whether its sources differed from that commit's."""
+def commit(model: str) -> str:
+    """The commit the builder ran from, and whether the sources of `model` differed from that commit's."""
 
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=project_root(), capture_output=True, text=True, check=True
-        ).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        head, changed = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain", "--", *BUILDER_SOURCES)
+        head, changed = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain", "--", *source_files(model))
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{head} (builder sources {'with uncommitted changes' if changed else 'as committed'})"
@@ -63,6 +42,8 @@ class Card:
     seconds: float = 0.0
 
     def write(self, folder: Path, log: LossLog, threads: int) -> None:
+        model = BUILTIN_FOLDERS[self.name]
+        sources = ", ".join(f"`{source}`" for source in MODEL_SOURCES[model])
         log.write(folder / "training_log.tsv")
         write_loss_plot(log, folder / "loss.png", self.name)
         lines = [
@@ -90,8 +71,10 @@ class Card:
             "",
             f"- build time: {self.seconds / 60:.1f} min on the CPU with {threads} torch thread(s) "
             f"(torch {torch.__version__})",
-            f"- commit: {commit()}; builder sources sha256 `{builder_digest()}`",
-            "- rebuild: `make builtins` (see lanskap/builtin/__init__.py)",
+            f"- commit: {commit(model)}; builder sources sha256 `{model_digest(model)}` (code, formatting and "
+            f"comments aside; lanskap/builtin/sources.py) of: {sources}",
+            f"- rebuild: `python -m lanskap.builtin {model}`, or all three with `make builtins` (see "
+            "lanskap/builtin/__init__.py)",
             "",
         ]
         (folder / "README.md").write_text("\n".join(lines))
