@@ -15,16 +15,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# What every model's build runs: the command line, the data it draws, the training loop and the pinned CPU math.
+# What draws the images every model learns from (also the key of the drawn images kept between builds).
+DATA_SOURCES = ["lanskap/builtin/worlds.py", "lanskap/data/procedural.py", "lanskap/data/augment.py:canonical_image"]
+# What every model's build runs: the command line, the data, the training loop and the pinned CPU math.
 SHARED = [
     "lanskap/builtin/__main__.py",
     "lanskap/builtin/build.py",
     "lanskap/builtin/config.py",
     "lanskap/builtin/training.py",
-    "lanskap/builtin/worlds.py",
     "lanskap/core/determinism.py:pin_cpu_math",
-    "lanskap/data/procedural.py",
-    "lanskap/data/augment.py:canonical_image",
+    *DATA_SOURCES,
 ]
 CLIP_VOCABULARY = ["lanskap/models/resolve.py:clip_tokenizer_dir", "lanskap/assets/clip_tokenizer"]
 MODEL_SOURCES = {
