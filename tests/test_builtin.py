@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from lanskap import builtin
-from lanskap.builtin import sources
+from lanskap.builtin import card, sources
 from lanskap.builtin.build import main as build_main
 from lanskap.builtin.clip import retrieval_accuracy
 from lanskap.builtin.config import FULL
 from lanskap.builtin.heads import LABELS, SceneHeads, head_accuracy, load_scene_heads, save_scene_heads
+from lanskap.builtin.training import LossLog
 from lanskap.builtin.worlds import render_world
 from lanskap.core.errors import UserError
 from lanskap.evaluate.features import (
@@ -183,6 +184,19 @@ def test_shipped_cards_record_todays_builder_sources():
         + " (or all with `make builtins`), then commit "
         + ", ".join(f"lanskap/assets/builtin/{model}/" for model in stale)
     )
+
+
+@pytest.mark.parametrize("edited_during_the_build", [False, True])
+def test_card_records_the_sources_the_build_started_from(tmp_path, monkeypatch, edited_during_the_build):
+    started = card.AT_START["tiny-inception"]
+    if edited_during_the_build:
+        started = ("0123456789ab (builder sources as committed)", "0" * 64)
+        monkeypatch.setitem(card.AT_START, "tiny-inception", started)
+    loss_log = LossLog([(1, "train_loss", 1.0), (1, "held_out_loss", 1.0)])
+    card.Card("builtin:tiny-inception", "summary", [], [], {"loss": 1.0}, 60.0).write(tmp_path, loss_log, 1)
+    text = (tmp_path / "README.md").read_text()
+    assert f"- commit: {started[0]}; builder sources sha256 `{started[1]}`" in text
+    assert ("changed during the build" in text) == edited_during_the_build
 
 
 @pytest.fixture

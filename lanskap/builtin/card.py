@@ -28,6 +28,27 @@ def commit(model: str) -> str:
     return f"{head} (builder sources {'with uncommitted changes' if changed else 'as committed'})"
 
 
+# The commit and digests as this process found them on starting (build.py imports this module before training):
+# a card describes the code that ran, even if the sources are edited or committed while it trains.
+AT_START = {model: (commit(model), model_digest(model)) for model in MODEL_SOURCES}
+
+
+def provenance(model: str) -> list[str]:
+    """The card's lines on the code that built `model`, with a warning if its sources changed during the build."""
+    started_commit, digest = AT_START[model]
+    sources = ", ".join(f"`{source}`" for source in MODEL_SOURCES[model])
+    lines = [
+        f"- commit: {started_commit}; builder sources sha256 `{digest}` (code, formatting and comments aside; "
+        f"lanskap/builtin/sources.py) of: {sources}"
+    ]
+    if model_digest(model) != digest:
+        lines.append(
+            f"- warning: these sources changed during the build (sha256 now `{model_digest(model)}`): the weights "
+            "may match neither version; rebuild from an unchanged checkout before committing them"
+        )
+    return lines
+
+
 def parameter_count(*modules: torch.nn.Module) -> int:
     return sum(parameter.numel() for module in modules for parameter in module.parameters())
 
@@ -43,7 +64,6 @@ class Card:
 
     def write(self, folder: Path, log: LossLog, threads: int) -> None:
         model = BUILTIN_FOLDERS[self.name]
-        sources = ", ".join(f"`{source}`" for source in MODEL_SOURCES[model])
         log.write(folder / "training_log.tsv")
         write_loss_plot(log, folder / "loss.png", self.name)
         lines = [
@@ -71,8 +91,7 @@ class Card:
             "",
             f"- build time: {self.seconds / 60:.1f} min on the CPU with {threads} torch thread(s) "
             f"(torch {torch.__version__})",
-            f"- commit: {commit(model)}; builder sources sha256 `{model_digest(model)}` (code, formatting and "
-            f"comments aside; lanskap/builtin/sources.py) of: {sources}",
+            *provenance(BUILTIN_FOLDERS[self.name]),
             f"- rebuild: `python -m lanskap.builtin {model}`, or all three with `make builtins` (see "
             "lanskap/builtin/__init__.py)",
             "",
