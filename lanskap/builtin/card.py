@@ -91,7 +91,7 @@ class Card:
             "",
             f"- build time: {self.seconds / 60:.1f} min on the CPU with {threads} torch thread(s) "
             f"(torch {torch.__version__})",
-            *provenance(BUILTIN_FOLDERS[self.name]),
+            *provenance(model),
             f"- rebuild: `python -m lanskap.builtin {model}`, or all three with `make builtins` (see "
             "lanskap/builtin/__init__.py)",
             "",
