@@ -5,8 +5,9 @@
 Each model is trained from scratch on procedural data (lanskap/builtin/config.py says how much), saved in fp16
 with `save_pretrained` (or safetensors for the Inception stand-in) into a staging folder, checked by loading it
 back through the code evaluate and generate use, and renamed into place only when complete. Drawn images and
-the trained VAE are kept in a work folder (.lanskap-cache/builtin-build/), so a build stopped after the VAE
-resumes from it.
+the trained VAE are kept in a work folder (.lanskap-cache/builtin-build/), keyed by the digest of the code that
+made them (lanskap/builtin/sources.py), so a build stopped after the VAE resumes from it and changed code never
+reuses them.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import torch
 from lanskap.builtin import BUILTIN_FOLDERS, builtin_assets
 from lanskap.builtin.card import Card, parameter_count
 from lanskap.builtin.config import FULL, HELD_OUT_SEED, MINIATURE, TRAIN_SEED, BuildConfig
+from lanskap.builtin.sources import model_digest
 from lanskap.builtin.training import LossLog
 from lanskap.builtin.worlds import WorldImages, cached_world
 from lanskap.core.io import atomic_dir
@@ -74,12 +76,14 @@ def write_clip_tokenizer(folder: Path) -> None:
 
 
 def trained_vae(config: BuildConfig, data: Data, work: Path):
-    """The VAE from the work folder when this config trained one before, else trained now and kept there."""
+    """The VAE from the work folder when this config and tiny-sd2's code trained one before, else trained now and
+    kept there."""
     from diffusers import AutoencoderKL
 
     from lanskap.builtin.vae import train_vae
 
-    key = hashlib.sha256(json.dumps(config.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    key = json.dumps(config.as_dict(), sort_keys=True) + model_digest("tiny-sd2")
+    key = hashlib.sha256(key.encode()).hexdigest()[:12]
     folder = work / f"vae-{key}"
     if (folder / "build.json").is_file():
         saved = json.loads((folder / "build.json").read_text())

@@ -36,7 +36,7 @@ LABELS = {name: labels for name, (_, labels) in TRAITS.items()}
 
 
 def scene_traits(scene: Scene) -> dict[str, object]:
-    """What `scene` shows, head by head: {"palette": "dusk", "ridges": 3, ..., "stars": False}."""
+    """What `scene` shows, head by head: {"palette": "violet dusk", "ridges": 3, ..., "stars": False}."""
     return {name: getattr(scene, attribute) for name, (attribute, _) in TRAITS.items()}
 
 
