@@ -1,4 +1,5 @@
-"""evaluate: CMMD, FID, KID and CLIP score of test, base and LoRA images, with n and uncertainty.
+"""evaluate: CMMD, FID, KID and CLIP score of test, base and LoRA images, with n and uncertainty; on the demo's
+Inception stand-in also the traits diagnostic (lanskap.evaluate.traits: what the images show of what the prompts ask).
 
 Inputs:  PROCESSED/test.csv (reference images and captions), GENERATED/index.csv (from generate)
          TRAINING_LOG/{train,validation}/loss.tsv (dvclive, for the loss curve; optional)
@@ -141,6 +142,8 @@ def main(argv=None):
         scored_weights,
         set_comparisons,
     )
+    from lanskap.evaluate.features import BUILTIN_TINY_INCEPTION
+    from lanskap.evaluate.traits import run_traits
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
     generated = read_table(
@@ -156,6 +159,8 @@ def main(argv=None):
     report_sources = read_report_sources(args)
     features, clip_name, inception_name = extract_features(test, generated, params)
     results = {**set_comparisons(features, params), **lora_minus_base(features, params), **scored}
+    if params.inception_weights == BUILTIN_TINY_INCEPTION:  # demo only: the stand-in's scene heads
+        results |= run_traits(test["caption"].astype(str).tolist(), features.inception, features.prompt)
     results = {key: float(np.round(value, 6)) for key, value in results.items()}
     write_json(args.out, results)
     write_reports(results, (clip_name, inception_name), args, report_sources)

@@ -1,6 +1,7 @@
 """Contracts of generate and evaluate, and the paper preset's early, clear failures."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -84,6 +85,12 @@ def test_evaluate_writes_flat_numeric_metrics_with_n(trained):
         assert metrics[f"clip_s_{name}"] >= metrics[f"clip_score_{name}"] >= 0
         assert metrics[f"clip_score_{name}"] == pytest.approx(max(100 * metrics[f"clip_cosine_{name}"], 0), abs=1e-4)
     assert metrics["fid_comparable"] == 0.0  # a handful of images is far below 2048
+    # The demo's traits diagnostic (built-in Inception heads, procedural captions): every trait's calibration,
+    # and shares in [0, 1] for the traits at least two prompts ask for (palette and ridges: every prompt).
+    accuracies = [key for key in metrics if key.startswith("traits_") and key.endswith("_detector_accuracy")]
+    assert len(accuracies) == 7 and "traits_palette_share_gap_ci_low" in metrics
+    shares = [value for key, value in metrics.items() if re.fullmatch(r"traits_\w+_share_(test|base|lora)", key)]
+    assert shares and all(0 <= share <= 1 for share in shares)
 
 
 def test_paper_preset_without_weights_fails_naming_what_is_missing(tmp_path, monkeypatch):

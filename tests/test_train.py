@@ -14,7 +14,7 @@ from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, export_lora
 from lanskap.lora.kohya import kohya_alpha, kohya_weight_name
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.train import loop, step
-from lanskap.train.batches import BatchShare, global_batch_size
+from lanskap.train.batches import BatchShare, global_batch_size, scrambled, training_batches
 from lanskap.train.loop import check_same_start
 from lanskap.train.optimizers import make_optimizer
 from lanskap.train.step import drop_captions, min_snr_weights
@@ -163,6 +163,25 @@ def test_caption_dropout_replaces_captions_at_the_given_rate_whatever_the_proces
     state = generator.get_state()
     assert drop_captions(ids, empty_id, 0.0, generator, BatchShare(total)) is ids
     assert torch.equal(generator.get_state(), state)  # off: no draw, so runs without it are unchanged
+
+
+def test_shuffled_captions_give_every_image_another_images_caption():
+    import pandas as pd
+
+    from lanskap.core.params import AugmentParams
+
+    captions = [f"caption {i}" for i in range(9)]
+    paths = [f"{i}.png" for i in range(9)]
+    table = pd.DataFrame({"path": paths, "caption": captions, "bucket_width": 8, "bucket_height": 8})
+    kept, shuffled = (
+        training_batches(table, AugmentParams(), TrainParams(shuffle_captions=on, seed=3), BatchShare(4), 0)[0]
+        for on in (False, True)
+    )
+    own = [captions.index(c) for c in captions]  # load_split indexes the sorted distinct captions: here in order
+    assert kept.caption_index == own
+    assert sorted(shuffled.caption_index) == own  # the same captions, each trained on once
+    assert all(moved != mine for moved, mine in zip(shuffled.caption_index, own))  # none on its own image
+    assert scrambled(own, 3) == shuffled.caption_index and scrambled(own, 4) != scrambled(own, 3)
 
 
 def test_text_encoder_lora_trains_at_its_own_learning_rate_and_is_exported(workdir, project_params):

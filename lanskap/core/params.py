@@ -169,6 +169,7 @@ class TrainParams(Group):
     snr_gamma: float | None = Field(gt=0.0)
     noise_offset: float = Field(ge=0.0, le=1.0)
     caption_dropout: float = Field(ge=0.0, lt=1.0)
+    shuffle_captions: bool
     images_every: int = Field(ge=0)
     image_prompts: list[str]
     image_inference_steps: int = Field(ge=1, le=1000)
