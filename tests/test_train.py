@@ -168,13 +168,13 @@ def test_caption_dropout_replaces_captions_at_the_given_rate_whatever_the_proces
 def test_shuffled_captions_give_every_image_another_images_caption():
     import pandas as pd
 
-    from lanskap.core.params import AugmentParams
-
     captions = [f"caption {i}" for i in range(9)]
     paths = [f"{i}.png" for i in range(9)]
     table = pd.DataFrame({"path": paths, "caption": captions, "bucket_width": 8, "bucket_height": 8})
     kept, shuffled = (
-        training_batches(table, AugmentParams(), TrainParams(shuffle_captions=on, seed=3), BatchShare(4), 0)[0]
+        training_batches(
+            table, conf_group("augment"), conf_group("train", shuffle_captions=on, seed=3), BatchShare(4), 0
+        )[0]
         for on in (False, True)
     )
     own = [captions.index(c) for c in captions]  # load_split indexes the sorted distinct captions: here in order
