@@ -11,8 +11,11 @@ $(UV):
 	$(PYTHON) -m venv .tools
 	.tools/bin/python -m pip install --quiet uv==$(UV_VERSION)
 
+# --compile-bytecode: the packages' .pyc written once here, not by the first run of each module - and never where
+# PYTHONDONTWRITEBYTECODE is set, which would leave every process compiling torch and diffusers again (~2.6x the
+# ~6 CPU-s of importing diffusers, paid by each stage a test starts).
 .venv/.synced: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	touch $@
 
 install: .venv/.synced

@@ -6,6 +6,7 @@ one full-batch backward), so the weights agree to a stated tolerance rather than
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import sys
 import pytest
 import safetensors.torch
 import torch
+import yaml
 
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, shrink, write_params
 from tests.test_data_stages import run_data_stages
 
 # Relative to the largest weight change (B moves up to steps x lr from zero). Measured: 7.9e-5 without accumulation
@@ -42,14 +44,26 @@ def train(workdir, out: str, launcher: list[str]) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(workdir / out / DIFFUSERS_WEIGHT_NAME)
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The data stages run once (they do not depend on the training parameters), copied into each test's workdir."""
+    prepared = tmp_path_factory.mktemp("distributed-data")
+    write_params(prepared, shrink(yaml.safe_load((ROOT / "params.yaml").read_text())))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(prepared)
+        run_data_stages(prepared)
+    (prepared / "params.yaml").unlink()
+    return prepared
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("batch_size", "accumulation", "cached_latents"), [(4, 1, 0), (2, 2, 0), (4, 1, 3)]
 )  # (2, 2): gradients synced once per step
 def test_two_processes_match_one_at_the_same_global_batch(
-    workdir, project_params, batch_size, accumulation, cached_latents
+    prepared, workdir, project_params, batch_size, accumulation, cached_latents
 ):
-    run_data_stages(workdir)
+    shutil.copytree(prepared, workdir, dirs_exist_ok=True)
     one_process = {
         "steps": 3,
         "batch_size": batch_size,
