@@ -71,7 +71,14 @@ def main(argv=None):
 
     import torch
 
-    from lanskap.generate.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
+    from lanskap.generate.sampling import (
+        batch_probe,
+        generate_images,
+        load_pipeline,
+        native_resolution,
+        out_of_memory_hint,
+        plan_jobs,
+    )
     from lanskap.lora.files import load_lora_into_pipeline, lora_weights_dir
     from lanskap.models.resolve import resolve_base_model
 
@@ -90,7 +97,7 @@ def main(argv=None):
         min(params.batch_size, len(jobs)),
         "generate.batch_size",
         device,
-        if_none_fits="lower generate.resolution, or set generate.dtype: bf16 (or fp16)",
+        if_none_fits=out_of_memory_hint(model.path),
     )
     with atomic_dir(args.out) as staging:
         rows = index_rows(

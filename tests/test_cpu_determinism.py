@@ -132,3 +132,35 @@ def test_a_cpu_without_avx2_is_told_how_to_run_anyway(monkeypatch):
         pinned_settings()
     monkeypatch.setenv(SWITCH, "native")
     assert pinned_settings() == {}
+
+
+def test_a_gpu_host_keeps_the_avx2_paths_but_not_the_single_thread_unless_pinned_is_asked(monkeypatch):
+    from lanskap.core import determinism
+
+    monkeypatch.delenv(SWITCH, raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(determinism.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(determinism.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    gpu_host = pinned_settings()
+    assert gpu_host["ONEDNN_MAX_CPU_ISA"] == "AVX2" and "OMP_NUM_THREADS" not in gpu_host
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden: a CPU run, pinned in full
+    assert pinned_settings() == PINNED
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv(SWITCH, "pinned")
+    assert pinned_settings() == PINNED
+    monkeypatch.setattr(determinism.glob, "glob", lambda pattern: [])  # no device node: the CPU demo's settings
+    monkeypatch.delenv(SWITCH)
+    assert pinned_settings() == PINNED
+
+
+def test_cpu_bf16_counts_as_native_only_with_the_instructions_and_unpinned_math(monkeypatch):
+    from lanskap.core import determinism
+
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.delenv(SWITCH, raising=False)
+    assert not determinism.native_bf16_cpu()  # the pinned AVX2 paths emulate bf16
+    monkeypatch.setenv(SWITCH, "native")
+    assert determinism.native_bf16_cpu()
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not determinism.native_bf16_cpu()

@@ -101,3 +101,30 @@ def test_paper_preset_without_images_fails_pointing_at_data_raw(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="data/raw"):
         ingest.main(["--out", "data/ingested"])
+
+
+def test_generate_refuses_the_dtypes_training_refuses_and_its_memory_hint_names_only_allowed(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from lanskap.core import determinism
+    from lanskap.core.params import GenerateParams
+    from lanskap.generate.sampling import check_dtype, out_of_memory_hint
+
+    model_dir = resolve_base_model("builtin:tiny-sd2", None).path  # upcast_attention, as SD 2.1-768
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(UserError, match="generate.dtype=fp16 .* upcast_attention .* NaNs .* bf16"):
+        check_dtype(model_dir, GenerateParams(dtype="fp16"), cuda)
+    assert "fp16" not in out_of_memory_hint(model_dir)
+    monkeypatch.delenv(determinism.SWITCH, raising=False)
+    with pytest.raises(UserError, match="generate.dtype=bf16 on this CPU"):
+        check_dtype(model_dir, GenerateParams(dtype="bf16"), cpu)
+    check_dtype(model_dir, GenerateParams(dtype="bf16"), cuda)
+    check_dtype(model_dir, GenerateParams(dtype="auto"), cpu)  # fp32 on a CPU
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    config = json.loads((plain / "unet" / "config.json").read_text())
+    (plain / "unet" / "config.json").write_text(json.dumps({**config, "upcast_attention": False}))
+    check_dtype(plain, GenerateParams(dtype="fp16"), cuda)
+    assert "fp16" in out_of_memory_hint(plain)

@@ -326,6 +326,25 @@ def test_fp16_is_refused_for_a_unet_whose_attention_overflows_in_fp16(workdir, p
     assert not (workdir / "models").exists()
 
 
+def test_bf16_is_refused_on_a_cpu_that_would_emulate_it_and_accepted_where_it_is_native(monkeypatch):
+    from lanskap.core import determinism
+    from lanskap.models import resolve
+    from lanskap.train.setup import check_mixed_precision
+
+    model_dir = resolve.resolve_base_model("builtin:tiny-sd2", None).path
+    params = TrainParams(mixed_precision="bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "fma"})  # AVX2 only: bf16 emulated
+    monkeypatch.setenv(determinism.SWITCH, "native")
+    with pytest.raises(UserError, match="train.mixed_precision=bf16 on this CPU: .*100x slower.*'no'"):
+        check_mixed_precision(model_dir, params)
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "fma", "amx_bf16"})
+    check_mixed_precision(model_dir, params)  # native bf16 with unpinned math: accepted
+    monkeypatch.setenv(determinism.SWITCH, "pinned")
+    with pytest.raises(UserError, match="LANSKAP_CPU_MATH is not `native`"):
+        check_mixed_precision(model_dir, params)
+
+
 def test_processes_that_would_resume_from_different_steps_stop():
     class TwoMachines:  # the gather of a checkpoint step seen by one machine and not the other
         device = torch.device("cpu")

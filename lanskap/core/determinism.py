@@ -10,8 +10,15 @@ splits its work by the thread count, and so rounds by it.
 The libraries read these settings once, when they load, so `stages/__init__.py` calls this before any stage
 imports NumPy or PyTorch. `LANSKAP_CPU_MATH=native` leaves them to choose (faster on big CPUs; the bytes then
 depend on the machine). GPU arithmetic is not affected: CUDA runs give their own, GPU-specific bytes.
+
+Per device, decided before torch loads (importing it to ask would fix the settings first): a host with an NVIDIA
+GPU visible (a /dev/nvidiaN device node, and CUDA_VISIBLE_DEVICES not hiding every GPU) keeps the AVX2 paths but
+not the single thread. Its results are the GPU's own bytes anyway, and one thread would leave the data loading, the
+image decoding and the metrics' NumPy math on one core while the GPU waits. `LANSKAP_CPU_MATH=pinned` keeps the
+single thread there too; a CPU-only host (the demo) is pinned in full, so its bytes stay the recorded ones.
 """
 
+import glob
 import os
 import platform
 import sys
@@ -28,7 +35,9 @@ PINNED = {
     **{name: str(CPU_THREADS) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
 }
 REQUIRED_CPU_FLAGS = ("avx2", "fma")  # what the AVX2 paths execute; without them they would crash, not differ
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 SWITCH = "LANSKAP_CPU_MATH"
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
 
 
 def cpu_flags() -> set[str] | None:
@@ -42,18 +51,28 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
+def cuda_host() -> bool:
+    """Whether this process would see an NVIDIA GPU, judged without loading torch or the CUDA driver: a device node
+    /dev/nvidia0, /dev/nvidia1, ... and CUDA_VISIBLE_DEVICES not set to hide them all ("" or "-1")."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def pinned_settings() -> dict[str, str]:
     """The settings for this machine; exits with a message where they cannot apply (it runs before any stage code,
     outside `run_stage`, so it ends the process itself)."""
-    mode = os.environ.get(SWITCH, "pinned")
-    if mode not in ("pinned", "native"):
+    mode = os.environ.get(SWITCH)
+    if mode not in (None, "pinned", "native"):
         raise SystemExit(
-            f"error: {SWITCH}={mode!r}: use `pinned` (the default: the same bytes on any x86-64 CPU "
-            "with AVX2) or `native` (each library's fastest code for this CPU; bytes depend on it)"
+            f"error: {SWITCH}={mode!r}: use `pinned` (the same bytes on any x86-64 CPU with AVX2, one thread; "
+            "the default without a GPU) or `native` (each library's fastest code for this CPU; bytes depend on it)"
         )
     if mode == "native":
         return {}
-    threads = {name: PINNED[name] for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    one_thread = mode == "pinned" or not cuda_host()  # unset on a GPU host: AVX2 paths, the libraries' threads
+    threads = {name: PINNED[name] for name in THREAD_SETTINGS} if one_thread else {}
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return threads  # other architectures have other code paths: their bytes are their own
     flags = cpu_flags()
@@ -64,12 +83,20 @@ def pinned_settings() -> dict[str, str]:
             f"{SWITCH}=native to use its own (results then differ from an AVX2 machine's in the last "
             "bits)"
         )
-    return PINNED
+    return {name: value for name, value in PINNED.items() if one_thread or name not in THREAD_SETTINGS}
+
+
+def native_bf16_cpu() -> bool:
+    """Whether CPU bf16 math runs at speed here: the CPU has bf16 instructions and the math libraries may use them
+    (LANSKAP_CPU_MATH=native; the pinned AVX2 paths emulate bf16, about 100x slower than fp32)."""
+    flags = cpu_flags() or set()
+    return os.environ.get(SWITCH) == "native" and any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
 def pin_cpu_math() -> None:
     """Set the libraries' code paths and thread count, for this process and the processes it starts."""
     settings = pinned_settings()
     os.environ.update(settings)
-    if settings and "torch" in sys.modules:  # loaded already (an in-process caller): its thread pool can still change
+    # loaded already (an in-process caller): its thread pool can still change
+    if "OMP_NUM_THREADS" in settings and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(CPU_THREADS)

@@ -39,8 +39,30 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def check_dtype(model_dir: Path, params: GenerateParams, device: torch.device) -> None:
+    """The rule train_lora follows (lanskap.models.precision): no fp16 for a model that overflows in it (SD
+    2.1-768), no bf16 on a CPU that would emulate it."""
+    from lanskap.models.precision import require_fast_bf16, require_fp16_safe
+
+    dtype = inference_dtype(params.dtype, device)
+    if dtype == torch.float16:
+        require_fp16_safe(model_dir, "generate.dtype", "generate.dtype: bf16 (or fp32 on a GPU without bf16)")
+    if dtype == torch.bfloat16:
+        require_fast_bf16(device.type, "generate.dtype", "generate.dtype: fp32 (or auto)")
+
+
+def out_of_memory_hint(model_dir: Path) -> str:
+    """What to change when not even one image fits: fp16 is named only for a model that runs in it."""
+    from lanskap.models.precision import fp16_overflows
+
+    dtypes = "bf16" if fp16_overflows(model_dir) else "bf16 (or fp16)"
+    return f"lower generate.resolution, or set generate.dtype: {dtypes}"
+
+
 def load_pipeline(model_dir: Path, params: GenerateParams, device: torch.device):
     import diffusers
+
+    check_dtype(model_dir, params, device)
 
     pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
         model_dir,
