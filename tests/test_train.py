@@ -52,6 +52,13 @@ def test_dataloader_workers_change_no_result(workdir, project_params):
     assert all(torch.equal(in_process[key], with_workers[key]) for key in in_process)
 
 
+def test_dataloader_workers_are_capped_at_the_cores_this_process_may_use(monkeypatch):
+    from lanskap.train import batches
+
+    monkeypatch.setattr(batches.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert [batches.loader_workers(setting) for setting in (0, 1, 2, 4)] == [0, 1, 2, 2]
+
+
 def test_held_out_validation_loss_falls(workdir, project_params):
     run_data_stages(workdir)
     with_train(workdir, project_params, steps=20, validation_every=10, learning_rate=1.0e-2)
