@@ -273,7 +273,7 @@ def test_all_trainer_options_together_train_finitely(workdir, project_params, ca
     assert "global batch 2 = batch_size 1 x gradient_accumulation_steps 2 x processes 1" in capsys.readouterr().out
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
     metrics = json.loads((workdir / "dvclive/train/metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["images_per_second"] > 0
+    assert metrics["steps"] == 2 and metrics["images_per_second"] > 0 and metrics["monitoring_seconds"] > 0
 
 
 def test_lora_dropout_acts_and_gradient_checkpointing_changes_no_result(workdir, project_params):
