@@ -310,7 +310,7 @@ def test_kid_standard_error_on_a_sample_of_units_covers_and_costs_no_more_than_t
         ]
         covered_subsets_only.append(abs(value - truth) <= 1.96 * np.std(subsets, ddof=1) / np.sqrt(50))
     m, n = jackknife_rows[0]
-    assert m < 200 and m * m + n * n + m * n <= 3 * 50 * 20**2  # a sample of the units, within the budget
+    assert m < 200 and m * m + n * n + m * n <= metrics.KID_JACKKNIFE_SHARE * 3 * 50 * 20**2  # within the budget
     assert 1.0 <= np.sqrt(np.mean(np.square(errors))) / np.std(values) <= 1.3
     assert np.mean(covered) >= 0.93
     assert np.mean(covered_subsets_only) < 0.8

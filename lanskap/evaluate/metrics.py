@@ -38,6 +38,9 @@ CLIP_SCORE_SCALE = 100.0
 # (clip_s >= clip_score always). Divide by 40 for the paper's w = 2.5.
 CLIP_S_WEIGHT = 100.0
 TILE_ROWS = 1024  # kernel matrices are summed in tiles of this many rows and columns (8 MiB of float64)
+# KID's jackknife costs at most this share of its subsets' kernel work; beyond, it runs on a sample of the units
+# (fewer units: a noisier standard error, whose normal intervals then cover less often at small n)
+KID_JACKKNIFE_SHARE = 1.0
 
 
 def _feature_matrix(features: np.ndarray, name: str, min_rows: int = 1) -> np.ndarray:
@@ -217,18 +220,25 @@ def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
     return k_xx / (m * (m - 1)) + k_yy / (n * (n - 1)) - 2 * k_xy / (m * n)
 
 
+def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray) -> float:
+    gram = x @ y.T  # x @ x.T (the same array): NumPy computes one triangle (BLAS syrk), half the work
+    gram /= x.shape[1]
+    gram += 1
+    return float(np.sum(gram * gram * gram))
+
+
 def _kid_subset_mmd(x: np.ndarray, y: np.ndarray) -> float:
-    # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under the cubic kernel.
-    k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, same_set=True) for s in (x, y))
-    return float(
-        _unbiased_mmd(
-            k_xx.total - k_xx.diagonal.sum(),
-            k_yy.total - k_yy.diagonal.sum(),
-            kernel_sums(polynomial_kernel, x, y).total,
-            len(x),
-            len(y),
-        )
-    )
+    # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under the cubic kernel. A subset of
+    # up to TILE_ROWS rows is summed as one dense block (8 MiB), larger ones in tiles.
+    if len(x) > TILE_ROWS:
+        k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, same_set=True) for s in (x, y))
+        within = (k_xx.total - k_xx.diagonal.sum(), k_yy.total - k_yy.diagonal.sum())
+        between = kernel_sums(polynomial_kernel, x, y).total
+    else:
+        diagonals = (float(np.sum((np.sum(s * s, axis=1) / s.shape[1] + 1) ** 3)) for s in (x, y))
+        within = tuple(_cubic_kernel_sum(s, s) - diagonal for s, diagonal in zip((x, y), diagonals))
+        between = _cubic_kernel_sum(x, y)
+    return float(_unbiased_mmd(*within, between, len(x), len(y)))
 
 
 def jackknife_variance(leave_one_out: np.ndarray) -> float:
@@ -262,8 +272,8 @@ def jackknife_units(
 ) -> tuple[np.ndarray, float]:
     """The units KID's jackknife runs on, and the factor that scales its variance to the whole sets'.
 
-    All of them while the whole sets' kernel work (m^2 + n^2 + m n pairs) stays within `budget` pairs (the
-    subsets'); beyond that, a seeded random sample of them, as many as the budget holds (at least 3), with the
+    All of them while the whole sets' kernel work (m^2 + n^2 + m n pairs) stays within `budget` pairs (a share of
+    the subsets'); beyond that, a seeded random sample of them, as many as the budget holds (at least 3), with the
     variance scaled by kept / all units. The jackknife variance of an MMD^2 U-statistic on u units is a/u + b/u^2
     (a: the Hajek projection's part, which dominates whenever the sets differ; b: the degenerate part), so the
     scaled variance keeps a/U exactly and overstates b/U^2 by U / u: never too small, at a fraction of the cost."""
@@ -297,8 +307,9 @@ def kid(
     Monte Carlo variance (their variance / num_subsets; 0 when every subset is the whole set). `units`
     gives each row's unit in x and in y (for generated images, their prompt: images of one prompt are
     not independent); None pairs row i of x with row i of y, which needs m == n. The jackknife needs 2 rows
-    per set without any one unit (3 rows per set at one row per unit). It never costs more kernel work than
-    the subsets: on large sets it runs on a sample of the units (`jackknife_units`), conservatively scaled."""
+    per set without any one unit (3 rows per set at one row per unit). It never costs more than KID_JACKKNIFE_SHARE
+    of the subsets' kernel work: on large sets it runs on a sample of the units (`jackknife_units`), conservatively
+    scaled."""
     x, y = _feature_matrix(x, "x"), _feature_matrix(y, "y")
     _matching_dims(x, y)
     if max_subset_size < 2:
@@ -311,7 +322,8 @@ def kid(
     if len(x) == len(y) == subset_size:  # every subset is the whole set: one pass gives the value and its error
         whole_sets, jackknife = kid_jackknife(x, y, *units)
         return whole_sets, float(np.sqrt(jackknife))
-    kept, scale = jackknife_units(units, (len(x), len(y)), 3.0 * num_subsets * subset_size**2, seed)
+    budget = KID_JACKKNIFE_SHARE * 3 * num_subsets * subset_size**2
+    kept, scale = jackknife_units(units, (len(x), len(y)), budget, seed)
     x_rows, y_rows = np.isin(units[0], kept), np.isin(units[1], kept)
     # first: it refuses sets too small for a standard error; units renumbered 0..u-1 for the kernel sums
     _, jackknife = kid_jackknife(
