@@ -3,7 +3,8 @@
 Inputs:  PROCESSED/test.csv (captions and reference images), LORA/pytorch_lora_weights.safetensors (LoRA) or
          LORA/peft_adapter_weights.safetensors (LoHa, LoKr), or the same under LORA/ema/ with
          generate.lora_weights: ema; refused unless every module it records as trained is restored on loading
-Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same seed per pair
+Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same seed per pair; a killed run resumes
+                                         from .lanskap-cache/generate/ (lanskap/generate/resume.py)
          OUT/index.csv                   prompt_index, sample, caption, seed, model, path, reference_path,
                                          lora_weights (raw or ema on LoRA rows, none on base rows)
          REPORTS/comparison.png          reference | base | LoRA per test caption (the paper's Figures 6-7)
@@ -19,7 +20,7 @@ from PIL import Image
 from lanskap.core.console import quiet_libraries
 from lanskap.core.errors import run_stage
 from lanskap.core.figures import image_grid, save_png
-from lanskap.core.io import atomic_dir, write_csv
+from lanskap.core.io import atomic_dir, remove_dir, write_csv
 from lanskap.core.params import load_params
 from lanskap.data.manifest import read_table
 from lanskap.preflight import generate_bytes, require_batch_fits, require_free_space
@@ -56,6 +57,33 @@ def comparison_grid(index: pd.DataFrame, staging: Path, out: Path) -> Image.Imag
         rows.append([Image.open(pair["reference_path"].iloc[0]), Image.open(local["base"]), Image.open(local["lora"])])
         prompts.append(pair["caption"].iloc[0])
     return image_grid(rows, ["reference", "base", "LoRA"], row_labels=prompts, row_header="prompt (test caption)")
+
+
+def image_caches(model, lora_dir: Path, params, jobs, device) -> dict:
+    """The base and LoRA images' resume caches (lanskap.generate.resume), keyed by what decides their bytes; the
+    caches of other runs are removed."""
+    import diffusers
+    import torch
+
+    from lanskap.core.code_closure import code_digest
+    from lanskap.generate.resume import GENERATE_CACHE_ROOT, ImageCache, cache_key, keep_only
+
+    common = [
+        model.spec,
+        model.revision,
+        code_digest("stages.generate"),
+        params.model_dump(mode="json", exclude={"lora_scale", "lora_weights"}),
+        [[job.caption, job.seed] for job in jobs],
+        device.type,
+        torch.__version__,
+        diffusers.__version__,
+    ]
+    keys = {
+        "base": cache_key(["base", *common], None),
+        "lora": cache_key(["lora", *common, params.lora_scale, params.lora_weights], lora_dir),
+    }
+    keep_only(list(keys.values()))
+    return {label: ImageCache(GENERATE_CACHE_ROOT / key) for label, key in keys.items()}
 
 
 def main(argv=None):
@@ -99,14 +127,14 @@ def main(argv=None):
         device,
         if_none_fits=out_of_memory_hint(model.path),
     )
+    caches = image_caches(model, lora_dir, params, jobs, device)
     with atomic_dir(args.out) as staging:
-        rows = index_rows(
-            jobs, generate_images(pipeline, jobs, params, staging / "base", "base"), "base", test, args.out, staging
-        )
+        base_paths = generate_images(pipeline, jobs, params, staging / "base", "base", caches["base"])
+        rows = index_rows(jobs, base_paths, "base", test, args.out, staging)
         load_lora_into_pipeline(pipeline, lora_dir, params.lora_scale)
         rows += index_rows(
             jobs,
-            generate_images(pipeline, jobs, params, staging / "lora", "lora"),
+            generate_images(pipeline, jobs, params, staging / "lora", "lora", caches["lora"]),
             "lora",
             test,
             args.out,
@@ -117,6 +145,8 @@ def main(argv=None):
         write_csv(staging / "index.csv", index)
         with atomic_dir(args.reports) as reports:
             save_png(comparison_grid(index, staging, args.out), reports / "comparison.png")
+    for cache in caches.values():  # the outputs are published: a forced rerun must draw again
+        remove_dir(cache.folder)
     print(
         f"generate: {len(jobs)} base + {len(jobs)} LoRA images ({params.lora_weights} LoRA weights, "
         f"{params.scheduler}, {params.steps} steps, guidance {params.guidance_scale}, LoRA scale {params.lora_scale})"
