@@ -431,7 +431,7 @@ def test_dvc_repro_killed_mid_generate_resumes_without_redrawing_to_the_same_ima
     output = run(repo, "dvc", "repro", "generate")
     assert "Running stage 'generate'" in output
     reused = sum(int(count) for count in re.findall(r"generate (?:base|lora): (\d+) of \d+ images reused", output))
-    assert written <= reused < images, output[-3000:]
+    assert written <= reused <= images, output[-3000:]
     assert digests(repo, *OUTPUTS["generate"]) == reference and "up to date" in dvc_status(repo)
     assert lock_outs(repo, "generate") == lock_outs(lock, "generate")
     assert temporaries(repo, "data/generated") == temporaries(repo, "reports/generate") == []
