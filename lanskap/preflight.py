@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lanskap.core.errors import UserError
+from lanskap.core.params import FID_STABLE_N
 from lanskap.data.split import MIN_TEST_PROMPTS
 
 MARGIN = 1.25  # file-system blocks, PNG headers and row filters, logs, temporary files
@@ -117,6 +118,22 @@ def train_lora_bytes(
     weights = trainable_parameters * FLOAT32_BYTES
     copies = 2 if ema else 1
     return 2 * weights * copies + (checkpoints_kept + 1) * weights * (copies + OPTIMIZER_STATES[optimizer])
+
+
+def require_comparable_fid(prompts: int, images_per_prompt: int) -> None:
+    """generate.require_comparable_fid: both FID sets, the test images (one per prompt) and the LoRA images
+    (images_per_prompt per prompt), must reach the size evaluate calls comparable, before hours of sampling."""
+    short = [
+        f"{name} {count}"
+        for name, count in (("test images", prompts), ("generated images per model", prompts * images_per_prompt))
+        if count < FID_STABLE_N
+    ]
+    if short:
+        raise UserError(
+            f"generate.require_comparable_fid: FID is comparable across runs from {FID_STABLE_N} images per set, but "
+            f"this run has {' and '.join(short)}: add test images (split.test_fraction, more source images), raise "
+            "generate.images_per_prompt, or set generate.require_comparable_fid: false"
+        )
 
 
 # ------------------------------------------------------------------------------- pipeline inputs

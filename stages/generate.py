@@ -23,7 +23,7 @@ from lanskap.core.figures import image_grid, save_png
 from lanskap.core.io import atomic_dir, remove_dir, write_csv
 from lanskap.core.params import load_params
 from lanskap.data.manifest import read_table
-from lanskap.preflight import generate_bytes, require_batch_fits, require_free_space
+from lanskap.preflight import generate_bytes, require_batch_fits, require_comparable_fid, require_free_space
 
 GRID_ROWS = 10  # captions shown in the git-tracked comparison grid
 
@@ -111,6 +111,8 @@ def main(argv=None):
     from lanskap.models.resolve import resolve_base_model
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
+    if params.require_comparable_fid:
+        require_comparable_fid(len(test), params.images_per_prompt)
     lora_dir = lora_weights_dir(args.lora, params.lora_weights)
     model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

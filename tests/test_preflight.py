@@ -388,3 +388,16 @@ def test_split_refuses_fewer_test_prompts_than_evaluate_needs():
     ):
         split_table(table, 0.05, seed=0)
     assert len(split_table(table, 0.1, seed=0)[1]) == MIN_TEST_PROMPTS  # the boundary passes
+
+
+def test_a_comparable_fid_asked_for_stops_generate_before_sampling_naming_each_short_set():
+    from lanskap.evaluate.comparisons import FID_STABLE_N
+    from lanskap.preflight import require_comparable_fid
+
+    require_comparable_fid(FID_STABLE_N, 1)
+    require_comparable_fid(FID_STABLE_N + 5, 3)
+    with pytest.raises(UserError, match="has test images 1024 and generated images per model 1024: add test"):
+        require_comparable_fid(1024, 1)
+    with pytest.raises(UserError, match="has test images 1024: add test images") as error:
+        require_comparable_fid(1024, 2)  # 2048 generated images, but evaluate's FID also needs 2048 test images
+    assert "require_comparable_fid: false" in str(error.value)

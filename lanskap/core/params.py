@@ -235,6 +235,9 @@ class TrainParams(Group):
         return self
 
 
+FID_STABLE_N = 2048  # below this FID's covariance is rank-deficient: values are not comparable across n
+
+
 class GenerateParams(Group):
     scheduler: Literal["dpm++", "ddim", "euler"] = "dpm++"
     steps: int = Field(25, ge=1, le=1000)
@@ -247,6 +250,7 @@ class GenerateParams(Group):
     lora_weights: Literal["raw", "ema"] = "raw"  # ema: the EMA weights train.ema_decay trained (models/lora/ema/)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0
+    require_comparable_fid: bool = False  # stop at the start unless the sets reach FID's 2048 images
 
 
 class EvaluateParams(Group):

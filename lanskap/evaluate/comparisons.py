@@ -13,10 +13,8 @@ import numpy as np
 import pandas as pd
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import EvaluateParams
+from lanskap.core.params import FID_STABLE_N, EvaluateParams
 from lanskap.evaluate import metrics, paired
-
-FID_STABLE_N = 2048  # below this FID's covariance is rank-deficient: values are not comparable across n
 
 
 @dataclass
