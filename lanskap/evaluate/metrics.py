@@ -324,11 +324,12 @@ def kid(
         return whole_sets, float(np.sqrt(jackknife))
     budget = KID_JACKKNIFE_SHARE * 3 * num_subsets * subset_size**2
     kept, scale = jackknife_units(units, (len(x), len(y)), budget, seed)
-    x_rows, y_rows = np.isin(units[0], kept), np.isin(units[1], kept)
-    # first: it refuses sets too small for a standard error; units renumbered 0..u-1 for the kernel sums
-    _, jackknife = kid_jackknife(
-        x[x_rows], y[y_rows], np.searchsorted(kept, units[0][x_rows]), np.searchsorted(kept, units[1][y_rows])
-    )
+    jackknife_sets = (x, y, *units)
+    if scale < 1:  # a sample of the units, renumbered 0..u-1 for the kernel sums (all of them: no copy of the sets)
+        x_rows, y_rows = np.isin(units[0], kept), np.isin(units[1], kept)
+        renumbered = (np.searchsorted(kept, units[0][x_rows]), np.searchsorted(kept, units[1][y_rows]))
+        jackknife_sets = (x[x_rows], y[y_rows], *renumbered)
+    _, jackknife = kid_jackknife(*jackknife_sets)  # first: it refuses sets too small for a standard error
     rng = np.random.default_rng(seed)
     values = [
         _kid_subset_mmd(
