@@ -209,9 +209,16 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     """Frechet distance between feature sets x [m, d] and y [n, d] (FID on Inception pool features):
     means and covariances with ddof = 1, as clean-fid computes them. Needs m, n >= 2; below d + 1 samples
     the covariances are rank-deficient and the value is large and not comparable across n."""
-    x, y = _feature_matrix(x, "x", 2), _feature_matrix(y, "y", 2)
-    _matching_dims(x, y)
-    return frechet_distance_from_stats(x.mean(axis=0), np.cov(x, rowvar=False), y.mean(axis=0), np.cov(y, rowvar=False))
+    (mean_x, covariance_x), (mean_y, covariance_y) = _mean_and_covariance(x, "x"), _mean_and_covariance(y, "y")
+    if mean_x.size != mean_y.size:
+        raise ValueError(f"feature dimensions differ: {mean_x.size} vs {mean_y.size}")
+    return frechet_distance_from_stats(mean_x, covariance_x, mean_y, covariance_y)
+
+
+def _mean_and_covariance(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    # one set at a time: only one float64 copy of the features (and np.cov's centred one) is alive at once
+    matrix = _feature_matrix(features, name, 2)
+    return matrix.mean(axis=0), np.cov(matrix, rowvar=False)
 
 
 def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
