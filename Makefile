@@ -5,7 +5,7 @@ UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 RUN := $(UV) run --frozen
 
-.PHONY: install repro lint format test test-fast params builtins clean-env
+.PHONY: install repro queue rate lint format test test-fast params builtins clean-env
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -20,6 +20,16 @@ install: .venv/.synced
 repro: install
 	$(RUN) dvc repro
 
+# Run the experiments queued with `dvc exp run --queue` until none is left (lanskap/sweep/run_queue.py): DVC starts
+# its workers as the `dvc` on PATH, and a worker can stop with experiments still queued.
+queue: install
+	$(RUN) python -m lanskap.sweep.run_queue $(QUEUE_ARGS)
+
+# The blind side-by-side rating page for the generated images, on http://127.0.0.1:8765/ (lanskap/rate); Ctrl-C,
+# then commit ratings/votes.sqlite and `dvc repro qualitative` for the win rates.
+rate: install
+	$(RUN) python -m lanskap.rate $(RATE_ARGS)
+
 # Ruff (pyproject.toml [tool.ruff]): the lint rules, and the formatting as checked, not applied.
 lint: install
 	$(RUN) ruff check .
@@ -29,13 +39,14 @@ format: install
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
-# Every test, the slow end-to-end ones included, over 2 worker processes (pytest-xdist); the 25 slowest are listed.
+# Every test, the slow end-to-end ones included, over 2 worker processes (pytest-xdist), each test file on one
+# worker so that a module's shared pipeline run happens once; the 25 slowest are listed.
 test: lint
-	$(RUN) pytest -n 2 --durations=25 $(PYTEST_ARGS)
+	$(RUN) pytest -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # The edit loop: the same suite without the tests marked slow.
 test-fast: install
-	$(RUN) pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(RUN) pytest -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # Retrain the built-in models into lanskap/assets/builtin/ (about an hour on 2 CPU cores): the base model in one
 # process, the CLIP and Inception stand-ins in another, one torch thread each.

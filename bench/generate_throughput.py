@@ -33,7 +33,7 @@ import torch
 import transformers
 
 from lanskap.core.io import atomic_dir
-from lanskap.core.params import GenerateParams
+from lanskap.core.params import GenerateParams, conf_group
 from lanskap.generate.sampling import generate_images, inference_dtype, load_pipeline, plan_jobs
 from lanskap.models.resolve import clip_tokenizer_dir, resolve_base_model
 
@@ -171,8 +171,13 @@ def run_variant(name: str, args, device: torch.device, out_dir: Path) -> tuple[f
         pipeline = load_plain_diffusers(args.model_dir, inference_dtype(dtype, device), device)
         run = plain_runner(pipeline, args.images, args.batch, args.resolution)
     else:
-        params = GenerateParams(
-            scheduler="dpm++", steps=args.steps, resolution=args.resolution, batch_size=args.batch, dtype=dtype
+        params = conf_group(
+            "generate",
+            scheduler="dpm++",
+            steps=args.steps,
+            resolution=args.resolution,
+            batch_size=args.batch,
+            dtype=dtype,
         )
         pipeline = load_pipeline(args.model_dir, params, device)
         apply_levers(pipeline, levers, args.dry_run)

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from lanskap.core.params import AugmentParams, LoraParams, TrainParams
+from lanskap.core.params import conf_group
 from lanskap.train.batches import BatchShare, pixel_batches, training_batches
 from lanskap.train.loop import cached_batches
 from lanskap.train.optimizers import make_optimizer
@@ -96,7 +96,7 @@ def write_images(folder: Path, resolution: int, count: int) -> list[str]:
 def prepare_unet(parts: Components, args) -> tuple[dict, list[dict]]:
     """Attach the project's LoRA and apply the requested levers; return the named LoRA parameters and the
     optimizer's parameter groups."""
-    lora_parameters, groups = attach_adapters(parts, LoraParams(), TrainParams(mixed_precision="bf16"))
+    lora_parameters, groups = attach_adapters(parts, conf_group("lora"), conf_group("train", mixed_precision="bf16"))
     if args.channels_last:
         parts.unet.to(memory_format=torch.channels_last)
         parts.vae.to(memory_format=torch.channels_last)
@@ -114,7 +114,8 @@ def step_function(
 ):
     """train_lora's step at `batch_size` as a function of no arguments, its data augmented and encoded on the fly or
     (cached_latents > 0) looked up in a latent cache built here as train_lora builds it."""
-    params = TrainParams(
+    params = conf_group(
+        "train",
         batch_size=batch_size,
         steps=10_000,
         mixed_precision=args.mixed_precision,
@@ -131,7 +132,7 @@ def step_function(
             "bucket_height": args.resolution,
         }
     )
-    dataset, keys, captions = training_batches(table, AugmentParams(), params, trainer.share, 0)
+    dataset, keys, captions = training_batches(table, conf_group("augment"), params, trainer.share, 0)
     batches = cached_batches(dataset, keys, trainer, params) if cached_latents else pixel_batches(dataset, keys, params)
     caption_encoder = CaptionEncoder(captions, parts, accelerator.device, text_encoder_trains=False)
     steps_done = 0

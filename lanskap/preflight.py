@@ -12,20 +12,26 @@ split to leave evaluate its minimum of test prompts; one message lists every pro
 
 GPU: `require_batch_fits` runs one real step (a training step, a sampling call) at the configured batch
 before the long loop; on an out-of-memory error it searches for the largest batch that fits and stops
-with the settings to use. On CPU it does nothing: host memory is not probed.
+with the settings to use. On CPU it does nothing: host memory is not probed. torch is imported there, not here:
+ingest runs these checks without it.
 """
+
+from __future__ import annotations
 
 import gc
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lanskap.core.errors import UserError
 from lanskap.core.params import FID_STABLE_N
 from lanskap.data.split import MIN_TEST_PROMPTS
+
+if TYPE_CHECKING:
+    import torch
 
 MARGIN = 1.25  # file-system blocks, PNG headers and row filters, logs, temporary files
 HEADROOM_BYTES = 256 * 2**20  # never fill the disk to the last byte: other programs share it
@@ -120,19 +126,26 @@ def train_lora_bytes(
     return 2 * weights * copies + (checkpoints_kept + 1) * weights * (copies + OPTIMIZER_STATES[optimizer])
 
 
+COMPARABLE_FID_SWITCH = "LANSKAP_REQUIRE_COMPARABLE_FID"  # 1: generate stops unless FID will be comparable
+
+
 def require_comparable_fid(prompts: int, images_per_prompt: int) -> None:
-    """generate.require_comparable_fid: both FID sets, the test images (one per prompt) and the LoRA images
-    (images_per_prompt per prompt), must reach the size evaluate calls comparable, before hours of sampling."""
+    """With LANSKAP_REQUIRE_COMPARABLE_FID=1, both FID sets, the test images (one per prompt) and the LoRA images
+    (images_per_prompt per prompt), must reach the size evaluate calls comparable, before hours of sampling. An
+    environment switch, not a param: it changes no output, it only stops a run that would not give what was asked."""
+    switch = os.environ.get(COMPARABLE_FID_SWITCH, "0")
+    if switch not in ("0", "1"):
+        raise UserError(f"{COMPARABLE_FID_SWITCH}={switch!r}: use 1 (stop unless FID is comparable) or 0 (the default)")
     short = [
         f"{name} {count}"
         for name, count in (("test images", prompts), ("generated images per model", prompts * images_per_prompt))
         if count < FID_STABLE_N
     ]
-    if short:
+    if switch == "1" and short:
         raise UserError(
-            f"generate.require_comparable_fid: FID is comparable across runs from {FID_STABLE_N} images per set, but "
+            f"{COMPARABLE_FID_SWITCH}=1: FID is comparable across runs from {FID_STABLE_N} images per set, but "
             f"this run has {' and '.join(short)}: add test images (split.test_fraction, more source images), raise "
-            "generate.images_per_prompt, or set generate.require_comparable_fid: false"
+            f"generate.images_per_prompt, or unset {COMPARABLE_FID_SWITCH}"
         )
 
 
@@ -227,11 +240,15 @@ def require_pipeline_inputs(params: dict) -> None:
 
 
 def is_cuda(device: torch.device | str) -> bool:
+    import torch
+
     return torch.device(device).type == "cuda"
 
 
 def gpu_memory(device: torch.device | str) -> tuple[int, int]:
     """(total, free) bytes of the GPU."""
+    import torch
+
     free, total = torch.cuda.mem_get_info(torch.device(device))
     return total, free
 
@@ -239,6 +256,8 @@ def gpu_memory(device: torch.device | str) -> tuple[int, int]:
 def fits(run_batch: Callable[[int], None], batch: int) -> bool:
     """Whether `run_batch(batch)` completes without running out of GPU memory; the memory it used is given
     back to the driver either way, so the next probe and the real run start from the same state."""
+    import torch
+
     try:
         run_batch(batch)
         ok = True

@@ -9,12 +9,7 @@ Captions longer than 77 CLIP tokens are reported: training truncates them.
 import argparse
 from pathlib import Path
 
-from lanskap.core.console import quiet_libraries
 from lanskap.core.errors import run_stage
-from lanskap.core.io import write_csv
-from lanskap.core.params import load_params
-from lanskap.data.captions import CLIP_MAX_TOKENS, choose_captions, token_counts
-from lanskap.data.manifest import MANIFEST_COLUMNS, read_table
 
 
 def main(argv=None):
@@ -22,6 +17,12 @@ def main(argv=None):
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    from lanskap.core.console import quiet_libraries  # here, not above: --help needs none of them
+    from lanskap.core.io import write_csv
+    from lanskap.core.params import load_params
+    from lanskap.data.captions import CLIP_MAX_TOKENS, choose_captions, token_counts
+    from lanskap.data.manifest import MANIFEST_COLUMNS, read_table
+
     params = load_params("caption")["caption"]
     if params.method == "model":
         quiet_libraries()

@@ -1,4 +1,5 @@
-"""evaluate: CMMD, FID, KID and CLIP score of test, base and LoRA images, with n and uncertainty.
+"""evaluate: CMMD, FID, KID and CLIP score of test, base and LoRA images, with n and uncertainty; on the demo's
+Inception stand-in also the traits diagnostic (lanskap.evaluate.traits: what the images show of what the prompts ask).
 
 Inputs:  PROCESSED/test.csv (reference images and captions), GENERATED/index.csv (from generate)
          TRAINING_LOG/{train,validation}/loss.tsv (dvclive, for the loss curve; optional)
@@ -6,7 +7,7 @@ Inputs:  PROCESSED/test.csv (reference images and captions), GENERATED/index.csv
          LoRA shape, steps, data hash), params.yaml's `preset`, and the git commit when there is one
 Outputs: OUT  metrics JSON with flat numeric keys (for `dvc metrics diff`); ema_weights_scored says which LoRA
               weights generate used (1: the EMA weights, 0: the raw ones)
-         REPORTS/base_vs_lora.csv  metric, model, value, bar: base and LoRA per metric (`dvc plots` bar chart)
+         REPORTS/base_vs_lora.csv  metric, model, value: base and LoRA per metric (`dvc plots` bar chart)
          REPORTS/report.md, loss.png  the run's report for a reviewer (figures linked by relative path)
          REPORTS/report.html          the same, one self-contained file (figures inline) that opens offline
 Params:  evaluate, preset
@@ -16,21 +17,19 @@ gap p (`_pvalue`, t-test of "gap = 0", agrees with its interval) and a changed p
 "the LoRA changed nothing").
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
-from lanskap.core.console import quiet_libraries
 from lanskap.core.errors import UserError, run_stage
-from lanskap.core.figures import save_loss_curves
-from lanskap.core.io import atomic_dir, write_csv, write_json, write_text
-from lanskap.core.params import PARAMS_FILE, load_params
-from lanskap.core.provenance import Provenance, git_commit, read_model_card
-from lanskap.data.manifest import read_table
-from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, format_pvalue, report_html, report_markdown
+
+if TYPE_CHECKING:  # the libraries load where the work starts, so that --help is instant
+    import pandas as pd
+
+    from lanskap.core.provenance import Provenance
 
 
 def extract_features(test, generated, params):
@@ -53,12 +52,17 @@ def extract_features(test, generated, params):
 
 def read_loss_curves(training_log: Path) -> dict[str, pd.DataFrame]:
     """dvclive's train and validation loss tables that exist (a run may have no validation split)."""
+    import pandas as pd
+
     tables = {split: training_log / split / "loss.tsv" for split in ("train", "validation")}
     return {split: pd.read_csv(path, sep="\t") for split, path in tables.items() if path.is_file()}
 
 
 def read_report_sources(args) -> tuple[Provenance, str]:
     """The run's provenance and the data card's text, read before any work: a missing one stops the stage."""
+    from lanskap.core.params import PARAMS_FILE
+    from lanskap.core.provenance import git_commit, read_model_card
+
     for path, stage in ((args.comparison, "generate"), (args.data_card, "preprocess")):
         if not path.is_file():
             raise UserError(f"evaluate: {path} not found; the report shows it. Run {stage} first (dvc repro {stage})")
@@ -67,6 +71,10 @@ def read_report_sources(args) -> tuple[Provenance, str]:
 
 def write_reports(results: dict[str, float], names: tuple[str, str], args, sources: tuple[Provenance, str]) -> None:
     """The bar-chart table, the loss curve and the report, replacing REPORTS as a whole."""
+    from lanskap.core.figures import save_loss_curves
+    from lanskap.core.io import atomic_dir, write_csv, write_text
+    from lanskap.evaluate.report import ReportInputs, base_vs_lora_table, report_html, report_markdown
+
     curves = read_loss_curves(args.training_log)
     with atomic_dir(args.reports) as staging:
         write_csv(staging / "base_vs_lora.csv", base_vs_lora_table(results))
@@ -93,6 +101,7 @@ def write_reports(results: dict[str, float], names: tuple[str, str], args, sourc
 def gap_text(results: dict[str, float], gap: str) -> str:
     """The gap's interval and its two p-values, each named by what it tests."""
     from lanskap.evaluate.paired import MIN_INTERVAL_PROMPTS
+    from lanskap.evaluate.report import format_pvalue
 
     changed = f"changed p: {format_pvalue(results[gap + '_changed_pvalue'])} (swap test: LoRA images differ from base)"
     if gap + "_ci_low" not in results:
@@ -115,9 +124,16 @@ def main(argv=None):
     parser.add_argument("--data-card", type=Path, default=Path("reports/preprocess/data_card.md"))
     parser.add_argument("--model-card", type=Path, default=Path("models/lora/README.md"))
     args = parser.parse_args(argv)
+    from lanskap.core.console import quiet_libraries  # here, not above: --help needs none of them
+    from lanskap.core.params import load_params
+
     params = load_params("evaluate")["evaluate"]
     quiet_libraries()
 
+    import numpy as np
+
+    from lanskap.core.io import write_json
+    from lanskap.data.manifest import read_table
     from lanskap.data.split import MIN_TEST_PROMPTS
     from lanskap.evaluate.comparisons import (
         FID_STABLE_N,
@@ -126,6 +142,8 @@ def main(argv=None):
         scored_weights,
         set_comparisons,
     )
+    from lanskap.evaluate.features import BUILTIN_TINY_INCEPTION
+    from lanskap.evaluate.traits import run_traits
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
     generated = read_table(
@@ -141,6 +159,8 @@ def main(argv=None):
     report_sources = read_report_sources(args)
     features, clip_name, inception_name = extract_features(test, generated, params)
     results = {**set_comparisons(features, params), **lora_minus_base(features, params), **scored}
+    if params.inception_weights == BUILTIN_TINY_INCEPTION:  # demo only: the stand-in's scene heads
+        results |= run_traits(test["caption"].astype(str).tolist(), features.inception, features.prompt)
     results = {key: float(np.round(value, 6)) for key, value in results.items()}
     write_json(args.out, results)
     write_reports(results, (clip_name, inception_name), args, report_sources)

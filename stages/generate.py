@@ -11,19 +11,17 @@ Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same s
 Params:  model, generate
 """
 
+from __future__ import annotations
+
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from PIL import Image
-
-from lanskap.core.console import quiet_libraries
 from lanskap.core.errors import run_stage
-from lanskap.core.figures import image_grid, save_png
-from lanskap.core.io import atomic_dir, remove_dir, write_csv
-from lanskap.core.params import load_params
-from lanskap.data.manifest import read_table
-from lanskap.preflight import generate_bytes, require_batch_fits, require_comparable_fid, require_free_space
+
+if TYPE_CHECKING:  # the libraries load where the work starts, so that --help is instant
+    import pandas as pd
+    from PIL import Image
 
 GRID_ROWS = 10  # captions shown in the git-tracked comparison grid
 
@@ -49,6 +47,10 @@ def index_rows(
 def comparison_grid(index: pd.DataFrame, staging: Path, out: Path) -> Image.Image:
     """The first GRID_ROWS test captions, each in full beside its reference image and the first base and LoRA
     samples (same seed)."""
+    from PIL import Image
+
+    from lanskap.core.figures import image_grid
+
     first = index[(index["sample"] == 0) & (index["prompt_index"] < GRID_ROWS)]
     rows, prompts = [], []
     for _prompt_index, pair in first.groupby("prompt_index"):
@@ -93,12 +95,19 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reports", type=Path, required=True)
     args = parser.parse_args(argv)
+    from lanskap.core.console import quiet_libraries  # here, not above: --help needs none of them
+    from lanskap.core.params import load_params
+
     loaded = load_params("model", "generate")
     params = loaded["generate"]
     quiet_libraries()
 
+    import pandas as pd
     import torch
 
+    from lanskap.core.figures import save_png
+    from lanskap.core.io import atomic_dir, remove_dir, write_csv
+    from lanskap.data.manifest import read_table
     from lanskap.generate.sampling import (
         batch_probe,
         generate_images,
@@ -109,10 +118,10 @@ def main(argv=None):
     )
     from lanskap.lora.files import load_lora_into_pipeline, lora_weights_dir
     from lanskap.models.resolve import resolve_base_model
+    from lanskap.preflight import generate_bytes, require_batch_fits, require_comparable_fid, require_free_space
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
-    if params.require_comparable_fid:
-        require_comparable_fid(len(test), params.images_per_prompt)
+    require_comparable_fid(len(test), params.images_per_prompt)  # with LANSKAP_REQUIRE_COMPARABLE_FID=1
     lora_dir = lora_weights_dir(args.lora, params.lora_weights)
     model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,36 +9,28 @@ Outputs: OUT/images/<sha256 prefix><ext>  accepted images, byte-identical copies
                                   group (sub-folder or manifest column), phash
          OUT/rejected.csv         source, reason - every item not accepted, with why
          OUT/near_duplicates.csv  pairs of accepted images whose perceptual hashes nearly match (kept, reported)
+         OUT/notes.csv            source, note - accepted items read by a documented rule: a caption decoded as
+                                  Windows-1252, an ICC profile for another colour space ignored
 Params:  ingest; and the model, caption, split and evaluate keys the preflight checks (lanskap/preflight.py)
 The source is only read. Downloads are cached in .lanskap-cache/downloads/, so a rerun resumes.
 """
 
+from __future__ import annotations
+
 import argparse
 import hashlib
 import io
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from PIL import Image
-
-from lanskap.core.console import progress
 from lanskap.core.errors import UserError, run_stage
-from lanskap.core.io import atomic_dir, write_csv
-from lanskap.core.params import IngestParams, load_params
-from lanskap.data.download import DownloadPolicy, cache_path, download
-from lanskap.data.images import check_image
-from lanskap.data.manifest import (
-    MANIFEST_COLUMNS,
-    Candidate,
-    IngestResult,
-    ItemRejected,
-    image_record,
-    near_duplicate_pairs,
-    require_sha256,
-)
-from lanskap.data.procedural import generate_item
-from lanskap.data.sources import clean_caption, decode_caption, manifest_rows, scan_folder
-from lanskap.preflight import procedural_ingest_bytes, require_free_space, require_pipeline_inputs, source_ingest_bytes
+
+if TYPE_CHECKING:  # the libraries load where the work starts, so that --help is instant
+    import pandas as pd
+
+    from lanskap.core.params import IngestParams
+    from lanskap.data.manifest import Candidate, IngestResult
 
 DOWNLOAD_CACHE = Path(".lanskap-cache/downloads")
 USUAL_SUFFIX = {
@@ -50,6 +42,9 @@ USUAL_SUFFIX = {
 
 
 def procedural_candidates(params: IngestParams):
+    from lanskap.data.manifest import Candidate
+    from lanskap.data.procedural import generate_item
+
     for index in range(params.num_images):
         image, caption = generate_item(index, params.image_size, params.seed, params.world)
         buffer = io.BytesIO()
@@ -60,6 +55,9 @@ def procedural_candidates(params: IngestParams):
 
 def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParams):
     """A deferred read of one manifest entry: a download for URLs, a file read confined to the folder."""
+    from lanskap.data.download import DownloadPolicy, download
+    from lanskap.data.manifest import ItemRejected, require_sha256
+
     if "://" in reference:
         policy = DownloadPolicy(
             params.download_timeout, int(params.max_download_mb * 2**20), params.download_retries, backoff=0.5
@@ -70,6 +68,11 @@ def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParam
     def read_local() -> bytes:
         if not path.resolve().is_relative_to(folder.resolve()):
             raise ItemRejected(f"path outside the manifest's folder {folder}: {reference}")
+        if "\\" in reference and not path.exists():
+            raise ItemRejected(
+                f"no such file: {reference}; this looks like a Windows path: write paths with / "
+                f"between folders, relative to the manifest ({windows_to_posix(reference)})"
+            )
         data = path.read_bytes()
         require_sha256(data, row.get("sha256", ""))
         return data
@@ -77,9 +80,18 @@ def manifest_reader(reference: str, folder: Path, row: dict, params: IngestParam
     return read_local
 
 
+def windows_to_posix(reference: str) -> str:
+    """`photos\\a.jpg` -> `photos/a.jpg`; a drive (`C:\\...`) cannot be made relative, so it is named instead."""
+    posix = reference.replace("\\", "/")
+    return f"e.g. {posix}" if not re.match(r"[A-Za-z]:/", posix) else "not a drive letter such as C:"
+
+
 def folder_candidates(folder: Path, result: IngestResult):
     """Each image below `folder` with its sidecar caption and group (the top-level sub-folder, empty for files
     directly in `folder`); hidden and non-image files are counted in `result`."""
+    from lanskap.data.manifest import Candidate, ItemRejected
+    from lanskap.data.sources import decode_caption, scan_folder
+
     scan = scan_folder(folder)
     result.hidden, result.ignored = scan.hidden, scan.ignored
     for path in scan.images:
@@ -87,14 +99,19 @@ def folder_candidates(folder: Path, result: IngestResult):
         candidate = Candidate(path.as_posix(), group=parts[0] if len(parts) > 1 else "")
         sidecar = scan.sidecar(path)
         try:
-            candidate.caption = decode_caption(sidecar.read_bytes()) if sidecar else ""
+            candidate.caption, candidate.note = decode_caption(sidecar.read_bytes()) if sidecar else ("", "")
         except OSError as error:
             yield unreadable(f"caption file {sidecar} unreadable: {error.strerror or error}"), candidate
+            continue
+        except ItemRejected as error:
+            yield unreadable(f"{sidecar.name}: {error}"), candidate
             continue
         yield (lambda p=path: p.read_bytes()), candidate
 
 
 def unreadable(reason: str):
+    from lanskap.data.manifest import ItemRejected
+
     def read() -> bytes:
         raise ItemRejected(reason)
 
@@ -102,6 +119,9 @@ def unreadable(reason: str):
 
 
 def local_candidates(source: Path, params: IngestParams, result: IngestResult):
+    from lanskap.data.manifest import Candidate
+    from lanskap.data.sources import clean_caption, manifest_rows
+
     if source.is_dir():
         yield from folder_candidates(source, result)
         return
@@ -130,9 +150,12 @@ def candidates(params: IngestParams, result: IngestResult):
 
 def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result: IngestResult):
     """Validated image and its bytes, or None after recording why the item was rejected."""
+    from lanskap.data.images import check_image
+    from lanskap.data.manifest import ItemRejected
+
     try:
         data = read()
-        image, file_format = check_image(data, candidate.source, params.min_size, params.max_aspect_ratio)
+        image, file_format, note = check_image(data, candidate.source, params.min_size, params.max_aspect_ratio)
     except ItemRejected as reason:
         return result.reject(candidate.source, str(reason))
     except OSError as error:
@@ -141,11 +164,17 @@ def accept(read, candidate: Candidate, params: IngestParams, seen: dict, result:
     if digest in seen:
         return result.reject(candidate.source, f"exact duplicate of {seen[digest]}")
     seen[digest] = candidate.source
+    for text in filter(None, (candidate.note, note)):
+        result.notes.append({"source": candidate.source, "note": text})
     return image, data, digest, file_format
 
 
 def planned_bytes(params: IngestParams) -> int:
     """Upper bound of the bytes ingest writes (images and download cache), for the disk preflight."""
+    from lanskap.data.download import cache_path
+    from lanskap.data.sources import manifest_rows, scan_folder
+    from lanskap.preflight import procedural_ingest_bytes, source_ingest_bytes
+
     if params.source == "builtin:procedural":
         return procedural_ingest_bytes(params.num_images, params.image_size)
     source = Path(params.source)
@@ -163,6 +192,8 @@ def image_suffix(source: str, file_format: str) -> str:
     """The stored file's extension, from the format Pillow decoded: the source's own when it names that format
     (`.jpeg`, `.pgm`), else the format's usual one (JPEG bytes named `.png` are stored as `.jpg`). Nothing else
     of the source's name is kept: a URL's can be any length and hold any character."""
+    from PIL import Image
+
     suffix = Path(source).suffix.lower()
     extensions = Image.registered_extensions()
     if extensions.get(suffix) == file_format:
@@ -176,6 +207,13 @@ def image_suffix(source: str, file_format: str) -> str:
 
 
 def ingest(params: IngestParams, out: Path) -> IngestResult:
+    import pandas as pd
+
+    from lanskap.core.console import progress
+    from lanskap.core.io import atomic_dir, write_csv
+    from lanskap.data.manifest import MANIFEST_COLUMNS, IngestResult, image_record
+    from lanskap.preflight import require_free_space
+
     result, seen = IngestResult(), {}
     items = candidates(params, result)  # checks the source exists before it is measured
     shrink = (
@@ -199,6 +237,7 @@ def ingest(params: IngestParams, out: Path) -> IngestResult:
         write_csv(staging / "manifest.csv", pd.DataFrame(result.accepted, columns=MANIFEST_COLUMNS))
         write_csv(staging / "rejected.csv", pd.DataFrame(result.rejected, columns=["source", "reason"]))
         write_csv(staging / "near_duplicates.csv", near_duplicates(result.accepted, params.near_duplicate_distance))
+        write_csv(staging / "notes.csv", pd.DataFrame(result.notes, columns=["source", "note"]))
         if len(result.accepted) < 2:
             print_rejected(result)
             raise UserError(too_few_images(result, params.source))
@@ -229,6 +268,10 @@ def skipped_summary(result: IngestResult) -> str:
 
 
 def near_duplicates(accepted: list[dict], max_distance: int) -> pd.DataFrame:
+    import pandas as pd
+
+    from lanskap.data.manifest import near_duplicate_pairs
+
     hashes = [int(record["phash"], 16) for record in accepted]
     rows = [
         {"source_a": accepted[i]["source"], "source_b": accepted[j]["source"], "hash_distance": distance}
@@ -248,6 +291,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    import pandas as pd
+
+    from lanskap.core.params import load_params
+    from lanskap.preflight import require_pipeline_inputs
+
     params = load_params("ingest", "model", "caption", "split", "evaluate")
     require_pipeline_inputs(params)  # every later stage's models and enough images, before any work
     result = ingest(params["ingest"], args.out)
@@ -257,6 +305,8 @@ def main(argv=None):
         f"ingest: {len(result.accepted)} accepted, {len(result.rejected)} rejected, {len(near)} near-duplicate "
         f"pair(s) reported{', ' + skipped if skipped else ''} -> {args.out}/manifest.csv"
     )
+    for note, count in pd.Series([item["note"] for item in result.notes], dtype=str).value_counts().items():
+        print(f"  note: {count} item(s): {note} (listed in {args.out}/notes.csv)")
     print_rejected(result)
 
 

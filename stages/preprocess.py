@@ -7,37 +7,28 @@ Outputs: OUT/images/<sha256 prefix>.png  RGB, shorter side resized to preprocess
          OUT/train.csv, OUT/test.csv     the split tables pointing at the canonical images, with each image's
                                          training size (bucket_width, bucket_height: square unless bucketed)
          REPORTS/preview.png             original | augmented samples (git-tracked; the paper's Figure 4)
-         REPORTS/data_card.md            counts, sizes, caption statistics, rejected items, buckets
+         REPORTS/data_card.md            counts, sizes, caption statistics, rejected items, ingest notes, buckets
 Params:  preprocess, augment, train.batch_size (the buckets' batches per epoch)
 """
 
+from __future__ import annotations
+
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from PIL import Image
-
-from lanskap.core.console import progress
 from lanskap.core.errors import run_stage
-from lanskap.core.figures import image_grid, save_png
-from lanskap.core.io import atomic_dir, write_csv, write_text
-from lanskap.core.params import AugmentParams, PreprocessParams, load_params
-from lanskap.data.augment import canonical_image, fit_to_size, to_pil, train_transform
-from lanskap.data.buckets import (
-    bucket_groups,
-    bucket_sizes,
-    nearest_bucket,
-    require_trainable_bucket,
-    size_name,
-    table_sizes,
-    untrained_message,
-)
-from lanskap.data.manifest import open_rgb, read_table
-from lanskap.preflight import preprocess_bytes, require_free_space
+
+if TYPE_CHECKING:  # the libraries load where the work starts, so that --help is instant
+    import pandas as pd
+
+    from lanskap.core.params import AugmentParams, PreprocessParams
 
 
 def with_training_sizes(table: pd.DataFrame, params: PreprocessParams) -> pd.DataFrame:
     """The table with each image's training size: the square resolution, or its aspect-ratio bucket."""
+    from lanskap.data.buckets import bucket_sizes, nearest_bucket
+
     if not params.buckets:
         return table.assign(bucket_width=params.resolution, bucket_height=params.resolution)
     sizes = bucket_sizes(params.resolution, params.bucket_reso_steps, params.bucket_max_aspect_ratio)
@@ -47,6 +38,10 @@ def with_training_sizes(table: pd.DataFrame, params: PreprocessParams) -> pd.Dat
 
 def write_canonical(table: pd.DataFrame, params: PreprocessParams, staging: Path, out: Path) -> pd.DataFrame:
     """Write each listed image at its training size; return the table pointing at the new files."""
+    from lanskap.core.console import progress
+    from lanskap.data.augment import canonical_image, fit_to_size
+    from lanskap.data.manifest import open_rgb
+
     paths = []
     for row in progress(table.itertuples(), total=len(table), desc="preprocess", unit="img"):
         name = f"{row.sha256[:16]}.png"
@@ -62,6 +57,11 @@ def write_canonical(table: pd.DataFrame, params: PreprocessParams, staging: Path
 def augmentation_preview(train: pd.DataFrame, params: PreprocessParams, augment: AugmentParams, staging: Path):
     """Each sampled canonical image beside three random augmentations of it."""
     import torch
+    from PIL import Image
+
+    from lanskap.core.figures import image_grid
+    from lanskap.data.augment import to_pil, train_transform
+    from lanskap.data.buckets import table_sizes
 
     torch.manual_seed(params.seed)
     rows = []
@@ -74,13 +74,20 @@ def augmentation_preview(train: pd.DataFrame, params: PreprocessParams, augment:
 
 
 def histogram_rows(values: pd.Series, edges: list[int], unit: str) -> list[str]:
+    import pandas as pd
+
     counts = pd.cut(values, bins=[*edges, float("inf")], right=False).value_counts(sort=False)
     return [f"| {interval.left:g}-{interval.right:g} {unit} | {count} |" for interval, count in counts.items() if count]
 
 
 def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolution: int, bucketed: bool) -> str:
+    import pandas as pd
+
+    from lanskap.data.manifest import read_table
+
     rejected = read_table(ingested / "rejected.csv", ["source", "reason"])
     near = read_table(ingested / "near_duplicates.csv", ["source_a", "source_b", "hash_distance"])
+    notes = read_table(ingested / "notes.csv", ["source", "note"])
     both = pd.concat([train.assign(side="train"), test.assign(side="test")])
     words = both["caption"].str.split().str.len()
     lines = [
@@ -89,6 +96,8 @@ def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolutio
         f"- images: {len(both)} ({len(train)} train, {len(test)} test), trained at {resolution} px"
         + (" (in aspect-ratio buckets of about that area: see below)" if bucketed else ""),
         f"- rejected at ingest: {len(rejected)}; near-duplicate pairs kept: {len(near)}",
+        f"- read by a documented rule at ingest: {len(notes)}"
+        + "".join(f"; {count} {note}" for note, count in notes["note"].value_counts().items()),
         f"- caption words: min {words.min()}, median {int(words.median())}, max {words.max()}; "
         f"CLIP tokens max {both['clip_tokens'].max()} ({(both['clip_tokens'] > 77).sum()} over 77, truncated)",
         "",
@@ -120,6 +129,8 @@ def data_card(train: pd.DataFrame, test: pd.DataFrame, ingested: Path, resolutio
 
 def bucket_section(train: pd.DataFrame, test: pd.DataFrame, batch_size: int) -> list[str]:
     """The data card's bucket histogram: each bucket's size, images and whole micro-batches per epoch."""
+    from lanskap.data.buckets import bucket_groups, size_name, table_sizes, untrained_message
+
     train_groups, test_groups = bucket_groups(table_sizes(train)), bucket_groups(table_sizes(test))
     rows = [
         f"| {size_name(size)} | {size[0] / size[1]:.2f} | {len(train_groups.get(size, []))} | "
@@ -151,6 +162,15 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reports", type=Path, required=True)
     args = parser.parse_args(argv)
+    import pandas as pd  # here, not above: --help needs none of them
+
+    from lanskap.core.figures import save_png
+    from lanskap.core.io import atomic_dir, write_csv, write_text
+    from lanskap.core.params import load_params
+    from lanskap.data.buckets import bucket_groups, require_trainable_bucket, table_sizes
+    from lanskap.data.manifest import read_table
+    from lanskap.preflight import preprocess_bytes, require_free_space
+
     loaded = load_params("preprocess", "augment", "train")
     params, augment, batch_size = loaded["preprocess"], loaded["augment"], loaded["train"].batch_size
 

@@ -9,10 +9,6 @@ import argparse
 from pathlib import Path
 
 from lanskap.core.errors import run_stage
-from lanskap.core.io import atomic_dir, write_csv
-from lanskap.core.params import load_params
-from lanskap.data.manifest import read_table
-from lanskap.data.split import split_table
 
 
 def main(argv=None):
@@ -20,6 +16,11 @@ def main(argv=None):
     parser.add_argument("--captions", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    from lanskap.core.io import atomic_dir, write_csv  # here, not above: --help needs none of them
+    from lanskap.core.params import load_params
+    from lanskap.data.manifest import read_table
+    from lanskap.data.split import split_table
+
     params = load_params("split")["split"]
 
     table = read_table(args.captions, ["path", "sha256", "caption"])

@@ -24,13 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from lanskap.core.code_closure import code_digest
-from lanskap.core.console import quiet_libraries
 from lanskap.core.errors import run_stage
-from lanskap.core.io import atomic_dir, remove_dir, sha256_file
-from lanskap.core.params import load_params
-from lanskap.data.buckets import BUCKET_COLUMNS, bucket_groups, nominal_resolution, size_name, table_sizes
-from lanskap.data.manifest import read_table
 
 FILE_USE = {
     "diffusers": "diffusers: `pipe.load_lora_weights(dir)`",
@@ -100,6 +94,9 @@ def checkpoint_dir(loaded: dict, data: Path, train_paths: list[str], base_revisi
     """This run's checkpoint folder, keyed by everything that shapes the weights and the logged curves (params,
     the base model's resolved revision, the code and package data this stage runs, split tables, training image
     bytes), so a checkpoint is only ever resumed by a run it belongs to."""
+    from lanskap.core.code_closure import code_digest
+    from lanskap.core.io import sha256_file
+
     digest = hashlib.sha256(json.dumps([base_revision, code_digest("stages.train_lora")]).encode())
     for name, group in sorted(loaded.items()):
         exclude = {"checkpoint_every", "dataloader_workers"} if name == "train" else None  # they change no result
@@ -123,6 +120,12 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True)
     args = parser.parse_args(argv)
+    from lanskap.core.console import quiet_libraries  # here, not above: --help needs none of them
+    from lanskap.core.io import remove_dir
+    from lanskap.core.params import load_params
+    from lanskap.data.buckets import BUCKET_COLUMNS
+    from lanskap.data.manifest import read_table
+
     loaded = load_params("model", "lora", "train", "augment")
     quiet_libraries()
 
@@ -173,6 +176,7 @@ def train_and_export(args, loaded: dict, model, train_table, test_table, checkpo
     an interruption (Ctrl-C, an error) leaves the previous LoRA and log (tracked in git) as they were. dvc.yaml marks
     them `persist`, so that DVC does not delete them before the run either."""
     from dvclive import Live
+    from lanskap.core.io import atomic_dir
     from lanskap.train.loop import summarise, train_lora
 
     with atomic_dir(args.live) as live_dir, atomic_dir(args.out) as staging:
@@ -196,6 +200,8 @@ def train_and_export(args, loaded: dict, model, train_table, test_table, checkpo
 
 def bucket_summary(train_table) -> str | None:
     """The training buckets and their image counts, or None for a single square size (no buckets)."""
+    from lanskap.data.buckets import bucket_groups, size_name, table_sizes
+
     groups = bucket_groups(table_sizes(train_table))
     if len(groups) == 1 and next(iter(groups))[0] == next(iter(groups))[1]:
         return None
@@ -203,6 +209,7 @@ def bucket_summary(train_table) -> str | None:
 
 
 def write_lora(staging: Path, result, summary: dict, loaded: dict, model, data: Path, train_table) -> None:
+    from lanskap.data.buckets import nominal_resolution, table_sizes
     from lanskap.lora.files import EMA_SUBDIR, export_lora, require_lora_reloads
 
     base = {

@@ -90,6 +90,22 @@ def icc_profile(space: str, table_size: int = 0) -> bytes:
         (b"bXYZ", tag_xyz(matrix[:, 2])),
     ]
     tags += [(name, tag_curve(space, table_size)) for name in (b"rTRC", b"gTRC", b"bTRC")]
+    return assemble(b"RGB ", tags)
+
+
+def gray_profile() -> bytes:
+    """A v2.1 GRAY display profile with a gamma 2.2 tone curve (what some scanners and editors embed)."""
+    tags = [
+        (b"desc", tag_text(b"desc", "Gray Gamma 2.2 compatible")),
+        (b"cprt", tag_text(b"text", "No copyright, test profile")),
+        (b"wtpt", tag_xyz(D50_XYZ)),
+        (b"kTRC", b"curv\0\0\0\0" + struct.pack(">IH", 1, round(2.2 * 256)) + b"\0\0"),
+    ]
+    return assemble(b"GRAY", tags)
+
+
+def assemble(colour_space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v2.1 display profile: header, tag table, tag data."""
     offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
     for name, body in tags:
         body += b"\0" * (-len(body) % 4)
@@ -100,7 +116,9 @@ def icc_profile(space: str, table_size: int = 0) -> bytes:
         struct.pack(">I", size)
         + b"\0" * 4
         + bytes([2, 0x10, 0, 0])
-        + b"mntrRGB XYZ "
+        + b"mntr"
+        + colour_space
+        + b"XYZ "
         + bytes(12)
         + b"acsp"
         + bytes(4 + 4 + 4 + 4 + 8 + 4)

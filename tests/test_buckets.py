@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import AugmentParams, validate_group
+from lanskap.core.params import conf_group
 from lanskap.data.augment import canonical_image, fit_to_size, train_transform
 from lanskap.data.buckets import (
     bucket_groups,
@@ -74,10 +74,10 @@ def test_a_square_bucket_is_the_unbucketed_square_bit_for_bit():
     image = photo(1, (128, 96))
     assert list(fit_to_size(image, 64, 64).getdata()) == list(canonical_image(image, 64).getdata())
     torch.manual_seed(0)
-    square = train_transform(AugmentParams(), (64, 64))(image)
+    square = train_transform(conf_group("augment"), (64, 64))(image)
     assert square.shape == (3, 64, 64)
     torch.manual_seed(0)
-    wide = train_transform(AugmentParams(), (128, 32))(fit_to_size(image, 128, 32))
+    wide = train_transform(conf_group("augment"), (128, 32))(fit_to_size(image, 128, 32))
     assert wide.shape == (3, 32, 128)  # [3, H, W] of the bucket
 
 
@@ -147,12 +147,12 @@ def test_buckets_too_small_for_a_micro_batch_are_named_and_none_trainable_is_ref
 
 def test_bucket_settings_are_validated_and_sizes_checked_against_the_model():
     with pytest.raises(UserError, match=r"preprocess: .*resolution=96 must be a multiple of bucket_reso_steps=64"):
-        validate_group("preprocess", {"resolution": 96, "buckets": True, "bucket_reso_steps": 64})
-    validate_group("preprocess", {"resolution": 96, "buckets": False})  # off: no constraint added
+        conf_group("preprocess", **{"resolution": 96, "buckets": True, "bucket_reso_steps": 64})
+    conf_group("preprocess", **{"resolution": 96, "buckets": False})  # off: no constraint added
     with pytest.raises(UserError, match=r"preprocess.bucket_reso_steps: .*multiple of 8"):
-        validate_group("preprocess", {"buckets": True, "bucket_reso_steps": 12})
+        conf_group("preprocess", **{"buckets": True, "bucket_reso_steps": 12})
     with pytest.raises(UserError, match=r"preprocess.bucket_max_aspect_ratio: .*greater than or equal to 1"):
-        validate_group("preprocess", {"buckets": True, "bucket_max_aspect_ratio": 0.5})
+        conf_group("preprocess", **{"buckets": True, "bucket_max_aspect_ratio": 0.5})
     sd2 = SimpleNamespace(
         vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 256, 512, 512])),
         unet=SimpleNamespace(config=SimpleNamespace(down_block_types=["a", "b", "c", "d"])),

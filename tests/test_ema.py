@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import validate_group
+from lanskap.core.params import conf_group
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, EMA_SUBDIR
 from lanskap.lora.kohya import kohya_weight_name
 from lanskap.train.ema import LoraEMA
@@ -62,11 +62,11 @@ def test_ema_warmup_starts_at_the_first_step_weights_exactly():
 def test_ema_options_are_validated_and_refused_with_schedule_free():
     for values in ({"ema_decay": 1.0}, {"ema_decay": 0.0}):
         with pytest.raises(UserError, match="train.ema_decay"):
-            validate_group("train", values)
+            conf_group("train", **values)
     with pytest.raises(UserError, match="ema_decay with optimizer=adamw_schedulefree"):
-        validate_group("train", {"ema_decay": 0.99, "optimizer": "adamw_schedulefree"})
+        conf_group("train", **{"ema_decay": 0.99, "optimizer": "adamw_schedulefree"})
     with pytest.raises(UserError, match="generate.lora_weights"):
-        validate_group("generate", {"lora_weights": "best"})
+        conf_group("generate", **{"lora_weights": "best"})
 
 
 def test_resumed_run_with_ema_gives_bit_identical_raw_and_ema_weights(workdir, project_params, monkeypatch):

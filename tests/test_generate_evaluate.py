@@ -1,6 +1,7 @@
 """Contracts of generate and evaluate, and the paper preset's early, clear failures."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -84,6 +85,12 @@ def test_evaluate_writes_flat_numeric_metrics_with_n(trained):
         assert metrics[f"clip_s_{name}"] >= metrics[f"clip_score_{name}"] >= 0
         assert metrics[f"clip_score_{name}"] == pytest.approx(max(100 * metrics[f"clip_cosine_{name}"], 0), abs=1e-4)
     assert metrics["fid_comparable"] == 0.0  # a handful of images is far below 2048
+    # The demo's traits diagnostic (built-in Inception heads, procedural captions): every trait's calibration,
+    # and shares in [0, 1] for the traits at least two prompts ask for (palette and ridges: every prompt).
+    accuracies = [key for key in metrics if key.startswith("traits_") and key.endswith("_detector_accuracy")]
+    assert len(accuracies) == 7 and "traits_palette_share_gap_ci_low" in metrics
+    shares = [value for key, value in metrics.items() if re.fullmatch(r"traits_\w+_share_(test|base|lora)", key)]
+    assert shares and all(0 <= share <= 1 for share in shares)
 
 
 def test_paper_preset_without_weights_fails_naming_what_is_missing(tmp_path, monkeypatch):
@@ -127,22 +134,22 @@ def test_generate_refuses_the_dtypes_training_refuses_and_its_memory_hint_names_
     import torch
 
     from lanskap.core import determinism
-    from lanskap.core.params import GenerateParams
+    from lanskap.core.params import conf_group
     from lanskap.generate.sampling import check_dtype, out_of_memory_hint
 
     model_dir = resolve_base_model("builtin:tiny-sd2", None).path  # upcast_attention, as SD 2.1-768
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with pytest.raises(UserError, match="generate.dtype=fp16 .* upcast_attention .* NaNs .* bf16"):
-        check_dtype(model_dir, GenerateParams(dtype="fp16"), cuda)
+        check_dtype(model_dir, conf_group("generate", dtype="fp16"), cuda)
     assert "fp16" not in out_of_memory_hint(model_dir)
     monkeypatch.delenv(determinism.SWITCH, raising=False)
     with pytest.raises(UserError, match="generate.dtype=bf16 on this CPU"):
-        check_dtype(model_dir, GenerateParams(dtype="bf16"), cpu)
-    check_dtype(model_dir, GenerateParams(dtype="bf16"), cuda)
-    check_dtype(model_dir, GenerateParams(dtype="auto"), cpu)  # fp32 on a CPU
+        check_dtype(model_dir, conf_group("generate", dtype="bf16"), cpu)
+    check_dtype(model_dir, conf_group("generate", dtype="bf16"), cuda)
+    check_dtype(model_dir, conf_group("generate", dtype="auto"), cpu)  # fp32 on a CPU
     plain = tmp_path / "plain"
     shutil.copytree(model_dir, plain)
     config = json.loads((plain / "unet" / "config.json").read_text())
     (plain / "unet" / "config.json").write_text(json.dumps({**config, "upcast_attention": False}))
-    check_dtype(plain, GenerateParams(dtype="fp16"), cuda)
+    check_dtype(plain, conf_group("generate", dtype="fp16"), cuda)
     assert "fp16" in out_of_memory_hint(plain)

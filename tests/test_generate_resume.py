@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lanskap.core.params import GenerateParams
+from lanskap.core.params import conf_group
 from lanskap.generate import sampling
 from lanskap.generate.resume import ImageCache, cache_key, keep_only
 
@@ -29,7 +29,7 @@ def drawn(monkeypatch) -> list[list[int]]:
 
 
 def jobs_and_params():
-    params = GenerateParams(images_per_prompt=2, batch_size=2)
+    params = conf_group("generate", images_per_prompt=2, batch_size=2)
     return sampling.plan_jobs(["a", "b", "c"], params), params
 
 

@@ -595,3 +595,83 @@ def test_ctrl_c_in_train_lora_leaves_the_tracked_outputs_as_they_were_and_says_s
     assert digests(repo, "models/lora", "dvclive/train") == before and (repo / "dvc.lock").read_text() == lock
     assert run(repo, "git", "status", "--porcelain") == ""  # the git-tracked log and metrics untouched
     shutil.rmtree(repo / ".lanskap-cache/checkpoints", ignore_errors=True)
+
+
+def tiny_training(seed: int = 0):
+    """Parameters, optimizer and lr scheduler as train_lora makes them, at a size a checkpoint test can afford."""
+    import torch
+
+    torch.manual_seed(seed)
+    parameters = {"a.lora_A": torch.nn.Parameter(torch.randn(4, 8)), "a.lora_B": torch.nn.Parameter(torch.zeros(8, 4))}
+    optimizer = torch.optim.AdamW(parameters.values(), lr=1e-2)
+    return parameters, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+
+
+def train_and_save(checkpoint_dir: Path, steps: tuple[int, ...]) -> dict[int, dict]:
+    """Steps of a toy loss, a checkpoint after each step in `steps`; the parameters saved at each."""
+    from lanskap.train.checkpoints import TrainingState, save_checkpoint
+
+    parameters, optimizer, scheduler = tiny_training()
+    saved = {}
+    for step in range(1, max(steps) + 1):
+        sum(((parameter - 1) ** 2).sum() for parameter in parameters.values()).backward()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+        if step in steps:
+            save_checkpoint(
+                checkpoint_dir, TrainingState(step=step, losses=[0.5] * step), parameters, optimizer, scheduler
+            )
+            saved[step] = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+    return saved
+
+
+CHECKPOINT_FILES = ["lora.safetensors", "optimizer.pt", "state.json"]
+
+
+@pytest.mark.parametrize("damaged", CHECKPOINT_FILES)
+def test_a_truncated_newest_checkpoint_falls_back_to_the_spare(tmp_path, damaged, capsys):
+    import torch
+
+    from lanskap.train.checkpoints import load_checkpoint
+
+    checkpoint_dir = tmp_path / ".lanskap-cache/checkpoints/key"
+    saved = train_and_save(checkpoint_dir, (4, 8))
+    newest = checkpoint_dir / "step-00000008" / damaged
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    parameters, optimizer, scheduler = tiny_training(seed=1)
+    state = load_checkpoint(checkpoint_dir, parameters, optimizer, scheduler)
+    assert state.step == 4 and state.losses == [0.5] * 4 and scheduler.last_epoch == 4
+    assert all(torch.equal(parameters[name], saved[4][name]) for name in parameters)
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest.parent} is damaged" in out and "trying the spare step-00000004" in out
+    assert ".lanskap-cache/checkpoints/, which can be deleted" in out
+    assert f"resuming from {newest.parent.with_name('step-00000004')} (step 4) (the spare)" in out
+
+
+@pytest.mark.parametrize("damaged", CHECKPOINT_FILES)
+def test_checkpoints_all_damaged_start_afresh_saying_so(tmp_path, damaged, capsys):
+    import torch
+
+    from lanskap.train.checkpoints import load_checkpoint
+
+    checkpoint_dir = tmp_path / ".lanskap-cache/checkpoints/key"
+    train_and_save(checkpoint_dir, (4, 8))
+    for folder in checkpoint_dir.iterdir():
+        (folder / damaged).write_bytes((folder / damaged).read_bytes()[:7])
+    parameters, optimizer, scheduler = tiny_training(seed=1)
+    fresh = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+    assert load_checkpoint(checkpoint_dir, parameters, optimizer, scheduler) is None
+    assert all(torch.equal(parameters[name], fresh[name]) for name in parameters)  # nothing half-restored
+    assert scheduler.last_epoch == 0
+    out = capsys.readouterr().out
+    assert out.count("is damaged") == 2 and "trying the spare step-00000004" in out and "starting afresh" in out
+
+
+def test_an_undamaged_newest_checkpoint_is_the_one_resumed(tmp_path, capsys):
+    """The negative control: nothing damaged, the newest is used and no damage is reported."""
+    from lanskap.train.checkpoints import load_checkpoint
+
+    checkpoint_dir = tmp_path / ".lanskap-cache/checkpoints/key"
+    train_and_save(checkpoint_dir, (4, 8))
+    parameters, optimizer, scheduler = tiny_training(seed=1)
+    assert load_checkpoint(checkpoint_dir, parameters, optimizer, scheduler).step == 8
+    assert "is damaged" not in capsys.readouterr().out

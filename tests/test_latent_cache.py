@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import AugmentParams, validate_group
+from lanskap.core.params import AugmentParams, conf_group
 from lanskap.data.augment import train_transform
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.train.batches import CaptionedImages
@@ -50,7 +50,7 @@ def images_dataset(folder, augment: AugmentParams) -> CaptionedImages:
 
 
 def test_each_variant_is_its_seeded_augmentation_encoded_and_variants_differ(tmp_path, parts, accelerator):
-    dataset = images_dataset(tmp_path, AugmentParams())
+    dataset = images_dataset(tmp_path, conf_group("augment"))
     cache = LatentCache.build(dataset, parts.vae, accelerator, 3, SEED)
     for index in range(IMAGES):
         pixels, _ = dataset[(index, variant_seed(SEED, index, 1))]
@@ -73,14 +73,14 @@ def test_each_variant_is_its_seeded_augmentation_encoded_and_variants_differ(tmp
     )
     # negative control: without augmentation the variants are the same image
     plain = LatentCache.build(
-        images_dataset(tmp_path, AugmentParams(**NO_AUGMENTATION)), parts.vae, accelerator, 2, SEED
+        images_dataset(tmp_path, conf_group("augment", **NO_AUGMENTATION)), parts.vae, accelerator, 2, SEED
     )
     assert torch.equal(plain.posteriors[0][0].mean, plain.posteriors[0][1].mean)
 
 
 def test_loss_on_a_cached_variant_equals_the_loss_on_its_pixels_encoded_in_the_step(tmp_path, parts, accelerator):
     """The exact augmentations the cache holds, fed through the on-the-fly path: same random draws, same loss."""
-    dataset = images_dataset(tmp_path, AugmentParams())
+    dataset = images_dataset(tmp_path, conf_group("augment"))
     cache = LatentCache.build(dataset, parts.vae, accelerator, 2, SEED)
     keys = [(2, 1), (0, 0), (1, 1)]  # seed % 2 = variant
     pixels = torch.stack([dataset[(index, variant_seed(SEED, index, variant))][0] for index, variant in keys])
@@ -135,7 +135,7 @@ def test_without_augmentation_a_cached_run_trains_the_on_the_fly_weights_encodin
 
 
 def test_cached_latents_must_be_a_variant_count():
-    assert validate_group("train", {"cached_latents": 4}).cached_latents == 4
+    assert conf_group("train", **{"cached_latents": 4}).cached_latents == 4
     for value in (-1, 1025, 2.5, "four"):
         with pytest.raises(UserError, match=r"train\.cached_latents"):
-            validate_group("train", {"cached_latents": value})
+            conf_group("train", **{"cached_latents": value})

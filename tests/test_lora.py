@@ -13,7 +13,7 @@ import torch
 
 from lanskap.core.errors import UserError
 from lanskap.core.io import canonicalise_safetensors
-from lanskap.core.params import LoraParams
+from lanskap.core.params import conf_group
 from lanskap.lora.adapters import ADAPTER_NAME, LOADED_ADAPTER_NAME, adapter_module_count, add_lora, add_unet_lora
 from lanskap.lora.files import (
     DIFFUSERS_WEIGHT_NAME,
@@ -26,7 +26,7 @@ from lanskap.lora.kohya import kohya_metadata, kohya_state_dict
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = LoraParams(rank=4, alpha=8.0)  # scale alpha / r = 2: a loader that assumes alpha = r is off by 2x
+PARAMS = conf_group("lora", rank=4, alpha=8.0)  # scale alpha / r = 2: a loader that assumes alpha = r is off by 2x
 BASE = {
     "model": BUILTIN_TINY_SD2,
     "revision": "n/a",
@@ -99,8 +99,12 @@ def train_and_export(model_dir: Path, name: str, out_dir: Path) -> dict:
     from transformers import CLIPTextModel
 
     unet_targets, text_targets = TARGET_SETS[name]
-    params = LoraParams(
-        rank=4, alpha=8.0, target_modules=unet_targets, text_encoder_target_modules=text_targets or TEXT_ATTENTION
+    params = conf_group(
+        "lora",
+        rank=4,
+        alpha=8.0,
+        target_modules=unet_targets,
+        text_encoder_target_modules=text_targets or TEXT_ATTENTION,
     )
     generator = torch.Generator().manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=torch.float32)
@@ -175,7 +179,10 @@ def test_target_sets_are_the_documented_ones():
     config = (ROOT / "conf/config.yaml").read_text()
     assert f"[{', '.join(WIDE)}]" in config  # the wider set, as conf/config.yaml's comment lists it
     assert "fc1, fc2" in config
-    assert (LoraParams().target_modules, LoraParams().text_encoder_target_modules) == (ATTENTION, TEXT_ATTENTION)
+    assert (conf_group("lora").target_modules, conf_group("lora").text_encoder_target_modules) == (
+        ATTENTION,
+        TEXT_ATTENTION,
+    )
 
 
 def test_adapters_change_the_outputs(exported):
@@ -379,7 +386,7 @@ def test_dora_diffusers_file_reloads_identically(model_dir, tmp_path):
     """DoRA has no kohya form (the file is skipped), so its diffusers file must carry everything, magnitudes too."""
     from diffusers import UNet2DConditionModel
 
-    params = LoraParams(rank=4, alpha=8.0, use_dora=True)
+    params = conf_group("lora", rank=4, alpha=8.0, use_dora=True)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=torch.float32)
     add_unet_lora(unet, params)
     generator = torch.Generator().manual_seed(2)

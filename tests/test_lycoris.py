@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import LoraParams
+from lanskap.core.params import conf_group
 from lanskap.lora.adapters import ADAPTER_NAME, add_lora
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, export_lora, load_lora_into_pipeline
 from lanskap.lora.kohya import kohya_weight_name
@@ -163,7 +163,7 @@ def export_case(name: str, model_dir: Path, conv_model_dir: Path, out_dir: Path)
     from transformers import CLIPTextModel
 
     values, unet_targets, text_targets, conv, _ = CASES[name]
-    params = LoraParams(**values, target_modules=unet_targets)
+    params = conf_group("lora", **values, target_modules=unet_targets)
     folder = conv_model_dir if conv else model_dir
     targets = {"unet": unet_targets} | ({} if text_targets is None else {"text_encoder": text_targets})
     loaders = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}

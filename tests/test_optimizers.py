@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import LoraParams, TrainParams, validate_group
+from lanskap.core.params import conf_group
 from lanskap.lora.adapters import add_unet_lora
 from lanskap.train.optimizers import evaluation_weights, keep_evaluation_weights, make_optimizer
 from tests.test_data_stages import run_data_stages
@@ -33,8 +33,8 @@ def fixed_batch_loss(unet) -> torch.Tensor:
 def test_each_optimizer_lowers_the_loss_of_a_fixed_batch_on_the_tiny_model(optimizer):
     torch.manual_seed(0)
     unet = tiny_unet()
-    parameters = add_unet_lora(unet, LoraParams())
-    params = TrainParams(optimizer=optimizer, steps=12, **OPTIMIZERS[optimizer])
+    parameters = add_unet_lora(unet, conf_group("lora"))
+    params = conf_group("train", optimizer=optimizer, steps=12, **OPTIMIZERS[optimizer])
     optimizer_, lr_scheduler = make_optimizer([{"params": parameters}], params)
     with torch.no_grad():
         before = fixed_batch_loss(unet).item()
@@ -53,7 +53,7 @@ def test_schedule_free_validates_on_its_average_and_training_does_not_notice():
     """Inside evaluation_weights the parameters are schedule-free's evaluation weights (what .eval() gives), after it
     the training weights exactly, so a run that validates every step trains bit-identically to one that never
     does; the weights kept at the end are those validated."""
-    params = TrainParams(optimizer="adamw_schedulefree", learning_rate=0.1)
+    params = conf_group("train", optimizer="adamw_schedulefree", learning_rate=0.1)
     runs = []
     for validate in (False, True):
         weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
@@ -77,7 +77,7 @@ def test_schedule_free_validates_on_its_average_and_training_does_not_notice():
 @pytest.mark.parametrize(("optimizer", "package"), [("prodigy", "prodigyopt"), ("adamw_schedulefree", "schedulefree")])
 def test_a_missing_optimizer_package_is_an_error_saying_how_to_install_it(optimizer, package, monkeypatch):
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ImportError
-    params = TrainParams(optimizer=optimizer, **OPTIMIZERS[optimizer])
+    params = conf_group("train", optimizer=optimizer, **OPTIMIZERS[optimizer])
     with pytest.raises(UserError, match=f"train.optimizer={optimizer} needs {package}.*uv pip install {package}"):
         make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], params)
 
@@ -92,15 +92,15 @@ def test_a_missing_optimizer_package_is_an_error_saying_how_to_install_it(optimi
 )
 def test_optimizer_settings_that_would_not_take_effect_are_refused(values, message):
     with pytest.raises(UserError, match=f"train.*{message}"):
-        validate_group("train", values)
+        conf_group("train", **values)
     # schedule-free's warm-up is its own, under the constant schedule the other optimizers' warm-up is refused with
-    assert validate_group("train", {"optimizer": "adamw_schedulefree", "warmup_steps": 5}).warmup_steps == 5
+    assert conf_group("train", **{"optimizer": "adamw_schedulefree", "warmup_steps": 5}).warmup_steps == 5
 
 
 def test_prodigy_steps_scale_with_the_lr_schedule():
     """The scheduler sets the lr Prodigy multiplies its estimate by: 0 at the start of a linear warm-up (no move),
     then rising."""
-    params = TrainParams(optimizer="prodigy", learning_rate=1.0, lr_scheduler="linear", warmup_steps=4, steps=8)
+    params = conf_group("train", optimizer="prodigy", learning_rate=1.0, lr_scheduler="linear", warmup_steps=4, steps=8)
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer, lr_scheduler = make_optimizer([{"params": [weight]}], params)
     rates, weights = [], []

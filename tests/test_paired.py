@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import EvaluateParams
+from lanskap.core.params import conf_group
 from lanskap.evaluate import metrics, paired
 from lanskap.evaluate.comparisons import Features, check_pairing, lora_minus_base
 
@@ -279,7 +279,7 @@ def test_interval_and_gap_test_only_from_the_size_where_the_swap_test_can_reject
     rng = np.random.default_rng(4)
     test, lora, base, prompt = prompt_sets(rng, n, per_prompt=1, base_shift=3.0)
     clip = {"test": test, "lora": lora, "base": base, "text": test}
-    results = lora_minus_base(Features(clip, {}, prompt), EvaluateParams(permutations=200))
+    results = lora_minus_base(Features(clip, {}, prompt), conf_group("evaluate", permutations=200))
     for gap in ("cmmd_vs_test_lora_minus_base", "clip_cosine_lora_minus_base"):
         for suffix in ("_bias_corrected", "_ci_low", "_ci_high", "_pvalue"):
             assert (gap + suffix in results) == (n >= paired.MIN_INTERVAL_PROMPTS)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import GROUPS, load_params, validate_group
+from lanskap.core.params import GROUPS, conf_group, load_params, validate_group
 from lanskap.core.presets import compose_params
 from tests.conftest import ROOT
 
@@ -68,17 +68,21 @@ def test_paper_preset_is_sd21_768_v_prediction(tmp_path):
         ("generate", {"scheduler": "plms"}, "generate.scheduler"),
         ("train", {"warmup_steps": 10, "lr_scheduler": "constant"}, "warmup_steps=10 has no effect"),
         ("train", {"warmup_steps": 100, "steps": 100, "lr_scheduler": "linear"}, "must be below steps=100"),
+        ("rate", {"criteria": {}}, "rate.criteria"),
+        ("rate", {"criteria": {"Overall score": "Which is better?"}}, "criterion 'Overall score'"),
+        ("rate", {"criteria": {"overall": " "}}, "each needs a question"),
+        ("rate", {"seed": "x"}, "rate.seed"),
     ],
 )
 def test_invalid_params_name_the_key_and_value(group, values, named):
     with pytest.raises(UserError) as error:
-        validate_group(group, values)
+        conf_group(group, **values)
     assert named in str(error.value)
 
 
 def test_yaml_scientific_notation_string_is_read_as_a_number():
     # PyYAML reads `1e-4` (no dot) as a string; the schema must still take it as a float.
-    assert validate_group("train", {"learning_rate": "1e-4"}).learning_rate == 1.0e-4
+    assert conf_group("train", **{"learning_rate": "1e-4"}).learning_rate == 1.0e-4
 
 
 def test_missing_or_broken_params_file_is_a_clear_error(tmp_path):
@@ -87,3 +91,48 @@ def test_missing_or_broken_params_file_is_a_clear_error(tmp_path):
     (tmp_path / "params.yaml").write_text("train: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_params("train", path=tmp_path / "params.yaml")
+
+
+def test_no_model_field_has_a_default():
+    # conf/ is the only place values live: a default here could silently differ from conf/config.yaml's value
+    defaulted = [
+        f"{name}.{key}"
+        for name, model in GROUPS.items()
+        for key, field in model.model_fields.items()
+        if not field.is_required()
+    ]
+    assert defaulted == []
+
+
+@pytest.mark.parametrize("conf_file", ["config.yaml", "preset/paper.yaml"])
+def test_every_conf_key_is_a_validated_field(conf_file):
+    document = yaml.safe_load((ROOT / "conf" / conf_file).read_text())
+    groups = {name: values for name, values in document.items() if name not in ("defaults", "preset")}
+    assert set(groups) <= set(GROUPS), f"conf/{conf_file} has groups no model validates"
+    unvalidated = [
+        f"{name}.{key}" for name, values in groups.items() for key in values if key not in GROUPS[name].model_fields
+    ]
+    assert unvalidated == []
+    if conf_file == "config.yaml":  # the base config sets every field; presets override some
+        assert {name: set(values) for name, values in groups.items()} == {
+            name: set(model.model_fields) for name, model in GROUPS.items()
+        }
+
+
+def test_a_missing_key_or_group_is_named(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del params["lora"]["rank"]
+    del params["train"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match=r"lora\.rank: missing .*make params"):
+        load_params("lora", path=tmp_path / "params.yaml")
+    with pytest.raises(UserError, match="'train' must be a mapping of keys \\(no such group\\)"):
+        load_params("train", path=tmp_path / "params.yaml")
+
+
+def test_conf_group_is_conf_config_yaml_with_overrides():
+    document = yaml.safe_load((ROOT / "conf/config.yaml").read_text())
+    assert conf_group("ingest").model_dump() == validate_group("ingest", document["ingest"]).model_dump()
+    assert conf_group("ingest", num_images=7).num_images == 7
+    with pytest.raises(UserError, match="lora.rnk"):
+        conf_group("lora", rnk=4)

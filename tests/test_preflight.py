@@ -274,17 +274,17 @@ def test_base_model_with_only_bin_weights_is_refused_before_loading(tmp_path):
 
 def test_pipeline_loader_never_falls_back_to_pickle(tmp_path):
     """Even past resolve_base_model's check, the loader itself refuses .bin weights."""
-    from lanskap.core.params import GenerateParams
+    from lanskap.core.params import conf_group
     from lanskap.generate.sampling import load_pipeline
 
     marker = tmp_path / "unpickled"
     with pytest.raises(OSError, match="safetensors"):
-        load_pipeline(pipeline_folder(tmp_path, marker), GenerateParams(), torch.device("cpu"))
+        load_pipeline(pipeline_folder(tmp_path, marker), conf_group("generate"), torch.device("cpu"))
     assert not marker.exists()
 
 
 def test_clip_and_captioner_folders_with_only_bin_weights_are_refused(tmp_path):
-    from lanskap.core.params import CaptionParams
+    from lanskap.core.params import conf_group
     from lanskap.data.captions import resolve_captioner
 
     marker = tmp_path / "unpickled"
@@ -293,7 +293,7 @@ def test_clip_and_captioner_folders_with_only_bin_weights_are_refused(tmp_path):
     with pytest.raises(UserError, match="evaluate.clip_model: .* only pickle weights \\(pytorch_model.bin\\)"):
         load_clip(str(tmp_path), None, device="cpu")
     with pytest.raises(UserError, match="caption.model: .* only pickle weights"):
-        resolve_captioner(CaptionParams(method="model", model=str(tmp_path)))
+        resolve_captioner(conf_group("caption", method="model", model=str(tmp_path)))
     assert not marker.exists()
 
 
@@ -390,14 +390,20 @@ def test_split_refuses_fewer_test_prompts_than_evaluate_needs():
     assert len(split_table(table, 0.1, seed=0)[1]) == MIN_TEST_PROMPTS  # the boundary passes
 
 
-def test_a_comparable_fid_asked_for_stops_generate_before_sampling_naming_each_short_set():
-    from lanskap.evaluate.comparisons import FID_STABLE_N
-    from lanskap.preflight import require_comparable_fid
+def test_a_comparable_fid_asked_for_stops_generate_before_sampling_naming_each_short_set(monkeypatch):
+    from lanskap.core.params import FID_STABLE_N
+    from lanskap.preflight import COMPARABLE_FID_SWITCH, require_comparable_fid
 
+    monkeypatch.delenv(COMPARABLE_FID_SWITCH, raising=False)
+    require_comparable_fid(10, 1)  # not asked for: evaluate reports fid_comparable = 0
+    monkeypatch.setenv(COMPARABLE_FID_SWITCH, "1")
     require_comparable_fid(FID_STABLE_N, 1)
     require_comparable_fid(FID_STABLE_N + 5, 3)
     with pytest.raises(UserError, match="has test images 1024 and generated images per model 1024: add test"):
         require_comparable_fid(1024, 1)
     with pytest.raises(UserError, match="has test images 1024: add test images") as error:
         require_comparable_fid(1024, 2)  # 2048 generated images, but evaluate's FID also needs 2048 test images
-    assert "require_comparable_fid: false" in str(error.value)
+    assert f"unset {COMPARABLE_FID_SWITCH}" in str(error.value)
+    monkeypatch.setenv(COMPARABLE_FID_SWITCH, "yes")
+    with pytest.raises(UserError, match="use 1 .* or 0"):
+        require_comparable_fid(FID_STABLE_N, 1)

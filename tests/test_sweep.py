@@ -207,3 +207,52 @@ def test_a_queued_two_seed_sweep_aggregates(tmp_path):
             "summary.md",
         )
     ]
+
+
+WRONG_SHAPES = {  # saved file content: what the error must name first
+    "null": "the top level is null, expected a list",
+    "[1, 2]": r"\[0\] is a number, expected an object",
+    '"exp show"': "the top level is a string, expected a list",
+    '{"experiments": []}': "the top level is an object, expected a list",
+    '[{"experiments": {"a": 1}}]': r"\[0\]\.experiments is an object, expected a list or null",
+    '[{"experiments": [{"name": "e1"}]}]': r"\[0\]\.experiments\[0\]\.revs is null, expected a list",
+    '[{"experiments": [{"name": "e1", "revs": []}]}]': r"\[0\]\.experiments\[0\]\.revs is empty",
+    '[{"experiments": [{"revs": ["abc"]}]}]': r"\[0\]\.experiments\[0\]\.revs\[0\] is a string, expected an object",
+    '[{"experiments": [{"revs": [{"rev": 7}]}]}]': (
+        r"\[0\]\.experiments\[0\]\.revs\[0\]\.rev is a number, expected a string"
+    ),
+    '[{"experiments": [{"revs": [{"rev": "a", "data": {"metrics": {"m.json": 3}}}]}]}]': (
+        r'\[0\]\.experiments\[0\]\.revs\[0\]\.data\.metrics\["m\.json"\] is a number, expected an object'
+    ),
+    '[{"experiments": [{"executor": "done", "revs": [{"rev": "a"}]}]}]': (
+        r"\[0\]\.experiments\[0\]\.executor is a string, expected an object or null"
+    ),
+}
+
+
+@pytest.mark.parametrize(("content", "message"), list(WRONG_SHAPES.items()))
+def test_a_saved_exp_show_of_the_wrong_shape_names_the_first_thing_wrong(tmp_path, content, message):
+    (tmp_path / "saved.json").write_text(content)
+    with pytest.raises(UserError, match=f"--from-json {tmp_path / 'saved.json'}: {message}"):
+        main(["--from-json", str(tmp_path / "saved.json"), "--out", str(tmp_path / "sweep")])
+    assert not (tmp_path / "sweep").exists()
+
+
+METRIC = ["--metric", "fid_test_vs_lora"]
+
+
+def test_a_saved_exp_show_that_is_not_utf8_is_a_clear_error(tmp_path):
+    (tmp_path / "saved.json").write_bytes(b'[{"experiments": null, "name": "caf\xe9"}]')
+    with pytest.raises(UserError, match=r"saved\.json: cannot read it as `dvc exp show --json` output \('utf-8'"):
+        main(["--from-json", str(tmp_path / "saved.json")])
+
+
+def test_the_shape_check_passes_what_dvc_writes(tmp_path, capsys):
+    """The negative control: a real-shaped file with nulls where DVC writes them is aggregated."""
+    shown = exp_show(*SWEEP)
+    shown[1]["experiments"][0]["revs"][0]["data"]["metrics"]["absent.json"] = {"data": None}
+    (tmp_path / "saved.json").write_text(json.dumps(shown))
+    main(
+        ["--from-json", str(tmp_path / "saved.json"), "--out", str(tmp_path / "sweep"), "--metric", "fid_test_vs_lora"]
+    )
+    assert (tmp_path / "sweep/summary.csv").is_file()

@@ -8,13 +8,13 @@ import safetensors.torch
 import torch
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import LoraParams, TrainParams, validate_group
+from lanskap.core.params import conf_group
 from lanskap.lora.adapters import add_unet_lora
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, export_lora
 from lanskap.lora.kohya import kohya_alpha, kohya_weight_name
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from lanskap.train import loop, step
-from lanskap.train.batches import BatchShare, global_batch_size
+from lanskap.train.batches import BatchShare, global_batch_size, scrambled, training_batches
 from lanskap.train.loop import check_same_start
 from lanskap.train.optimizers import make_optimizer
 from lanskap.train.step import drop_captions, min_snr_weights
@@ -172,6 +172,25 @@ def test_caption_dropout_replaces_captions_at_the_given_rate_whatever_the_proces
     assert torch.equal(generator.get_state(), state)  # off: no draw, so runs without it are unchanged
 
 
+def test_shuffled_captions_give_every_image_another_images_caption():
+    import pandas as pd
+
+    captions = [f"caption {i}" for i in range(9)]
+    paths = [f"{i}.png" for i in range(9)]
+    table = pd.DataFrame({"path": paths, "caption": captions, "bucket_width": 8, "bucket_height": 8})
+    kept, shuffled = (
+        training_batches(
+            table, conf_group("augment"), conf_group("train", shuffle_captions=on, seed=3), BatchShare(4), 0
+        )[0]
+        for on in (False, True)
+    )
+    own = [captions.index(c) for c in captions]  # load_split indexes the sorted distinct captions: here in order
+    assert kept.caption_index == own
+    assert sorted(shuffled.caption_index) == own  # the same captions, each trained on once
+    assert all(moved != mine for moved, mine in zip(shuffled.caption_index, own))  # none on its own image
+    assert scrambled(own, 3) == shuffled.caption_index and scrambled(own, 4) != scrambled(own, 3)
+
+
 def test_text_encoder_lora_trains_at_its_own_learning_rate_and_is_exported(workdir, project_params):
     run_data_stages(workdir)
     with_train(workdir, project_params, steps=2, text_encoder_learning_rate=1.0e-2)
@@ -187,8 +206,13 @@ def test_text_encoder_lora_trains_at_its_own_learning_rate_and_is_exported(workd
 
 def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandbytes():
     unet_weight, text_weight = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    params = TrainParams(
-        learning_rate=1.0e-4, text_encoder_learning_rate=5.0e-5, lr_scheduler="linear", warmup_steps=10, steps=100
+    params = conf_group(
+        "train",
+        learning_rate=1.0e-4,
+        text_encoder_learning_rate=5.0e-5,
+        lr_scheduler="linear",
+        warmup_steps=10,
+        steps=100,
     )
     optimizer, lr_scheduler = make_optimizer(
         [{"params": [unet_weight], "lr": 1.0e-4}, {"params": [text_weight], "lr": 5.0e-5}], params
@@ -199,11 +223,11 @@ def test_optimizer_groups_carry_each_learning_rate_and_adamw8bit_needs_bitsandby
     assert lr_scheduler.get_last_lr() == pytest.approx([0.5e-4, 2.5e-5])  # half-way through the warm-up, each
     if importlib.util.find_spec("bitsandbytes") is None:  # not a dependency: the option says what to install
         with pytest.raises(UserError, match="adamw8bit needs bitsandbytes"):
-            make_optimizer([{"params": [unet_weight]}], TrainParams(optimizer="adamw8bit"))
+            make_optimizer([{"params": [unet_weight]}], conf_group("train", optimizer="adamw8bit"))
 
 
 def test_global_batch_size_and_trainer_option_validation():
-    assert global_batch_size(TrainParams(batch_size=4, gradient_accumulation_steps=3), num_processes=2) == 24
+    assert global_batch_size(conf_group("train", batch_size=4, gradient_accumulation_steps=3), num_processes=2) == 24
     for key, value in [
         ("snr_gamma", 0.0),
         ("gradient_accumulation_steps", 0),
@@ -211,9 +235,9 @@ def test_global_batch_size_and_trainer_option_validation():
         ("noise_offset", -0.1),
     ]:
         with pytest.raises(UserError, match=f"train.{key}"):
-            validate_group("train", {key: value})
+            conf_group("train", **{key: value})
     with pytest.raises(UserError, match="lora.init_lora_weights"):
-        validate_group("lora", {"init_lora_weights": "pissa"})
+        conf_group("lora", **{"init_lora_weights": "pissa"})
 
 
 def tiny_unet():
@@ -223,7 +247,7 @@ def tiny_unet():
 
 
 def test_dora_adds_magnitude_vectors_and_skips_the_kohya_file(tmp_path, capsys):
-    params = LoraParams(use_dora=True)
+    params = conf_group("lora", use_dora=True)
     unet = tiny_unet()
     add_unet_lora(unet, params)
     names = [name for name, p in unet.named_parameters() if p.requires_grad]
@@ -244,7 +268,7 @@ def test_dora_adds_magnitude_vectors_and_skips_the_kohya_file(tmp_path, capsys):
 
 @pytest.mark.parametrize(("use_rslora", "scale"), [(False, 8.0 / 4), (True, 8.0 / 2)])
 def test_rslora_scales_by_alpha_over_sqrt_rank_and_kohya_alpha_keeps_that_scale(use_rslora, scale):
-    params = LoraParams(rank=4, alpha=8.0, use_rslora=use_rslora, init_lora_weights="kaiming")
+    params = conf_group("lora", rank=4, alpha=8.0, use_rslora=use_rslora, init_lora_weights="kaiming")
     unet = tiny_unet()
     add_unet_lora(unet, params)
     config = unet.peft_config["default"]
@@ -339,7 +363,7 @@ def test_bf16_is_refused_on_a_cpu_that_would_emulate_it_and_accepted_where_it_is
     from lanskap.train.setup import check_mixed_precision
 
     model_dir = resolve.resolve_base_model("builtin:tiny-sd2", None).path
-    params = TrainParams(mixed_precision="bf16")
+    params = conf_group("train", mixed_precision="bf16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "fma"})  # AVX2 only: bf16 emulated
     monkeypatch.setenv(determinism.SWITCH, "native")

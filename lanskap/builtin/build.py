@@ -5,8 +5,9 @@
 Each model is trained from scratch on procedural data (lanskap/builtin/config.py says how much), saved in fp16
 with `save_pretrained` (or safetensors for the Inception stand-in) into a staging folder, checked by loading it
 back through the code evaluate and generate use, and renamed into place only when complete. Drawn images and
-the trained VAE are kept in a work folder (.lanskap-cache/builtin-build/), so a build stopped after the VAE
-resumes from it.
+the trained VAE are kept in a work folder (.lanskap-cache/builtin-build/), keyed by the digest of the code that
+made them (lanskap/builtin/sources.py), so a build stopped after the VAE resumes from it and changed code never
+reuses them.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import torch
 from lanskap.builtin import BUILTIN_FOLDERS, builtin_assets
 from lanskap.builtin.card import Card, parameter_count
 from lanskap.builtin.config import FULL, HELD_OUT_SEED, MINIATURE, TRAIN_SEED, BuildConfig
+from lanskap.builtin.sources import model_digest
 from lanskap.builtin.training import LossLog
 from lanskap.builtin.worlds import WorldImages, cached_world
 from lanskap.core.io import atomic_dir
@@ -74,12 +76,14 @@ def write_clip_tokenizer(folder: Path) -> None:
 
 
 def trained_vae(config: BuildConfig, data: Data, work: Path):
-    """The VAE from the work folder when this config trained one before, else trained now and kept there."""
+    """The VAE from the work folder when this config and tiny-sd2's code trained one before, else trained now and
+    kept there."""
     from diffusers import AutoencoderKL
 
     from lanskap.builtin.vae import train_vae
 
-    key = hashlib.sha256(json.dumps(config.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    key = json.dumps(config.as_dict(), sort_keys=True) + model_digest("tiny-sd2")
+    key = hashlib.sha256(key.encode()).hexdigest()[:12]
     folder = work / f"vae-{key}"
     if (folder / "build.json").is_file():
         saved = json.loads((folder / "build.json").read_text())
@@ -201,31 +205,37 @@ def build_tiny_inception(config: BuildConfig, data: Data, out: Path, work: Path,
     from safetensors.torch import save_file
 
     from lanskap.builtin.config import TINY_INCEPTION
-    from lanskap.builtin.inception import HEADS, train_inception
+    from lanskap.builtin.heads import head_accuracy, load_scene_heads, save_scene_heads
+    from lanskap.builtin.inception import train_inception
     from lanskap.evaluate.features import InceptionEmbedder, load_tiny_inception
     from lanskap.evaluate.metrics import frechet_distance
 
     log = LossLog()
-    network, accuracy, seconds = train_inception(
+    network, heads, seconds = train_inception(
         config, data.both_worlds(config.inception_images_per_world), data.held_out_both(), log
     )
     with atomic_dir(out / BUILTIN_FOLDERS["builtin:tiny-inception"]) as staging:
         save_file({name: tensor.half() for name, tensor in network.state_dict().items()}, staging / "model.safetensors")
-        (staging / "config.json").write_text(json.dumps({"architecture": TINY_INCEPTION}, indent=2) + "\n")
+        save_scene_heads(heads, staging)
+        config_json = {"architecture": TINY_INCEPTION, "heads": heads.layout()}
+        (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         features = InceptionEmbedder(
             load_tiny_inception(staging), "builtin:tiny-inception", network.dim, "cpu"
         ).features(data.held_out_pngs(work))
+        # Measured on the saved fp16 weights, loaded as evaluation loads them.
+        accuracy = head_accuracy(load_scene_heads(staging), features, data.held_out_both().scenes)
         half = config.held_out_images // 2  # rows: base world, then fantasy world
         base, fantasy = features[: config.held_out_images], features[config.held_out_images :]
         Card(
             "builtin:tiny-inception",
             f"The FID/KID stand-in: strided convolutions and a global average pool ({network.dim}-d features, "
             f"{parameter_count(network) / 1e6:.3f} M parameters), taking clean-fid's input (299 x 299, values in "
-            "[0, 255]). Trained as a classifier of what each scene shows; the heads are dropped and the pool "
-            "features ship.",
+            "[0, 255]). Trained as a classifier of what each scene shows; the pool features feed FID and KID, and "
+            "the linear heads ship beside them (`heads.safetensors`, layout in config.json; "
+            "`lanskap.builtin.heads.load_scene_heads`). Held-out accuracy is measured on the saved weights.",
             [
                 f"{config.inception_images_per_world} images of each world (seed {TRAIN_SEED}) at {config.resolution} "
-                "px, clean-fid preprocessing to 299 px; labels: " + ", ".join(name for name, _ in HEADS),
+                "px, clean-fid preprocessing to 299 px; labels: " + ", ".join(heads.labels),
                 f"held out: {config.held_out_images} images of each world (seed {HELD_OUT_SEED})",
             ],
             [

@@ -1,7 +1,7 @@
 """Each built-in model's card (README.md beside its weights): what it is, what it learnt from, for how long, its
-final losses and scores, the build time and the commit that built it; plus its loss log and loss curves."""
+final losses and scores, the build time, the commit that built it and the digest of the sources that decide its
+weights (lanskap/builtin/sources.py); plus its loss log and loss curves."""
 
-import hashlib
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,44 +9,44 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lanskap.builtin import BUILTIN_FOLDERS
+from lanskap.builtin.sources import MODEL_SOURCES, ROOT, model_digest, source_files
 from lanskap.builtin.training import LossLog
 from lanskap.core.figures import save_loss_curves
 
-BUILDER_SOURCES = [
-    "lanskap/builtin",
-    "lanskap/data/procedural.py",
-    "lanskap/data/augment.py",
-    "lanskap/evaluate/features.py",
-]
 
-
-def project_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def builder_digest() -> str:
-    """sha256 of the builder's source files: a card whose digest differs from today's was built by other code."""
-    digest = hashlib.sha256()
-    for source in BUILDER_SOURCES:
-        path = project_root() / source
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(file.relative_to(project_root()).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
-
-
-def commit() -> str:
-    """The commit the builder ran from, and whether its sources differed from that commit's."""
+def commit(model: str) -> str:
+    """The commit the builder ran from, and whether the sources of `model` differed from that commit's."""
 
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=project_root(), capture_output=True, text=True, check=True
-        ).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        head, changed = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain", "--", *BUILDER_SOURCES)
+        head, changed = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain", "--", *source_files(model))
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{head} (builder sources {'with uncommitted changes' if changed else 'as committed'})"
+
+
+# The commit and digests as this process found them on starting (build.py imports this module before training):
+# a card describes the code that ran, even if the sources are edited or committed while it trains.
+AT_START = {model: (commit(model), model_digest(model)) for model in MODEL_SOURCES}
+
+
+def provenance(model: str) -> list[str]:
+    """The card's lines on the code that built `model`, with a warning if its sources changed during the build."""
+    started_commit, digest = AT_START[model]
+    sources = ", ".join(f"`{source}`" for source in MODEL_SOURCES[model])
+    lines = [
+        f"- commit: {started_commit}; builder sources sha256 `{digest}` (code, formatting and comments aside; "
+        f"lanskap/builtin/sources.py) of: {sources}"
+    ]
+    if model_digest(model) != digest:
+        lines.append(
+            f"- warning: these sources changed during the build (sha256 now `{model_digest(model)}`): the weights "
+            "may match neither version; rebuild from an unchanged checkout before committing them"
+        )
+    return lines
 
 
 def parameter_count(*modules: torch.nn.Module) -> int:
@@ -63,6 +63,7 @@ class Card:
     seconds: float = 0.0
 
     def write(self, folder: Path, log: LossLog, threads: int) -> None:
+        model = BUILTIN_FOLDERS[self.name]
         log.write(folder / "training_log.tsv")
         write_loss_plot(log, folder / "loss.png", self.name)
         lines = [
@@ -90,8 +91,9 @@ class Card:
             "",
             f"- build time: {self.seconds / 60:.1f} min on the CPU with {threads} torch thread(s) "
             f"(torch {torch.__version__})",
-            f"- commit: {commit()}; builder sources sha256 `{builder_digest()}`",
-            "- rebuild: `make builtins` (see lanskap/builtin/__init__.py)",
+            *provenance(model),
+            f"- rebuild: `python -m lanskap.builtin {model}`, or all three with `make builtins` (see "
+            "lanskap/builtin/__init__.py)",
             "",
         ]
         (folder / "README.md").write_text("\n".join(lines))

@@ -9,6 +9,20 @@ from lanskap.core.figures import image_grid, save_png
 from lanskap.core.params import GenerateParams
 
 PROMPTS_PER_WORLD = 4
+# The builder's own sampling settings, not the pipeline's (conf/): the card's grid must not change with the demo
+SAMPLING = {
+    "scheduler": "dpm++",
+    "steps": 20,
+    "guidance_scale": 7.5,
+    "negative_prompt": "",
+    "images_per_prompt": 1,
+    "resolution": None,
+    "batch_size": 4,
+    "lora_scale": 1.0,
+    "lora_weights": "raw",
+    "dtype": "auto",
+    "seed": 0,
+}
 
 
 def sample_grid(model_dir: Path, data, path: Path) -> None:
@@ -16,7 +30,7 @@ def sample_grid(model_dir: Path, data, path: Path) -> None:
 
     from lanskap.generate.sampling import load_pipeline, sample
 
-    params = GenerateParams(steps=20)
+    params = GenerateParams(**SAMPLING)
     pipeline = load_pipeline(model_dir, params, torch.device("cpu"))
     rows = []
     for world in ("base", "fantasy"):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lanskap.builtin.sources import DATA_SOURCES, source_digest
 from lanskap.core.console import progress
 from lanskap.core.io import atomic_dir
 from lanskap.data.augment import canonical_image
@@ -46,8 +47,10 @@ def render_world(world: str, count: int, seed: int, render_size: int, resolution
 
 
 def cached_world(work: Path, world: str, count: int, seed: int, render_size: int, resolution: int) -> WorldImages:
-    """`render_world`, kept in the build's work folder so that each model's build draws the images once."""
-    folder = work / "worlds" / f"{world}-{seed}-{count}-{render_size}-{resolution}"
+    """`render_world`, kept in the build's work folder so that each model's build draws the images once; keyed by
+    the drawing code's digest, so that changed code draws afresh."""
+    code = source_digest(DATA_SOURCES)[:12]
+    folder = work / "worlds" / f"{world}-{seed}-{count}-{render_size}-{resolution}-{code}"
     if (folder / "scenes.json").is_file():
         scenes = [Scene(**fields) for fields in json.loads((folder / "scenes.json").read_text())]
         return WorldImages(np.load(folder / "pixels.npy"), [scene.caption() for scene in scenes], scenes)

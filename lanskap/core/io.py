@@ -4,8 +4,11 @@ DVC records whatever a stage leaves behind, so a stage must never leave a half-w
 file and folder is written under a temporary name beside its target and renamed into place only when
 complete (rename is atomic within one filesystem). A process killed mid-write (kill -9, power loss) leaves
 its temporary name behind, never a partial output; temporary names carry the writer's pid, and the
-next write of the same file or folder removes those whose process is gone.
+next write of the same file or folder removes those whose process is gone. Outputs get the modes any other file
+would (0666 or 0777 less the umask), not the owner-only modes of Python's temporary files.
 """
+
+from __future__ import annotations
 
 import contextlib
 import errno
@@ -19,12 +22,22 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+from safetensors import SafetensorError
 
 from lanskap.core.errors import UserError
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FAILED = (errno.EIO, errno.EROFS)  # the disk or its connection failed, or it was remounted read-only
+# Writers that report a failed write without an OSError: safetensors quotes the OS error in its own error's text
+# ("I/O error: No space left on device (os error 28)"; older: "Os { code: 28, ... }"); torch.save's zip writer
+# only says that it could not write what it meant to ("[enforce fail at inline_container.cc] unexpected pos").
+SAFETENSORS_ERRNO = re.compile(r"os error (\d+)|code: (\d+)")
+TORCH_WRITE_FAILED = re.compile(r"inline_container\.cc|PytorchStreamWriter")
 
 
 def process_exists(pid: int) -> bool:
@@ -35,6 +48,20 @@ def process_exists(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def with_umask_mode(path: Path, mode: int) -> Path:
+    """`path` given `mode` less the umask, as open() and mkdir() would have created it (mkstemp and mkdtemp make
+    owner-only files and folders, which a teammate sharing the outputs could not read)."""
+    os.chmod(path, mode & ~umask())
+    return path
 
 
 def temporary_prefix(target: Path, kind: str) -> str:
@@ -62,7 +89,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     created_parent = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
-    staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "tmp"), dir=target.parent))
+    staging = with_umask_mode(Path(tempfile.mkdtemp(prefix=temporary_prefix(target, "tmp"), dir=target.parent)), 0o777)
     try:
         with disk_full_as_user_error(target):
             yield staging
@@ -103,7 +130,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     remove_stale_temporaries(target)
     handle, staging = tempfile.mkstemp(prefix=temporary_prefix(target, "tmp"), suffix=target.suffix, dir=target.parent)
     os.close(handle)
-    staging = Path(staging)
+    staging = with_umask_mode(Path(staging), 0o666)
     try:
         with disk_full_as_user_error(target):
             yield staging
@@ -120,19 +147,38 @@ def final_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def disk_full_as_user_error(target: Path) -> Iterator[None]:
-    """A disk that fills up mid-write (after the stage's start-up check, or because another program wrote) is the
-    user's to fix, not a bug: say which output and which folder's disk, and that the previous output is unchanged."""
+    """A disk that fills up or fails mid-write (after the stage's start-up check, or because another program wrote)
+    is the user's to fix, not a bug: say which output and which folder's disk, and that the previous output is
+    unchanged. Covers OSError and the writers that raise their own errors (safetensors, torch.save)."""
     try:
         yield
-    except OSError as error:
-        if error.errno not in DISK_FULL:
+    except (OSError, SafetensorError, RuntimeError) as error:
+        code = write_errno(error)
+        if code is None:
             raise
         shown = final_path(target)
+        what = f"disk full while writing {shown}" if code in DISK_FULL else f"could not write {shown}"
+        fix = "free space on" if code in DISK_FULL else "check"
         raise UserError(
-            f"disk full while writing {shown} ({os.strerror(error.errno)}): free space on the disk holding "
+            f"{what} ({os.strerror(code) if code else short_reason(error)}): {fix} the disk holding "
             f"{shown.parent.resolve()} (`df -h {shown.parent}`) and rerun; the previous {shown} is "
             "unchanged and the partial one was removed"
         ) from None
+
+
+def write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write, 0 for a failed write whose cause is unknown, None for any other error."""
+    if isinstance(error, OSError):
+        return error.errno if error.errno in DISK_FULL + DISK_FAILED else None
+    if isinstance(error, SafetensorError):
+        match = SAFETENSORS_ERRNO.search(str(error))
+        code = int(match.group(1) or match.group(2)) if match else None
+        return code if code in DISK_FULL + DISK_FAILED else None
+    return 0 if TORCH_WRITE_FAILED.search(str(error)) else None
+
+
+def short_reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error)[:120]}; a full or failing disk"
 
 
 def write_json(path: str | Path, data: dict) -> None:

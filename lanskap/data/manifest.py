@@ -14,11 +14,21 @@ import pandas as pd
 from PIL import Image
 
 from lanskap.core.errors import UserError
-from lanskap.data.images import ItemRejected, open_rgb  # noqa: F401 - where stages and download import them from
 from lanskap.core.io import sha256_file
+from lanskap.data.images import ItemRejected, open_rgb  # noqa: F401 - where stages and download import them from
 
-MANIFEST_COLUMNS = ["path", "sha256", "width", "height", "source", "source_caption", "licence", "attribution", "group",
-                    "phash"]
+MANIFEST_COLUMNS = [
+    "path",
+    "sha256",
+    "width",
+    "height",
+    "source",
+    "source_caption",
+    "licence",
+    "attribution",
+    "group",
+    "phash",
+]
 
 
 @dataclass
@@ -30,6 +40,7 @@ class Candidate:
     licence: str = ""
     attribution: str = ""
     group: str = ""  # a category to stratify the split by: the top-level sub-folder, or a manifest column
+    note: str = ""  # how its caption was read when not as UTF-8 or UTF-16
 
 
 @dataclass
@@ -38,6 +49,7 @@ class IngestResult:
     rejected: list[dict] = field(default_factory=list)
     hidden: int = 0  # hidden files skipped in a source folder
     ignored: list[Path] = field(default_factory=list)  # files in a source folder that are no images
+    notes: list[dict] = field(default_factory=list)  # accepted items read by a documented rule (source, note)
 
     def reject(self, source: str, reason: str) -> None:
         """Record a rejected item (returns None, so callers can `return result.reject(...)`)."""
@@ -48,8 +60,10 @@ def require_sha256(data: bytes, expected: str) -> None:
     """ItemRejected unless the bytes have the sha256 a manifest gave (nothing to check when it gave none)."""
     expected = expected.strip().lower()
     if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise ItemRejected(f"sha256 differs from the manifest's sha256 column: expected {expected[:16]}..., "
-                           f"the file has {hashlib.sha256(data).hexdigest()[:16]}...")
+        raise ItemRejected(
+            f"sha256 differs from the manifest's sha256 column: expected {expected[:16]}..., "
+            f"the file has {hashlib.sha256(data).hexdigest()[:16]}..."
+        )
 
 
 def read_table(path: str | Path, required: list[str]) -> pd.DataFrame:
@@ -80,7 +94,7 @@ def near_duplicate_pairs(hashes: list[int], max_distance: int) -> list[tuple[int
     values = np.array(hashes, dtype=np.uint64)
     pairs = []
     for i in range(len(values) - 1):
-        distances = np.bitwise_count(values[i + 1:] ^ values[i])
+        distances = np.bitwise_count(values[i + 1 :] ^ values[i])
         for offset in np.flatnonzero(distances <= max_distance):
             pairs.append((i, i + 1 + int(offset), int(distances[offset])))
     return pairs
@@ -88,8 +102,14 @@ def near_duplicate_pairs(hashes: list[int], max_distance: int) -> list[tuple[int
 
 def image_record(path: Path, image: Image.Image, candidate: Candidate) -> dict:
     return {
-        "path": path.as_posix(), "sha256": sha256_file(path), "width": image.width, "height": image.height,
-        "source": candidate.source, "source_caption": candidate.caption,
-        "licence": candidate.licence, "attribution": candidate.attribution, "group": candidate.group,
+        "path": path.as_posix(),
+        "sha256": sha256_file(path),
+        "width": image.width,
+        "height": image.height,
+        "source": candidate.source,
+        "source_caption": candidate.caption,
+        "licence": candidate.licence,
+        "attribution": candidate.attribution,
+        "group": candidate.group,
         "phash": f"{perceptual_hash(image):016x}",
     }

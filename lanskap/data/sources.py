@@ -6,22 +6,49 @@ first bytes do (`IMG_0001` with no extension, JPEG bytes named `.dat`); everythi
 caption is the sidecar `<stem>.txt`, `<name>.txt` (`photo.jpg.txt`) or `<stem>.caption` beside the image, matched
 ignoring case and Unicode normalisation (macOS writes NFD names), decoded from UTF-8 or UTF-16 (with or without a
 byte-order mark) and cleaned (control characters removed, whitespace collapsed); an empty one counts as missing.
+Bytes that are neither are decoded as Windows-1252 (a superset of Latin-1's printable characters, what Windows
+editors save) when that gives printable text, with a note; otherwise the item is refused. Never U+FFFD.
 """
 
 import codecs
+import io
 import json
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
 from lanskap.core.errors import UserError
-from lanskap.data.images import UNDECODABLE_SUFFIXES, sniff_image_format
+from lanskap.data.images import UNDECODABLE_SUFFIXES, ItemRejected, sniff_image_format
 
 IMAGE_SUFFIXES = {
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".avif",
-    ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".psd", ".jp2", ".j2k", ".jpx", *UNDECODABLE_SUFFIXES,
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".apng",
+    ".webp",
+    ".bmp",
+    ".dib",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".avif",
+    ".ico",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".tga",
+    ".qoi",
+    ".psd",
+    ".jp2",
+    ".j2k",
+    ".jpx",
+    *UNDECODABLE_SUFFIXES,
 }
 CAPTION_SUFFIXES = (".txt", ".caption")
 
@@ -34,8 +61,14 @@ class FolderScan:
     captions: dict[tuple[Path, str], Path] = field(default_factory=dict)  # (folder, caption_key(name)) -> file
 
     def sidecar(self, image: Path) -> Path | None:
-        return next((self.captions[image.parent, caption_key(name)] for name in sidecar_names(image)
-                     if (image.parent, caption_key(name)) in self.captions), None)
+        return next(
+            (
+                self.captions[image.parent, caption_key(name)]
+                for name in sidecar_names(image)
+                if (image.parent, caption_key(name)) in self.captions
+            ),
+            None,
+        )
 
 
 def caption_key(name: str) -> str:
@@ -69,16 +102,37 @@ def scan_folder(folder: Path) -> FolderScan:
     return scan
 
 
-def decode_caption(data: bytes) -> str:
+class Caption(NamedTuple):
+    text: str
+    note: str = ""  # how it was read when not as UTF-8 or UTF-16, for the report
+
+
+def decode_caption(data: bytes) -> Caption:
     """Caption text from a sidecar's bytes: UTF-8 or UTF-16 by their byte-order marks, UTF-16 without one by its
-    NUL bytes, otherwise UTF-8 (undecodable bytes become U+FFFD)."""
+    NUL bytes, else UTF-8, else Windows-1252 when that gives printable text; ItemRejected otherwise."""
+    try:
+        return Caption(clean_caption(data.decode(unicode_encoding(data))))
+    except UnicodeDecodeError as error:
+        utf_error = error
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(char.isprintable() or char in "\t\r\n" for char in text):
+        return Caption(clean_caption(text), "caption decoded as Windows-1252 (not UTF-8 or UTF-16)")
+    raise ItemRejected(
+        f"caption file is not text in UTF-8, UTF-16 or Windows-1252 ({utf_error.encoding}: "
+        f"{utf_error.reason} at byte {utf_error.start}); save it as UTF-8"
+    )
+
+
+def unicode_encoding(data: bytes) -> str:
+    """UTF-16 by a byte-order mark or by NUL bytes (byte order from where they fall), else UTF-8 (BOM or not)."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        text = data.decode("utf-16", errors="replace")
-    elif looks_like_utf16(data):
-        text = data.decode("utf-16-le" if data[1::2].count(0) > data[0::2].count(0) else "utf-16-be", "replace")
-    else:
-        text = data.decode("utf-8-sig", errors="replace")
-    return clean_caption(text)
+        return "utf-16"
+    if looks_like_utf16(data[:4096]):
+        return "utf-16-le" if data[1:4096:2].count(0) > data[0:4096:2].count(0) else "utf-16-be"
+    return "utf-8-sig"
 
 
 def looks_like_utf16(data: bytes) -> bool:
@@ -98,20 +152,36 @@ def clean_caption(text: str) -> str:
 
 
 def manifest_rows(manifest: Path) -> list[dict[str, str]]:
-    """Rows of a CSV or JSONL manifest (UTF-8, a byte-order mark allowed), values as text ("" for empty or null);
+    """Rows of a CSV or JSONL manifest (UTF-8 or UTF-16 as Excel and Notepad save them, a byte-order mark allowed),
+    values as text ("" for empty or null);
     every row needs a `path` (a local path relative to the manifest, or a URL). A malformed row is a UserError
     naming its line."""
     rows = jsonl_rows(manifest) if manifest.suffix.lower() == ".jsonl" else csv_rows(manifest)
     for line, row in rows:
         if not row.get("path", "").strip():
-            raise UserError(f"{manifest}, line {line}: no 'path' (each row needs the image's path or URL); "
-                            f"found {sorted(row) or 'nothing'}")
+            raise UserError(
+                f"{manifest}, line {line}: no 'path' (each row needs the image's path or URL); "
+                f"found {sorted(row) or 'nothing'}"
+            )
     return [row for _, row in rows]
 
 
-def csv_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+def manifest_text(manifest: Path) -> str:
+    """The manifest's text: UTF-16 by its byte-order mark or NUL bytes (Excel's "Unicode Text"), else UTF-8."""
+    data = manifest.read_bytes()
     try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        return data.decode(unicode_encoding(data))
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{manifest}: cannot parse manifest: not UTF-8 or UTF-16 text ({error}); save it as UTF-8 "
+            "(Excel: CSV UTF-8)"
+        ) from None
+
+
+def csv_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+    text = manifest_text(manifest)
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (ValueError, pd.errors.ParserError) as error:
         raise UserError(f"{manifest}: cannot parse manifest: {error}") from None
     if "path" not in table.columns:
@@ -120,10 +190,7 @@ def csv_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
 
 
 def jsonl_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
-    try:
-        lines = manifest.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as error:
-        raise UserError(f"{manifest}: cannot parse manifest: not UTF-8 ({error})") from None
+    lines = manifest_text(manifest).splitlines()
     rows = []
     for line, text in enumerate(lines, start=1):
         if not text.strip():
@@ -133,7 +200,9 @@ def jsonl_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
         except ValueError as error:
             raise UserError(f"{manifest}, line {line}: cannot parse manifest: not valid JSON ({error})") from None
         if not isinstance(row, dict):
-            raise UserError(f"{manifest}, line {line}: each line must be a JSON object such as "
-                            f'{{"path": "a.jpg", "caption": "..."}}; got a {type(row).__name__}: {text[:60]}')
+            raise UserError(
+                f"{manifest}, line {line}: each line must be a JSON object such as "
+                f'{{"path": "a.jpg", "caption": "..."}}; got a {type(row).__name__}: {text[:60]}'
+            )
         rows.append((line, {str(key): "" if value is None else str(value) for key, value in row.items()}))
     return rows

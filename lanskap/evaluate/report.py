@@ -53,23 +53,20 @@ class ReportInputs:
 
 
 def base_vs_lora_table(metrics: dict[str, float]) -> pd.DataFrame:
-    """Long table (metric, model, value, bar) for `dvc plots`: one base and one LoRA row per metric.
-
-    `bar` ("metric model") is the chart's category axis: DVC's bar templates separate bars only by
-    revision, so two rows sharing a category would be drawn on top of each other.
-    """
+    """Long table (metric, model, value) for `dvc plots`: one base and one LoRA row per metric, drawn one panel per
+    metric by `.dvc/plots/base_vs_lora.json` (KID runs to thousands, CMMD to about 10: one axis would hide CMMD)."""
     rows = [
-        {"metric": metric, "model": model, "value": metrics[key], "bar": f"{metric} {model}"}
+        {"metric": metric, "model": model, "value": metrics[key]}
         for metric, keys in BASE_VS_LORA_KEYS.items()
         for model, key in zip(("base", "lora"), keys)
     ]
-    return pd.DataFrame(rows, columns=["metric", "model", "value", "bar"])
+    return pd.DataFrame(rows, columns=["metric", "model", "value"])
 
 
 def sample_size(key: str, metrics: dict[str, float]) -> str:
     """The n behind one metric key: images (or captions) per compared set in the key's order, images scored
     against their own captions for a CLIP score, prompts for a paired gap."""
-    if key.startswith("n_"):
+    if key.startswith(("n_", "traits_")):  # traits: the report's traits table gives its prompts
         return ""
     if GAP_SUFFIX in key:
         return f"{metrics['n_test']:.0f} prompts"
@@ -234,6 +231,49 @@ def flags_section(metrics: dict[str, float]) -> str:
     )
 
 
+def trait_cells(trait: str, metrics: dict[str, float]) -> list[str]:
+    key = f"traits_{trait}"
+    calibration = [
+        format_value(metrics[key + suffix]) if key + suffix in metrics else "-"
+        for suffix in ("_share_test", "_false_positive_test", "_detector_accuracy")
+    ]
+    if key + "_share_gap" not in metrics:
+        return [trait, "fewer than 2", *calibration, "", "", ""]
+    shares = [format_value(metrics[f"{key}_share_{name}"]) for name in ("base", "lora")]
+    gap = f"{format_value(metrics[key + '_share_gap'])} [{format_value(metrics[key + '_share_gap_ci_low'])}, "
+    gap += f"{format_value(metrics[key + '_share_gap_ci_high'])}]"
+    return [trait, f"{metrics[key + '_prompts']:.0f}", *calibration, *shares, gap]
+
+
+def traits_section(metrics: dict[str, float]) -> str | None:
+    """The demo's trait shares beside the detector's calibration (lanskap.evaluate.traits); None without them."""
+    suffix = "_detector_accuracy"  # one per trait, in the order evaluate wrote them (the heads' order)
+    keys = [key for key in metrics if key.startswith("traits_") and key.endswith(suffix)]
+    traits = [key[len("traits_") : -len(suffix)] for key in keys]
+    if not traits:
+        return None
+    header = [
+        "trait",
+        "prompts asking",
+        "test",
+        "test, not asked",
+        "accuracy (test)",
+        "base",
+        "LoRA",
+        "LoRA - base [95%]",
+    ]
+    return (
+        "## Traits (demo diagnostic)\n\nWhat the built-in Inception stand-in's scene-classifier heads find, for "
+        "each trait a prompt asks for (read from its procedural caption): the share of test, base and LoRA images "
+        "in which the detected class is the asked one, over the prompts that ask. Calibration on the reference "
+        "test images: the share where the trait is drawn, the share where it is found though not drawn (false "
+        "positives; '-' where every caption asks), and the accuracy over all. A detector that finds a trait as often "
+        "where it is not drawn tells nothing about it. Interval: paired by prompt, adjusted Wald (Bonett-Price) with "
+        "Student t (`lanskap/evaluate/traits.py`).\n\n"
+        + markdown_table(header, [trait_cells(trait, metrics) for trait in traits])
+    )
+
+
 def data_card_section(text: str, source: str) -> str:
     """The data card inline, its headings moved under this section's."""
     body = re.sub(r"^# .*\n+", "", text, count=1)  # its title: this section's heading says it
@@ -270,6 +310,7 @@ def report_markdown(metrics: dict[str, float], inputs: ReportInputs) -> str:
         gaps_section(metrics),
         base_vs_lora_section(metrics),
         flags_section(metrics),
+        *filter(None, [traits_section(metrics)]),
         "## Training loss\n\n" + loss,
         "## Comparison grid\n\nThe first test captions, each with its reference image and the base and LoRA "
         f"images from the same seed (`{inputs.comparison_grid}`).\n\n"

@@ -11,12 +11,21 @@ delta on the layer's weight W [out, in] (a conv's in: in_channels x kernel, resh
 
 Adapter weights stay float32 on a bf16/fp16 base: fp16 trainable params make the AMP grad scaler fail with
 "Attempting to unscale FP16 gradients", and bf16 ones lose small updates.
+
+peft is imported where an adapter is made or read, not here: importing it costs more than the rest of generate's
+imports together, and generate needs it only once the base images are done and the LoRA is loaded.
 """
 
-import peft
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
 
 from lanskap.core.params import LoraParams
+
+if TYPE_CHECKING:
+    import peft
 
 ADAPTER_NAME = "default"  # the name `add_adapter` gives the adapter it trains
 LOADED_ADAPTER_NAME = "lora"  # the name generate (and the export check) loads the exported adapter under
@@ -26,6 +35,8 @@ ADAPTER_TITLES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}  # lora.type a
 def adapter_config(params: LoraParams, target_modules: list[str]) -> peft.PeftConfig:
     """The peft config of `params.type`; each starts as an exact no-op on the base model (LoRA B = 0, LoHa
     w2_b = 0, LoKr w1 = 0)."""
+    import peft
+
     targets = list(target_modules)
     if params.type == "loha":
         return peft.LoHaConfig(r=params.rank, alpha=params.alpha, target_modules=targets)
@@ -67,6 +78,8 @@ def add_unet_lora(unet, params: LoraParams) -> list[torch.nn.Parameter]:
 
 
 def peft_state_dict(model, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    import peft
+
     # save_embedding_layers=False: the adapters never touch embeddings, and "auto" probes the hub for a config.
     return peft.get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
 

@@ -12,16 +12,20 @@ Welch otherwise (lanskap/sweep/seed_stats.py says why). Not a DVC stage: a stage
 read the others.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lanskap.core.errors import UserError
-from lanskap.sweep import seed_stats
-from lanskap.sweep.report import write_report
+from lanskap.sweep.exp_show import read_exp_show
+
+if TYPE_CHECKING:  # numpy, scipy and pandas load where the statistics start, so that --help is instant
+    from lanskap.sweep.seed_stats import Difference
 
 # the CMMD gap (LoRA minus base, distance to the test images), the distances to the test images, the gap in mean
 # CLIP cosine to the captions (unclamped: a clamped CLIP score's gap cannot go negative), and the final held-out
@@ -52,19 +56,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def read_exp_show(saved: str | None) -> list:
-    """`dvc exp show --json` of the current project, or a saved copy of it."""
-    if saved:
-        try:
-            return json.loads(Path(saved).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"--from-json {saved}: cannot read it as `dvc exp show --json` output ({error})") from None
-    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise UserError(f"`dvc exp show --json` failed (run this in the project root):\n{shown.stderr.strip()}")
-    return json.loads(shown.stdout)
 
 
 def _experiment(name: str, data: dict, metric_files: list[str]) -> Experiment:
@@ -136,12 +127,14 @@ def group_by_setting(experiments: list[Experiment], seed_key: str) -> dict[str, 
 
 
 def check_group(label: str, members: list[Experiment], seed_key: str) -> None:
+    from lanskap.sweep.seed_stats import MIN_SEEDS
+
     seeds = [member.params[seed_key] for member in members]
     names = [member.name for member in members]
-    if len(members) < seed_stats.MIN_SEEDS:
+    if len(members) < MIN_SEEDS:
         raise UserError(
             f"setting {label} has {len(members)} finished experiment(s) ({names}): an interval across "
-            f"seeds needs at least {seed_stats.MIN_SEEDS} seeds of {seed_key}. Run more seeds, or pick the "
+            f"seeds needs at least {MIN_SEEDS} seeds of {seed_key}. Run more seeds, or pick the "
             "sweep's experiments with --exp (or remove strays: dvc exp remove NAME)"
         )
     repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1})
@@ -164,8 +157,10 @@ def metric_values(members: list[Experiment], metric: str) -> list[float]:
 
 def compare(
     reference: list[Experiment], other: list[Experiment], metric: str, seed_key: str, confidence: float
-) -> seed_stats.Difference:
+) -> Difference:
     """other - reference: paired by seed when both ran the same seeds (members are sorted by seed), else Welch."""
+    from lanskap.sweep import seed_stats
+
     same_seeds = [m.params[seed_key] for m in reference] == [m.params[seed_key] for m in other]
     difference = seed_stats.paired_difference if same_seeds else seed_stats.welch_difference
     return difference(metric_values(reference, metric), metric_values(other, metric), confidence, metric)
@@ -207,6 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from lanskap.sweep import seed_stats
+    from lanskap.sweep.report import write_report
+
     finished, skipped = finished_experiments(read_exp_show(args.from_json), args.metrics or METRIC_FILES)
     for note in skipped:
         print(f"sweep: skipped {note}", file=sys.stderr)

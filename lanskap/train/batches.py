@@ -76,6 +76,16 @@ def load_split(table: pd.DataFrame) -> tuple[list[str], list[int], list[str]]:
     return table["path"].tolist(), [position[c] for c in table["caption"]], captions
 
 
+def scrambled(caption_index: list[int], seed: int) -> list[int]:
+    """The captions moved one place along a random cycle of the images (seeded): every image gets another image's
+    caption, and the set of captions trained on stays the same (`train.shuffle_captions`, a negative control)."""
+    order = torch.randperm(len(caption_index), generator=torch.Generator().manual_seed(seed)).tolist()
+    moved = list(caption_index)
+    for position, image in enumerate(order):
+        moved[image] = caption_index[order[(position + 1) % len(order)]]
+    return moved
+
+
 def epoch_batches(groups: list[list[int]], global_batch: int, generator: torch.Generator) -> list[list[int]]:
     """One epoch's global micro-batches of image indices: each bucket's images in a fresh random order cut into
     whole batches (the partial rest dropped), then the buckets' batches shuffled together."""
@@ -126,6 +136,8 @@ def training_batches(
     of each micro-batch from micro-batch `first_batch` on, and the distinct captions the images' caption ids
     index."""
     paths, caption_index, captions = load_split(train_table)
+    if params.shuffle_captions:
+        caption_index = scrambled(caption_index, params.seed)
     sizes = table_sizes(train_table)
     groups = bucket_groups(sizes)
     require_trainable_bucket(groups, share.total, "train_lora", "train.batch_size x processes")

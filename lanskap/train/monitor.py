@@ -76,12 +76,12 @@ class HeldOut:
 
 
 def validation_images(parts: Components, prompts: list[str], params: TrainParams, resolution: int) -> Image.Image:
-    """One square image per prompt, each from its own fixed seed (train.seed + position), as a labelled row: the
-    same prompts and noise at every interval, so successive rows show what training changed. Drawn train.batch_size
-    prompts at a time (each image has its own generator, so the chunks change no image's noise)."""
+    """One square image per prompt, each from its own fixed seed (train.seed + position), one row per prompt with
+    the prompt in full beside it: the same prompts and noise at every interval, so successive grids show what
+    training changed. Drawn train.batch_size prompts at a time (each image has its own generator, so the chunks
+    change no image's noise)."""
     import diffusers
 
-    from lanskap.core.figures import image_grid
     from lanskap.generate.sampling import SCHEDULERS
 
     scheduler_class, extra = SCHEDULERS["dpm++"]
@@ -111,7 +111,16 @@ def validation_images(parts: Components, prompts: list[str], params: TrainParams
                 guidance_scale=params.image_guidance_scale,
                 generator=generators[chunk],
             ).images
-    return image_grid([images], column_labels=prompts, cell=min(max(resolution, 64), 256))
+    return validation_grid(images, prompts, resolution)
+
+
+def validation_grid(images: list[Image.Image], prompts: list[str], resolution: int) -> Image.Image:
+    """One row per prompt: the prompt wrapped in full beside its image. As column labels over cells of the demo's
+    64 px, prompts were cut to "a fantasy landsc…"."""
+    from lanskap.core.figures import image_grid
+
+    cell = min(max(resolution, 64), 256)
+    return image_grid([[image] for image in images], ["image"], cell=cell, row_labels=prompts, row_header="prompt")
 
 
 @dataclass
