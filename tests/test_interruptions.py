@@ -12,7 +12,8 @@ a fixed seed (KILL_SEED; set $LANSKAP_KILL_SEED to explore others; the points dr
   over); killed mid-write of the step-8 checkpoint (a hook pauses after one of its files, drawn at random); then a
   run that resumes from the complete step-4 checkpoint, never the half-written one, and ends with the LoRA (tensors
   and metadata) and loss log of an uninterrupted run.
-- generate, mid-run (`dvc repro`): after k of the base and LoRA images are written.
+- generate, mid-run (`dvc repro`), three times: after k of the base and LoRA images are written; the rerun reuses
+  the images the killed run had finished (lanskap/generate/resume.py) and draws only the others.
 - caption, split, preprocess (`dvc repro`): each with its output complete under its staging name, just before the
   rename that publishes it; preprocess also after k of its images are written.
 - dvc itself, in its commit step (after the first output went into its cache) and just before it writes dvc.lock.
@@ -412,21 +413,29 @@ def test_dvc_repro_killed_mid_step_and_mid_checkpoint_write_resumes_to_the_same_
 
 
 @pytest.mark.slow
-def test_dvc_repro_killed_mid_generate_writes_the_same_images_next_time(repo):
+@pytest.mark.parametrize("kill", range(3))
+def test_dvc_repro_killed_mid_generate_resumes_without_redrawing_to_the_same_images(repo, kill):
+    """Three kills at random points (images written, then a random delay into the next image): the rerun reuses
+    every image the killed run had finished (it had cached each before staging it) and writes the reference."""
     lock, reference = (repo / "dvc.lock").read_text(), digests(repo, *OUTPUTS["generate"])
     images = len([name for name in reference["data/generated"] if name.endswith(".png")])
-    written = draw("generate images written", range(1, images))
+    written = draw(f"generate images written, run {kill}", range(1, images))
     evict(repo, "generate")
     Run(repo, "dvc", "repro", "--force", "--single-item", "generate").kill_when(
-        lambda _: len(staged_files(repo, "data/generated", "*/*.png")) >= written, f"{written} images generated"
+        lambda _: len(staged_files(repo, "data/generated", "*/*.png")) >= written,
+        f"{written} images generated",
+        delay=draw(f"generate seconds after that, run {kill}", [0.0, 0.005, 0.02, 0.1]),
     )
     assert_nothing_recorded(repo, lock, reference)
 
     output = run(repo, "dvc", "repro", "generate")
     assert "Running stage 'generate'" in output
+    reused = sum(int(count) for count in re.findall(r"generate (?:base|lora): (\d+) of \d+ images reused", output))
+    assert written <= reused <= images, output[-3000:]
     assert digests(repo, *OUTPUTS["generate"]) == reference and "up to date" in dvc_status(repo)
     assert lock_outs(repo, "generate") == lock_outs(lock, "generate")
     assert temporaries(repo, "data/generated") == temporaries(repo, "reports/generate") == []
+    assert not any((repo / ".lanskap-cache/generate").iterdir())  # published: the resume cache is gone
 
 
 def test_remove_dir_renames_a_folder_away_before_deleting_it(tmp_path, monkeypatch):

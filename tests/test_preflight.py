@@ -388,3 +388,22 @@ def test_split_refuses_fewer_test_prompts_than_evaluate_needs():
     ):
         split_table(table, 0.05, seed=0)
     assert len(split_table(table, 0.1, seed=0)[1]) == MIN_TEST_PROMPTS  # the boundary passes
+
+
+def test_a_comparable_fid_asked_for_stops_generate_before_sampling_naming_each_short_set(monkeypatch):
+    from lanskap.core.params import FID_STABLE_N
+    from lanskap.preflight import COMPARABLE_FID_SWITCH, require_comparable_fid
+
+    monkeypatch.delenv(COMPARABLE_FID_SWITCH, raising=False)
+    require_comparable_fid(10, 1)  # not asked for: evaluate reports fid_comparable = 0
+    monkeypatch.setenv(COMPARABLE_FID_SWITCH, "1")
+    require_comparable_fid(FID_STABLE_N, 1)
+    require_comparable_fid(FID_STABLE_N + 5, 3)
+    with pytest.raises(UserError, match="has test images 1024 and generated images per model 1024: add test"):
+        require_comparable_fid(1024, 1)
+    with pytest.raises(UserError, match="has test images 1024: add test images") as error:
+        require_comparable_fid(1024, 2)  # 2048 generated images, but evaluate's FID also needs 2048 test images
+    assert f"unset {COMPARABLE_FID_SWITCH}" in str(error.value)
+    monkeypatch.setenv(COMPARABLE_FID_SWITCH, "yes")
+    with pytest.raises(UserError, match="use 1 .* or 0"):
+        require_comparable_fid(FID_STABLE_N, 1)

@@ -52,6 +52,13 @@ def test_dataloader_workers_change_no_result(workdir, project_params):
     assert all(torch.equal(in_process[key], with_workers[key]) for key in in_process)
 
 
+def test_dataloader_workers_are_capped_at_the_cores_this_process_may_use(monkeypatch):
+    from lanskap.train import batches
+
+    monkeypatch.setattr(batches.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert [batches.loader_workers(setting) for setting in (0, 1, 2, 4)] == [0, 1, 2, 2]
+
+
 def test_held_out_validation_loss_falls(workdir, project_params):
     run_data_stages(workdir)
     with_train(workdir, project_params, steps=20, validation_every=10, learning_rate=1.0e-2)
@@ -290,7 +297,7 @@ def test_all_trainer_options_together_train_finitely(workdir, project_params, ca
     assert "global batch 2 = batch_size 1 x gradient_accumulation_steps 2 x processes 1" in capsys.readouterr().out
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
     metrics = json.loads((workdir / "dvclive/train/metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["images_per_second"] > 0
+    assert metrics["steps"] == 2 and metrics["images_per_second"] > 0 and metrics["monitoring_seconds"] > 0
 
 
 def test_lora_dropout_acts_and_gradient_checkpointing_changes_no_result(workdir, project_params):
@@ -348,6 +355,25 @@ def test_fp16_is_refused_for_a_unet_whose_attention_overflows_in_fp16(workdir, p
     with pytest.raises(UserError, match="train.mixed_precision=fp16 .* upcast_attention .* bf16"):
         run_train_stage()
     assert not (workdir / "models").exists()
+
+
+def test_bf16_is_refused_on_a_cpu_that_would_emulate_it_and_accepted_where_it_is_native(monkeypatch):
+    from lanskap.core import determinism
+    from lanskap.models import resolve
+    from lanskap.train.setup import check_mixed_precision
+
+    model_dir = resolve.resolve_base_model("builtin:tiny-sd2", None).path
+    params = conf_group("train", mixed_precision="bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "fma"})  # AVX2 only: bf16 emulated
+    monkeypatch.setenv(determinism.SWITCH, "native")
+    with pytest.raises(UserError, match="train.mixed_precision=bf16 on this CPU: .*100x slower.*'no'"):
+        check_mixed_precision(model_dir, params)
+    monkeypatch.setattr(determinism, "cpu_flags", lambda: {"avx2", "fma", "amx_bf16"})
+    check_mixed_precision(model_dir, params)  # native bf16 with unpinned math: accepted
+    monkeypatch.setenv(determinism.SWITCH, "pinned")
+    with pytest.raises(UserError, match="LANSKAP_CPU_MATH is not `native`"):
+        check_mixed_precision(model_dir, params)
 
 
 def test_processes_that_would_resume_from_different_steps_stop():

@@ -29,6 +29,7 @@ PINNED = {
 }
 REQUIRED_CPU_FLAGS = ("avx2", "fma")  # what the AVX2 paths execute; without them they would crash, not differ
 SWITCH = "LANSKAP_CPU_MATH"
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
 
 
 def cpu_flags() -> set[str] | None:
@@ -65,6 +66,13 @@ def pinned_settings() -> dict[str, str]:
             "bits)"
         )
     return PINNED
+
+
+def native_bf16_cpu() -> bool:
+    """Whether CPU bf16 math runs at speed here: the CPU has bf16 instructions and the math libraries may use them
+    (LANSKAP_CPU_MATH=native; the pinned AVX2 paths emulate bf16, about 100x slower than fp32)."""
+    flags = cpu_flags() or set()
+    return os.environ.get(SWITCH) == "native" and any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
 def pin_cpu_math() -> None:

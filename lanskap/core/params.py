@@ -220,6 +220,9 @@ class TrainParams(Group):
         return self
 
 
+FID_STABLE_N = 2048  # below this FID's covariance is rank-deficient: values are not comparable across n
+
+
 class GenerateParams(Group):
     scheduler: Literal["dpm++", "ddim", "euler"]
     steps: int = Field(ge=1, le=1000)

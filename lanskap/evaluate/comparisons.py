@@ -13,10 +13,8 @@ import numpy as np
 import pandas as pd
 
 from lanskap.core.errors import UserError
-from lanskap.core.params import EvaluateParams
+from lanskap.core.params import FID_STABLE_N, EvaluateParams
 from lanskap.evaluate import metrics, paired
-
-FID_STABLE_N = 2048  # below this FID's covariance is rank-deficient: values are not comparable across n
 
 
 @dataclass
@@ -31,6 +29,7 @@ class Features:
 def set_comparisons(f: Features, params: EvaluateParams) -> dict[str, float]:
     out = {}
     units = {"test": np.arange(len(f.clip["test"])), "base": f.prompt, "lora": f.prompt}
+    self_sums = {name: metrics.rbf_self_sums(embeddings) for name, embeddings in f.clip.items()}  # once per set
     for a, b in [
         ("test", "text"),
         ("lora", "text"),
@@ -39,8 +38,9 @@ def set_comparisons(f: Features, params: EvaluateParams) -> dict[str, float]:
         ("test", "base"),
         ("lora", "base"),
     ]:
-        out[f"cmmd_{a}_vs_{b}"] = metrics.cmmd(f.clip[a], f.clip[b])
-        out[f"cmmd_{a}_vs_{b}_unbiased"] = metrics.cmmd(f.clip[a], f.clip[b], unbiased=True)
+        out[f"cmmd_{a}_vs_{b}"], out[f"cmmd_{a}_vs_{b}_unbiased"] = metrics.cmmd_estimates(
+            f.clip[a], f.clip[b], self_sums=(self_sums[a], self_sums[b])
+        )
         if b != "text":
             out[f"fid_{a}_vs_{b}"] = metrics.frechet_distance(f.inception[a], f.inception[b])
             kid_mean, kid_se = metrics.kid(

@@ -38,6 +38,9 @@ CLIP_SCORE_SCALE = 100.0
 # (clip_s >= clip_score always). Divide by 40 for the paper's w = 2.5.
 CLIP_S_WEIGHT = 100.0
 TILE_ROWS = 1024  # kernel matrices are summed in tiles of this many rows and columns (8 MiB of float64)
+# KID's jackknife costs at most this share of its subsets' kernel work; beyond, it runs on a sample of the units
+# (fewer units: a noisier standard error, whose normal intervals then cover less often at small n)
+KID_JACKKNIFE_SHARE = 1.0
 
 
 def _feature_matrix(features: np.ndarray, name: str, min_rows: int = 1) -> np.ndarray:
@@ -127,6 +130,33 @@ def kernel_sums(
     return KernelSums(**sums)
 
 
+def rbf_self_sums(x: np.ndarray, sigma: float = 10.0) -> KernelSums:
+    """The kernel sums of one embedding set with itself, diagonal included: computed once per set, they serve
+    every CMMD of that set (`cmmd_estimates`)."""
+    x = _feature_matrix(x, "x")
+    return kernel_sums(partial(rbf_kernel_minus_one, sigma=sigma), x, x, same_set=True)
+
+
+def cmmd_estimates(
+    x: np.ndarray,
+    y: np.ndarray,
+    sigma: float = 10.0,
+    self_sums: tuple[KernelSums, KernelSums] | None = None,
+) -> tuple[float, float]:
+    """(biased, unbiased) CMMD between x [m, d] and y [n, d] (see `cmmd`) from one pass over each of the three
+    kernels; `self_sums` passes each set's `rbf_self_sums` when the caller reuses them across pairs. The unbiased
+    value is nan when a set has a single row."""
+    x, y = _feature_matrix(x, "x"), _feature_matrix(y, "y")
+    _matching_dims(x, y)
+    k_xx, k_yy = self_sums or (rbf_self_sums(x, sigma), rbf_self_sums(y, sigma))
+    between = kernel_sums(partial(rbf_kernel_minus_one, sigma=sigma), x, y).total / (len(x) * len(y))
+    biased = CMMD_SCALE * (k_xx.total / len(x) ** 2 + k_yy.total / len(y) ** 2 - 2 * between)
+    if min(len(x), len(y)) < 2:
+        return biased, float("nan")
+    unbiased = CMMD_SCALE * (_off_diagonal_mean(k_xx, len(x)) + _off_diagonal_mean(k_yy, len(y)) - 2 * between)
+    return biased, unbiased
+
+
 def cmmd(x: np.ndarray, y: np.ndarray, sigma: float = 10.0, unbiased: bool = False) -> float:
     """CMMD between embedding sets x [m, d] and y [n, d], which the caller has already L2-normalised.
 
@@ -138,15 +168,7 @@ def cmmd(x: np.ndarray, y: np.ndarray, sigma: float = 10.0, unbiased: bool = Fal
     """
     min_rows = 2 if unbiased else 1
     x, y = _feature_matrix(x, "x", min_rows), _feature_matrix(y, "y", min_rows)
-    _matching_dims(x, y)
-    kernel = partial(rbf_kernel_minus_one, sigma=sigma)
-    k_xx, k_yy = kernel_sums(kernel, x, x, same_set=True), kernel_sums(kernel, y, y, same_set=True)
-    between = kernel_sums(kernel, x, y).total / (len(x) * len(y))
-    if unbiased:
-        within = _off_diagonal_mean(k_xx, len(x)) + _off_diagonal_mean(k_yy, len(y))
-    else:
-        within = k_xx.total / len(x) ** 2 + k_yy.total / len(y) ** 2
-    return CMMD_SCALE * (within - 2 * between)
+    return cmmd_estimates(x, y, sigma)[int(unbiased)]
 
 
 def _off_diagonal_mean(sums: KernelSums, size: int) -> float:
@@ -187,9 +209,16 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     """Frechet distance between feature sets x [m, d] and y [n, d] (FID on Inception pool features):
     means and covariances with ddof = 1, as clean-fid computes them. Needs m, n >= 2; below d + 1 samples
     the covariances are rank-deficient and the value is large and not comparable across n."""
-    x, y = _feature_matrix(x, "x", 2), _feature_matrix(y, "y", 2)
-    _matching_dims(x, y)
-    return frechet_distance_from_stats(x.mean(axis=0), np.cov(x, rowvar=False), y.mean(axis=0), np.cov(y, rowvar=False))
+    (mean_x, covariance_x), (mean_y, covariance_y) = _mean_and_covariance(x, "x"), _mean_and_covariance(y, "y")
+    if mean_x.size != mean_y.size:
+        raise ValueError(f"feature dimensions differ: {mean_x.size} vs {mean_y.size}")
+    return frechet_distance_from_stats(mean_x, covariance_x, mean_y, covariance_y)
+
+
+def _mean_and_covariance(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    # one set at a time: only one float64 copy of the features (and np.cov's centred one) is alive at once
+    matrix = _feature_matrix(features, name, 2)
+    return matrix.mean(axis=0), np.cov(matrix, rowvar=False)
 
 
 def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
@@ -198,18 +227,25 @@ def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
     return k_xx / (m * (m - 1)) + k_yy / (n * (n - 1)) - 2 * k_xy / (m * n)
 
 
+def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray) -> float:
+    gram = x @ y.T  # x @ x.T (the same array): NumPy computes one triangle (BLAS syrk), half the work
+    gram /= x.shape[1]
+    gram += 1
+    return float(np.sum(gram * gram * gram))
+
+
 def _kid_subset_mmd(x: np.ndarray, y: np.ndarray) -> float:
-    # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under the cubic kernel.
-    k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, same_set=True) for s in (x, y))
-    return float(
-        _unbiased_mmd(
-            k_xx.total - k_xx.diagonal.sum(),
-            k_yy.total - k_yy.diagonal.sum(),
-            kernel_sums(polynomial_kernel, x, y).total,
-            len(x),
-            len(y),
-        )
-    )
+    # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under the cubic kernel. A subset of
+    # up to TILE_ROWS rows is summed as one dense block (8 MiB), larger ones in tiles.
+    if len(x) > TILE_ROWS:
+        k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, same_set=True) for s in (x, y))
+        within = (k_xx.total - k_xx.diagonal.sum(), k_yy.total - k_yy.diagonal.sum())
+        between = kernel_sums(polynomial_kernel, x, y).total
+    else:
+        diagonals = (float(np.sum((np.sum(s * s, axis=1) / s.shape[1] + 1) ** 3)) for s in (x, y))
+        within = tuple(_cubic_kernel_sum(s, s) - diagonal for s, diagonal in zip((x, y), diagonals))
+        between = _cubic_kernel_sum(x, y)
+    return float(_unbiased_mmd(*within, between, len(x), len(y)))
 
 
 def jackknife_variance(leave_one_out: np.ndarray) -> float:
@@ -238,6 +274,26 @@ def kid_jackknife(x: np.ndarray, y: np.ndarray, x_units: np.ndarray, y_units: np
     return float(value), jackknife_variance(leave_one_out)
 
 
+def jackknife_units(
+    units: tuple[np.ndarray, np.ndarray], sizes: tuple[int, int], budget: float, seed: int
+) -> tuple[np.ndarray, float]:
+    """The units KID's jackknife runs on, and the factor that scales its variance to the whole sets'.
+
+    All of them while the whole sets' kernel work (m^2 + n^2 + m n pairs) stays within `budget` pairs (a share of
+    the subsets'); beyond that, a seeded random sample of them, as many as the budget holds (at least 3), with the
+    variance scaled by kept / all units. The jackknife variance of an MMD^2 U-statistic on u units is a/u + b/u^2
+    (a: the Hajek projection's part, which dominates whenever the sets differ; b: the degenerate part), so the
+    scaled variance keeps a/U exactly and overstates b/U^2 by U / u: never too small, at a fraction of the cost."""
+    all_units = np.union1d(*units)
+    m, n = sizes
+    fraction = min(1.0, float(np.sqrt(budget / (m * m + n * n + m * n))))
+    kept = max(3, int(fraction * len(all_units)))
+    if kept >= len(all_units):
+        return all_units, 1.0
+    rng = np.random.default_rng([seed, 1])  # its own stream: the subsets' draws stay as they were
+    return np.sort(rng.choice(all_units, kept, replace=False)), kept / len(all_units)
+
+
 def kid(
     x: np.ndarray,
     y: np.ndarray,
@@ -258,7 +314,9 @@ def kid(
     Monte Carlo variance (their variance / num_subsets; 0 when every subset is the whole set). `units`
     gives each row's unit in x and in y (for generated images, their prompt: images of one prompt are
     not independent); None pairs row i of x with row i of y, which needs m == n. The jackknife needs 2 rows
-    per set without any one unit (3 rows per set at one row per unit)."""
+    per set without any one unit (3 rows per set at one row per unit). It never costs more than KID_JACKKNIFE_SHARE
+    of the subsets' kernel work: on large sets it runs on a sample of the units (`jackknife_units`), conservatively
+    scaled."""
     x, y = _feature_matrix(x, "x"), _feature_matrix(y, "y")
     _matching_dims(x, y)
     if max_subset_size < 2:
@@ -268,9 +326,17 @@ def kid(
         if len(x) != len(y):
             raise ValueError(f"KID without units pairs rows, which needs equal sizes; got {len(x)} and {len(y)}")
         units = (np.arange(len(x)), np.arange(len(y)))
-    whole_sets, jackknife = kid_jackknife(x, y, *units)  # first: it refuses sets too small for a standard error
-    if len(x) == len(y) == subset_size:
+    if len(x) == len(y) == subset_size:  # every subset is the whole set: one pass gives the value and its error
+        whole_sets, jackknife = kid_jackknife(x, y, *units)
         return whole_sets, float(np.sqrt(jackknife))
+    budget = KID_JACKKNIFE_SHARE * 3 * num_subsets * subset_size**2
+    kept, scale = jackknife_units(units, (len(x), len(y)), budget, seed)
+    jackknife_sets = (x, y, *units)
+    if scale < 1:  # a sample of the units, renumbered 0..u-1 for the kernel sums (all of them: no copy of the sets)
+        x_rows, y_rows = np.isin(units[0], kept), np.isin(units[1], kept)
+        renumbered = (np.searchsorted(kept, units[0][x_rows]), np.searchsorted(kept, units[1][y_rows]))
+        jackknife_sets = (x[x_rows], y[y_rows], *renumbered)
+    _, jackknife = kid_jackknife(*jackknife_sets)  # first: it refuses sets too small for a standard error
     rng = np.random.default_rng(seed)
     values = [
         _kid_subset_mmd(
@@ -279,7 +345,7 @@ def kid(
         for _ in range(num_subsets)
     ]
     monte_carlo = np.var(values, ddof=1) / num_subsets if num_subsets > 1 else 0.0
-    return float(np.mean(values)), float(np.sqrt(jackknife + monte_carlo))
+    return float(np.mean(values)), float(np.sqrt(jackknife * scale + monte_carlo))
 
 
 def clip_cosines(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -85,13 +86,35 @@ def resolve_base_model(base: str, revision: str | None) -> ResolvedModel:
     return resolved
 
 
+def download_command(repo_id: str, revision: str, patterns: list[str]) -> str:
+    """The `hf download` command that fetches exactly the files read (a whole SD repo also holds .ckpt, .bin and
+    fp16 copies, several times the size)."""
+    includes = " ".join(f"--include '{pattern}'" for pattern in patterns)
+    return f"hf download {repo_id} --revision {revision} {includes}"
+
+
+def is_commit(revision: str) -> bool:
+    return len(revision) == 40 and all(char in "0123456789abcdef" for char in revision)
+
+
+def warn_unpinned(revision: str, commit: str, key: str, revision_key: str) -> None:
+    """A branch or tag moves: the next run may read other weights with the same params. Say which commit ran."""
+    if not is_commit(revision):
+        print(
+            f"WARNING: {revision_key}={revision!r} for {key} is a branch or tag, not a commit: this run uses commit "
+            f"{commit}, and a later run may silently get other weights. Pin it: set {revision_key}: {commit}",
+            file=sys.stderr,
+        )
+
+
 def fetch_hub_snapshot(repo_id: str, revision: str | None, patterns: list[str], key: str, revision_key: str):
     """Local snapshot of a hub repo at `revision`: from the HF cache, else downloaded, else a UserError."""
     from huggingface_hub import snapshot_download
 
     if revision is None:
-        raise UserError(f"{key}: hub model {repo_id!r} needs a pinned revision (a commit hash); set "
-                        f"{revision_key} in params.yaml")
+        raise UserError(
+            f"{key}: hub model {repo_id!r} needs a pinned revision (a commit hash); set {revision_key} in params.yaml"
+        )
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
     except Exception:
@@ -102,7 +125,8 @@ def fetch_hub_snapshot(repo_id: str, revision: str | None, patterns: list[str], 
                 f"{key}: {repo_id!r} at revision {revision!r} is not in the Hugging Face cache "
                 f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and could not be downloaded "
                 f"({type(error).__name__}). On a machine with network run: "
-                f"`hf download {repo_id} --revision {revision}` (then copy the cache here), or set "
+                f"`{download_command(repo_id, revision, patterns)}` (then copy the cache here), or set "
                 f"{key} to a local folder saved with save_pretrained."
             ) from None
+    warn_unpinned(revision, Path(path).name, key, revision_key)
     return Path(path), repo_id, Path(path).name

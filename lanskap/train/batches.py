@@ -2,6 +2,7 @@
 and which rows of each global micro-batch this process trains on. Every global micro-batch comes from one
 aspect-ratio bucket (a single one, the square resolution, unless preprocess.buckets is set)."""
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -146,13 +147,19 @@ def training_batches(
     return dataset, keys, captions
 
 
+def loader_workers(setting: int) -> int:
+    """train.dataloader_workers, at most this process's CPU cores: more workers than cores only compete for them
+    (torch warns), and the preset's 4 must also run on a 2-core machine. Their number changes no result."""
+    return min(setting, len(os.sched_getaffinity(0)))
+
+
 def pixel_batches(dataset: CaptionedImages, keys: Iterator[list], params: TrainParams) -> Iterator:
     """(pixels [B, 3, H, W], caption ids [B]) micro-batches of the keys, decoded and augmented on the fly; H, W:
     the micro-batch's bucket."""
     # Workers decode and augment the next batches while the GPU trains; each image's augmentation is seeded by its
     # place in the run, so their number changes no result. The loader's own generator: creating its iterator would
     # otherwise draw from the global RNG that a resume restored.
-    workers = params.dataloader_workers
+    workers = loader_workers(params.dataloader_workers)
     loader = DataLoader(
         dataset,
         batch_sampler=keys,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from lanskap.train.batches import LATENT_VARIANT_STREAM, CaptionedImages, derived_seed
+from lanskap.train.batches import LATENT_VARIANT_STREAM, CaptionedImages, derived_seed, loader_workers
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,11 @@ class LatentCache:
         ]
         # the loader's own generator: creating its iterator would otherwise draw from the global RNG
         loader = DataLoader(
-            dataset, sampler=keys, batch_size=None, num_workers=workers, generator=torch.Generator().manual_seed(seed)
+            dataset,
+            sampler=keys,
+            batch_size=None,
+            num_workers=loader_workers(workers),
+            generator=torch.Generator().manual_seed(seed),
         )
         posteriors = [[] for _ in range(len(dataset))]
         for (index, _), (pixels, _) in zip(keys, loader):

@@ -31,7 +31,8 @@ class TrainResult:
     losses: list[float]
     validation_losses: dict[int, float]
     seconds: float  # this run's, not counting steps restored from a checkpoint
-    images_per_second: float
+    images_per_second: float  # of the training steps alone
+    monitoring_seconds: float  # of `seconds`, spent on validation (losses, images) and checkpoints
     prediction_type: str
     ema: LoraEMA | None  # None: train.ema_decay is off
     ema_validation_losses: dict[int, float]
@@ -83,7 +84,7 @@ def train_lora(
     )
     monitor = Monitor(
         live,
-        HeldOut.load(test_table, parts, accelerator.device, text_encoder_trains),
+        HeldOut.load(test_table, parts, accelerator.device, text_encoder_trains, params.batch_size),
         params.image_prompts or test_table["caption"].tolist()[:DEFAULT_IMAGE_PROMPTS],
         nominal_resolution(sizes),
         params,
@@ -102,7 +103,7 @@ def train_lora(
         untrained = untrained_message(bucket_groups(sizes), trainer.share.total)
         if untrained:
             print(f"train_lora: warning: {untrained}")
-    images_seen, start = 0, time.perf_counter()
+    images_seen, start, training_seconds = 0, time.perf_counter(), 0.0
     bar = progress(
         range(first_step + 1, params.steps + 1),
         desc="train_lora",
@@ -112,6 +113,7 @@ def train_lora(
         disable=not monitor.main,
     )
     for step in bar:
+        step_start = time.perf_counter()
         loss, images = accumulate_gradients(
             trainer, batches, caption_encoder, params, first_micro_batch=(step - 1) * params.gradient_accumulation_steps
         )
@@ -124,12 +126,17 @@ def train_lora(
         state.step = step
         state.losses.append(loss.item())
         images_seen += images * accelerator.num_processes
-        images_per_second = images_seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}")
+        training_seconds += time.perf_counter() - step_start  # the bar's own rate counts validation time too
+        images_per_second = images_seen / training_seconds
+        train_step_seconds = training_seconds / (step - first_step)
+        bar.set_postfix(
+            loss=f"{state.losses[-1]:.4f}", img_s=f"{images_per_second:.1f}", s_step=f"{train_step_seconds:.2f}"
+        )
         monitor.record(parts, state, lr_scheduler.get_last_lr()[0], images_per_second)
         if monitor.main and checkpoint_dir and params.checkpoint_every and step % params.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, state, trainer.lora_parameters, optimizer, lr_scheduler, ema)
     seconds = time.perf_counter() - start
+    monitoring_seconds = seconds - training_seconds
     keep_evaluation_weights(optimizer, params)
     return TrainResult(
         parts.unet,
@@ -137,7 +144,8 @@ def train_lora(
         state.losses,
         state.validation_losses,
         seconds,
-        images_seen / seconds if images_seen else 0.0,
+        images_seen / training_seconds if images_seen else 0.0,
+        monitoring_seconds,
         parts.noise_scheduler.config.prediction_type,
         ema,
         state.ema_validation_losses,
@@ -235,6 +243,7 @@ def summarise(result: TrainResult) -> dict:
         **ema,
         "seconds": round(result.seconds, 2),
         "images_per_second": round(result.images_per_second, 3),
+        "monitoring_seconds": round(result.monitoring_seconds, 2),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
         if torch.cuda.is_available()
         else 0.0,

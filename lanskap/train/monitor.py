@@ -12,6 +12,7 @@ from PIL import Image
 from lanskap.core.params import TrainParams
 from lanskap.data.augment import eval_transform
 from lanskap.data.buckets import bucket_groups, table_sizes
+from lanskap.train.batches import BatchShare
 from lanskap.train.checkpoints import TrainingState
 from lanskap.train.ema import LoraEMA
 from lanskap.train.latents import encode
@@ -34,38 +35,51 @@ def eval_mode(*modules: torch.nn.Module):
 
 @dataclass
 class HeldOut:
-    """The test images (canonical, centre-cropped to their training size, not augmented) in one batch per bucket,
-    and their captions, for the validation loss."""
+    """The test images (canonical, centre-cropped to their training size, not augmented), kept on the CPU one
+    tensor per bucket, and their captions, for the validation loss. They go through the VAE and the UNet in chunks
+    of train.batch_size: a few hundred test images in one batch would run a GPU out of memory, and a chunk, forward
+    only, needs less than the training step the GPU preflight probes at that batch (VAE encode included)."""
 
     buckets: list[tuple[torch.Tensor, torch.Tensor]]  # per bucket: pixels [n_b, 3, H_b, W_b], caption ids [n_b]
     captions: CaptionEncoder
+    device: torch.device
+    batch_size: int
 
     @classmethod
-    def load(cls, table: pd.DataFrame, parts: Components, device, text_encoder_trains: bool):
+    def load(cls, table: pd.DataFrame, parts: Components, device, text_encoder_trains: bool, batch_size: int):
         paths, buckets = table["path"].tolist(), []
         for size, rows in bucket_groups(table_sizes(table)).items():
             to_tensor = eval_transform(size)
             pixels = torch.stack([to_tensor(Image.open(paths[row]).convert("RGB")) for row in rows])
-            buckets.append((pixels.to(device), torch.tensor(rows, device=device)))
-        return cls(buckets, CaptionEncoder(table["caption"].tolist(), parts, device, text_encoder_trains))
+            buckets.append((pixels, torch.tensor(rows)))
+        captions = CaptionEncoder(table["caption"].tolist(), parts, device, text_encoder_trains)
+        return cls(buckets, captions, torch.device(device), batch_size)
 
     def loss(self, parts: Components, seed: int) -> float:
-        """Mean loss over the images with fixed noise and timesteps, so values are comparable across steps."""
-        generator = torch.Generator(self.buckets[0][0].device).manual_seed(seed)
+        """Mean loss over the images with fixed noise and timesteps, so values are comparable across steps. Each
+        bucket's random draws are made for the whole bucket, from the generator's state at its start, and each chunk
+        keeps its rows: the same numbers whatever train.batch_size."""
+        generator = torch.Generator(self.device).manual_seed(seed)
         count, loss = sum(len(rows) for _, rows in self.buckets), 0.0
         with eval_mode(parts.unet, parts.text_encoder), torch.no_grad():
-            for pixel_values, rows in self.buckets:  # weights n_b / n: exactly 1.0 for a single bucket
-                states = self.captions(parts.text_encoder, rows)
-                loss += diffusion_loss(parts, encode(parts.vae, pixel_values), states, generator).item() * (
-                    len(rows) / count
-                )
+            for pixel_values, rows in self.buckets:
+                bucket_start = generator.get_state()
+                for start in range(0, len(rows), self.batch_size):
+                    generator.set_state(bucket_start)
+                    chunk = slice(start, start + self.batch_size)
+                    share = BatchShare(len(rows), start, len(rows[chunk]))
+                    states = self.captions(parts.text_encoder, rows[chunk].to(self.device))
+                    posterior = encode(parts.vae, pixel_values[chunk].to(self.device))
+                    chunk_loss = diffusion_loss(parts, posterior, states, generator, share).item()
+                    loss += chunk_loss * (len(rows[chunk]) / count)  # weights n_chunk / n: 1.0 for one chunk
         return loss
 
 
 def validation_images(parts: Components, prompts: list[str], params: TrainParams, resolution: int) -> Image.Image:
     """One square image per prompt, each from its own fixed seed (train.seed + position), one row per prompt with
     the prompt in full beside it: the same prompts and noise at every interval, so successive grids show what
-    training changed."""
+    training changed. Drawn train.batch_size prompts at a time (each image has its own generator, so the chunks
+    change no image's noise)."""
     import diffusers
 
     from lanskap.generate.sampling import SCHEDULERS
@@ -85,15 +99,18 @@ def validation_images(parts: Components, prompts: list[str], params: TrainParams
     device = parts.unet.device
     generators = [torch.Generator(device).manual_seed(params.seed + index) for index in range(len(prompts))]
     mixed = parts.unet.dtype != torch.float32  # frozen weights in bf16/fp16, LoRA in fp32: autocast as in training
+    images = []
     with eval_mode(parts.unet, parts.text_encoder), torch.autocast(device.type, parts.unet.dtype, enabled=mixed):
-        images = pipeline(
-            prompts,
-            num_inference_steps=params.image_inference_steps,
-            height=resolution,
-            width=resolution,
-            guidance_scale=params.image_guidance_scale,
-            generator=generators,
-        ).images
+        for start in range(0, len(prompts), params.batch_size):
+            chunk = slice(start, start + params.batch_size)
+            images += pipeline(
+                prompts[chunk],
+                num_inference_steps=params.image_inference_steps,
+                height=resolution,
+                width=resolution,
+                guidance_scale=params.image_guidance_scale,
+                generator=generators[chunk],
+            ).images
     return validation_grid(images, prompts, resolution)
 
 
@@ -108,10 +125,11 @@ def validation_grid(images: list[Image.Image], prompts: list[str], resolution: i
 
 @dataclass
 class Monitor:
-    """What the main process records: DVCLive rows (loss, lr, images/s every step; the held-out loss every
-    validation_every steps and at step 0, of the EMA weights too when on), validation images every images_every
-    steps. Other processes record nothing; `image_dir` keeps copies of the images beside the checkpoints, for a
-    resumed run to log again. Losses and images are of the weights `evaluated` puts in place (those exported)."""
+    """What the main process records: DVCLive rows (loss, lr, images/s every step, of the training steps alone; the
+    held-out loss every validation_every steps and at step 0, of the EMA weights too when on), validation images
+    every images_every steps. Other processes record nothing; `image_dir` keeps copies of the images beside the
+    checkpoints, for a resumed run to log again. Losses and images are of the weights `evaluated` puts in place
+    (those exported)."""
 
     live: object
     held_out: HeldOut

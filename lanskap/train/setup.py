@@ -1,6 +1,5 @@
 """Setting up a run: the base model's parts loaded frozen, LoRA adapters attached, accelerate's wrappers."""
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -87,18 +86,16 @@ def make_accelerator(params: TrainParams):
 
 
 def check_mixed_precision(model_dir: Path, params: TrainParams) -> None:
-    """Refuse fp16 for a UNet whose config asks for fp32 attention scores (SD 2.1-768's `upcast_attention`): its
-    attention overflows in fp16, and the SDPA attention diffusers uses does not honour the upcast, so training
-    ends in NaN losses hours in."""
-    if params.mixed_precision != "fp16":
-        return
-    config = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
-    if config.get("upcast_attention"):
-        raise UserError(
-            f"train.mixed_precision=fp16 with {model_dir}: its UNet sets upcast_attention (as SD 2.1-768 "
-            "does) because its attention overflows in fp16. Set train.mixed_precision: bf16 (or 'no' on "
-            "a GPU without bf16)"
-        )
+    """Refuse fp16 for a UNet whose attention overflows in it (SD 2.1-768), and bf16 on a CPU that would emulate
+    it (lanskap.models.precision)."""
+    from lanskap.models.precision import require_fast_bf16, require_fp16_safe
+
+    if params.mixed_precision == "fp16":
+        instead = "train.mixed_precision: bf16 (or 'no' on a GPU without bf16)"
+        require_fp16_safe(model_dir, "train.mixed_precision", instead)
+    if params.mixed_precision == "bf16":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        require_fast_bf16(device_type, "train.mixed_precision", "train.mixed_precision: 'no'")
 
 
 def pixel_multiple(parts: Components) -> int:
