@@ -27,6 +27,8 @@ SKIPPED = {  # the README's commands this test does not run, and why
     "make test": "the whole test suite, this test included (what CI runs)",
     "dvc exp run -S preset=paper": "the paper preset: SD 2.1-768 and CLIP/Inception weights from the network, a GPU",
     "dvc exp run -S preset=paper -S lora.rank=16": "the paper preset: network weights and a GPU",
+    "make rate": "a server that runs until Ctrl-C (tests/test_rate_browser.py drives it in a browser)",
+    "git add ratings/votes.sqlite '&&' git commit -m ratings": "commits the votes cast on the page: none here",
 }
 CHEAP = "-S train.steps=4 -S train.validation_every=2 -S generate.steps=2 -S evaluate.permutations=20"
 SCREEN_COLUMNS = 200  # "one screen": a full-HD terminal at a 9-10 px font
