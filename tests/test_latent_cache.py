@@ -119,14 +119,18 @@ def test_without_augmentation_a_cached_run_trains_the_on_the_fly_weights_encodin
     unaugmented = {**project_params, "augment": NO_AUGMENTATION}
     write_params(workdir, unaugmented)
     train_images = len((workdir / "data/processed/train.csv").read_text().splitlines()) - 1
+    test_images = len((workdir / "data/processed/test.csv").read_text().splitlines()) - 1
     steps, validations = 4, 3  # train.steps 4, validation_every 2: held-out loss at 0, 2, 4
+    batch = project_params["train"]["batch_size"]  # validation encodes the test images in chunks of this size
+    chunks = [batch] * (test_images // batch) + ([test_images % batch] if test_images % batch else [])
     calls = count_vae_encodes(monkeypatch)
     on_the_fly = run_train_stage("models/on_the_fly")
-    assert len(calls) == steps + validations  # (the preflight probe runs on CUDA only)
+    assert len(calls) == steps + validations * len(chunks)  # (the preflight probe runs on CUDA only)
     calls.clear()
     with_train(workdir, unaugmented, cached_latents=3)
     cached = run_train_stage("models/cached")
-    assert calls.count(1) == train_images * 3 and len(calls) == train_images * 3 + validations
+    assert calls.count(1) == train_images * 3 + validations * chunks.count(1)
+    assert len(calls) == train_images * 3 + validations * len(chunks)
     largest_change = max(on_the_fly[key].abs().max().item() for key in on_the_fly if ".lora_B." in key)
     assert largest_change > 0 and on_the_fly.keys() == cached.keys()
     difference = max((cached[key] - on_the_fly[key]).abs().max().item() for key in on_the_fly)

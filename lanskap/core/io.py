@@ -41,13 +41,21 @@ TORCH_WRITE_FAILED = re.compile(r"inline_container\.cc|PytorchStreamWriter")
 
 
 def process_exists(pid: int) -> bool:
+    """Whether `pid` is a live process. A killed writer stays a zombie until its parent (or init, for an orphan)
+    reaps it; a zombie writes nothing more, so it counts as gone (Linux: its state in /proc is Z)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:  # reaped since the signal
+        return False
+    except (OSError, IndexError):  # no /proc here: trust the signal
+        return True
+    return state != "Z"
 
 
 def umask() -> int:
