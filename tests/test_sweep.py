@@ -75,8 +75,11 @@ def test_one_setting_when_only_the_seed_differs():
     assert list(group_by_setting(finished, "train.seed")) == ["all"]
 
 
-def test_a_setting_with_one_seed_or_a_repeated_seed_is_refused_with_its_experiments_named():
+def test_a_one_off_experiment_is_skipped_and_named_a_lone_one_or_a_repeated_seed_refused(capsys):
     finished, _ = finished_experiments(exp_show(*SWEEP[:3], experiment("stray", 0, rank=8)), ["metrics/eval.json"])
+    assert list(group_by_setting(finished, "train.seed")) == ["lora.rank=16"]
+    assert "skipped setting lora.rank=8: 1 experiment(s) ['stray']" in capsys.readouterr().err
+    finished, _ = finished_experiments(exp_show(SWEEP[0], experiment("stray", 0, rank=8)), ["metrics/eval.json"])
     with pytest.raises(UserError, match=r"setting lora.rank=8 has 1 finished experiment\(s\) \(\['stray'\]\).*--exp"):
         group_by_setting(finished, "train.seed")
     finished, _ = finished_experiments(exp_show(*SWEEP[:3], experiment("again", 1, rank=16)), ["metrics/eval.json"])

@@ -104,7 +104,8 @@ def _sort_key(value) -> tuple:
 
 def group_by_setting(experiments: list[Experiment], seed_key: str) -> dict[str, list[Experiment]]:
     """{"lora.rank=4": [its experiments, by seed], ...}, settings in the order of their values; one group "all"
-    when only the seed differs. Raises when a group has fewer than two seeds or a seed twice."""
+    when only the seed differs. A setting with fewer than two seeds beside others is skipped and named on stderr
+    (a one-off experiment); raises when none has two, or a group has a seed twice."""
     if not experiments:
         raise UserError("no finished experiment to aggregate: queue a sweep and run it first (README, Experiments)")
     missing = [experiment.name for experiment in experiments if seed_key not in experiment.params]
@@ -115,14 +116,25 @@ def group_by_setting(experiments: list[Experiment], seed_key: str) -> dict[str, 
         {tuple(experiment.params.get(key) for key in keys) for experiment in experiments},
         key=lambda values: [_sort_key(value) for value in values],
     )
-    groups = {}
+    from lanskap.sweep.seed_stats import MIN_SEEDS
+
+    groups, strays = {}, {}
     for values in settings:
         label = " ".join(f"{key}={json.dumps(value)}" for key, value in zip(keys, values)) or "all"
         members = [
             experiment for experiment in experiments if tuple(experiment.params.get(key) for key in keys) == values
         ]
-        groups[label] = sorted(members, key=lambda experiment: _sort_key(experiment.params[seed_key]))
-        check_group(label, groups[label], seed_key)
+        members = sorted(members, key=lambda experiment: _sort_key(experiment.params[seed_key]))
+        # a one-off experiment beside a sweep (`dvc exp run -S lora.rank=8`) is no setting of it: set aside, named
+        (strays if len(members) < MIN_SEEDS and len(settings) > 1 else groups)[label] = members
+    if not groups:
+        check_group(*next(iter(strays.items())), seed_key)
+    for label, members in groups.items():
+        check_group(label, members, seed_key)
+    for label, members in strays.items():
+        names = [member.name for member in members]
+        print(f"sweep: skipped setting {label}: {len(members)} experiment(s) {names}, fewer than {MIN_SEEDS} seeds "
+              "(pick the sweep's experiments with --exp)", file=sys.stderr)  # fmt: skip
     return groups
 
 
