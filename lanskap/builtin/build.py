@@ -206,7 +206,7 @@ def build_tiny_inception(config: BuildConfig, data: Data, out: Path, work: Path,
 
     from lanskap.builtin.config import TINY_INCEPTION
     from lanskap.builtin.heads import head_accuracy, load_scene_heads, save_scene_heads
-    from lanskap.builtin.inception import train_inception
+    from lanskap.builtin.inception import FANTASY_ONLY_TRAITS, fantasy_rows, train_inception
     from lanskap.evaluate.features import InceptionEmbedder, load_tiny_inception
     from lanskap.evaluate.metrics import frechet_distance
 
@@ -223,7 +223,10 @@ def build_tiny_inception(config: BuildConfig, data: Data, out: Path, work: Path,
             load_tiny_inception(staging), "builtin:tiny-inception", network.dim, "cpu"
         ).features(data.held_out_pngs(work))
         # Measured on the saved fp16 weights, loaded as evaluation loads them.
-        accuracy = head_accuracy(load_scene_heads(staging), features, data.held_out_both().scenes)
+        held_out = data.held_out_both()
+        accuracy = head_accuracy(load_scene_heads(staging), features, held_out.scenes)
+        fantasy = fantasy_rows(held_out)
+        within = head_accuracy(load_scene_heads(staging), features[fantasy], [held_out.scenes[r] for r in fantasy])
         half = config.held_out_images // 2  # rows: base world, then fantasy world
         base, fantasy = features[: config.held_out_images], features[config.held_out_images :]
         Card(
@@ -240,12 +243,15 @@ def build_tiny_inception(config: BuildConfig, data: Data, out: Path, work: Path,
             ],
             [
                 f"{config.inception.steps} steps of {config.inception.batch_size}, summed cross-entropy of the heads, "
-                f"AdamW at {config.inception.learning_rate}, warmup and cosine decay"
+                f"AdamW at {config.inception.learning_rate}, warmup and cosine decay",
+                f"then the heads of traits only the fantasy world shows ({', '.join(FANTASY_ONLY_TRAITS)}) refit on "
+                "its images alone, features frozen (L-BFGS logistic regression), so they cannot answer from the sky",
             ],
             {
                 "final training loss": log.last("train_loss"),
                 "held-out loss": log.last("held_out_loss"),
                 **{f"held-out accuracy: {name}": value for name, value in accuracy.items()},
+                **{f"held-out accuracy within the fantasy world: {name}": within[name] for name in FANTASY_ONLY_TRAITS},
                 "FID held-out fantasy half vs half": frechet_distance(fantasy[:half], fantasy[half:]),
                 "FID held-out base vs fantasy world": frechet_distance(base, fantasy),
             },

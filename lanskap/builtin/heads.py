@@ -60,6 +60,12 @@ class SceneHeads(torch.nn.Module):
         logits = self.linear(features.to(self.linear.weight.dtype))
         return dict(zip(self.labels, logits.split([len(classes) for classes in self.labels.values()], dim=1)))
 
+    def rows(self, name: str) -> slice:
+        """The rows of the shared linear layer that give head `name`'s logits."""
+        names = list(self.labels)
+        start = sum(len(self.labels[other]) for other in names[: names.index(name)])
+        return slice(start, start + len(self.labels[name]))
+
     def layout(self) -> list[dict]:
         """The heads' order and labels, as config.json records them."""
         return [{"name": name, "labels": classes} for name, classes in self.labels.items()]

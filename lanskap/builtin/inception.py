@@ -14,7 +14,15 @@ from lanskap.builtin.config import TINY_INCEPTION, BuildConfig
 from lanskap.builtin.heads import LABELS, SceneHeads, trait_indices
 from lanskap.builtin.training import LossLog, batch_indices, optimizer_and_schedule, train_loop
 from lanskap.builtin.worlds import WorldImages
+from lanskap.data.procedural import WORLDS
 from lanskap.evaluate.features import TinyInception, inception_pixels
+
+# Traits the base world never shows (WORLDS["base"] has islands_p = spires_p = 0). Trained on both worlds, their
+# heads learn the shortcut "fantasy sky, so islands": on 600 fantasy images the jointly trained islands head said
+# "islands" for 83 % (prevalence 61 %, accuracy 58 %). Refit on fantasy images alone over the same frozen features,
+# it must find the islands in the picture; the card gives both heads' accuracy within the fantasy world.
+FANTASY_ONLY_TRAITS = ("islands", "spires")
+REFIT_L2 = 1e-3  # keeps the refit well posed if a few features separate the classes
 
 
 class SceneClassifier(torch.nn.Module):
@@ -53,4 +61,47 @@ def train_inception(config: BuildConfig, images: WorldImages, held_out: WorldIma
         return classification_loss(model, held_out_pixels, held_out_labels).item()
 
     seconds = train_loop(config.inception, model, optimizer, schedule, step_loss, held_out_loss, log, "train Inception")
+    model.eval()
+    refit_fantasy_only_heads(model, images)
     return model.features, model.heads, seconds
+
+
+def fantasy_rows(images: WorldImages) -> list[int]:
+    return [row for row, scene in enumerate(images.scenes) if scene.palette in WORLDS["fantasy"].palettes]
+
+
+@torch.no_grad()
+def pool_features(network: TinyInception, images: WorldImages, rows: list[int], chunk: int = 64) -> torch.Tensor:
+    """The frozen network's features [len(rows), dim] of images[rows]."""
+    return torch.cat([network(pixels_of(images, rows[start : start + chunk])) for start in range(0, len(rows), chunk)])
+
+
+def refit_fantasy_only_heads(model: SceneClassifier, images: WorldImages) -> None:
+    """Refit, in place, the heads of FANTASY_ONLY_TRAITS on the fantasy images alone, the features frozen (see
+    FANTASY_ONLY_TRAITS): so the detector must find islands in the picture, not in the sky's colour."""
+    rows = fantasy_rows(images)
+    features = pool_features(model.features, images, rows)  # [n, dim]
+    targets = trait_indices([images.scenes[row] for row in rows])  # [n, heads]
+    columns = list(model.heads.labels)
+    for trait in FANTASY_ONLY_TRAITS:
+        fit_head_rows(model.heads, trait, features, targets[:, columns.index(trait)])
+
+
+def fit_head_rows(heads: SceneHeads, trait: str, features: torch.Tensor, targets: torch.Tensor) -> None:
+    """Logistic regression (softmax over the trait's classes) by full-batch L-BFGS, from the head's current values,
+    written back into the trait's rows of the shared linear layer."""
+    rows = heads.rows(trait)
+    weight = heads.linear.weight[rows].detach().clone().requires_grad_(True)  # [classes, dim]
+    bias = heads.linear.bias[rows].detach().clone().requires_grad_(True)  # [classes]
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight.T + bias, targets) + REFIT_L2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        heads.linear.weight[rows] = weight
+        heads.linear.bias[rows] = bias
