@@ -90,6 +90,8 @@ def test_shares_gap_and_calibration_on_a_tiny_run():
     assert out["traits_islands_share_test"] == pytest.approx(0.5)
     assert out["traits_islands_detector_accuracy"] == pytest.approx(2 / 3)
     assert out["traits_islands_false_positive_test"] == 0  # prompt 2: no islands drawn, none found
+    assert out["traits_islands_false_positive_base"] == 1  # prompt 2 asks for none: base finds them in both images
+    assert out["traits_islands_false_positive_lora"] == 0
     assert "traits_palette_false_positive_test" not in out  # every caption asks for a palette
     assert out["traits_palette_share_gap"] == 0 and out["traits_palette_detector_accuracy"] == 1
     assert out["traits_islands_share_gap_ci_low"] < 0.5 < out["traits_islands_share_gap_ci_high"]
@@ -149,10 +151,12 @@ def test_report_table_appears_only_with_trait_metrics():
         "traits_palette_share_gap_ci_high": 0.95,
         "traits_spires_detector_accuracy": 0.8,
         "traits_spires_false_positive_test": 0.3,
+        "traits_spires_false_positive_base": 0.1,
+        "traits_spires_false_positive_lora": 0.9,
     }
     section = traits_section(metrics)
-    assert "| palette | 20 | 1 | - | 1 | 0 | 0.85 | 0.85 [0.6, 0.95] |" in section
-    assert "| spires | fewer than 2 | - | 0.3 | 0.8 |" in section
+    assert "| palette | 20 | 1 | - | 1 | 0 | 0.85 | - | - | 0.85 [0.6, 0.95] |" in section
+    assert "| spires | fewer than 2 | - | 0.3 | 0.8 |  |  | 0.1 | 0.9 |  |" in section
     assert traits_section({"n_test": 20.0}) is None
     assert sample_size("traits_palette_share_lora", metrics) == ""
 

@@ -233,16 +233,18 @@ def flags_section(metrics: dict[str, float]) -> str:
 
 def trait_cells(trait: str, metrics: dict[str, float]) -> list[str]:
     key = f"traits_{trait}"
-    calibration = [
-        format_value(metrics[key + suffix]) if key + suffix in metrics else "-"
-        for suffix in ("_share_test", "_false_positive_test", "_detector_accuracy")
-    ]
+
+    def cell(suffix: str) -> str:
+        return format_value(metrics[key + suffix]) if key + suffix in metrics else "-"
+
+    calibration = [cell(suffix) for suffix in ("_share_test", "_false_positive_test", "_detector_accuracy")]
+    unasked = [cell("_false_positive_base"), cell("_false_positive_lora")]
     if key + "_share_gap" not in metrics:
-        return [trait, "fewer than 2", *calibration, "", "", ""]
+        return [trait, "fewer than 2", *calibration, "", "", *unasked, ""]
     shares = [format_value(metrics[f"{key}_share_{name}"]) for name in ("base", "lora")]
     gap = f"{format_value(metrics[key + '_share_gap'])} [{format_value(metrics[key + '_share_gap_ci_low'])}, "
     gap += f"{format_value(metrics[key + '_share_gap_ci_high'])}]"
-    return [trait, f"{metrics[key + '_prompts']:.0f}", *calibration, *shares, gap]
+    return [trait, f"{metrics[key + '_prompts']:.0f}", *calibration, *shares, *unasked, gap]
 
 
 def traits_section(metrics: dict[str, float]) -> str | None:
@@ -260,6 +262,8 @@ def traits_section(metrics: dict[str, float]) -> str | None:
         "accuracy (test)",
         "base",
         "LoRA",
+        "base, not asked",
+        "LoRA, not asked",
         "LoRA - base [95%]",
     ]
     return (
@@ -268,7 +272,9 @@ def traits_section(metrics: dict[str, float]) -> str | None:
         "in which the detected class is the asked one, over the prompts that ask. Calibration on the reference "
         "test images: the share where the trait is drawn, the share where it is found though not drawn (false "
         "positives; '-' where every caption asks), and the accuracy over all. A detector that finds a trait as often "
-        "where it is not drawn tells nothing about it. Interval: paired by prompt, adjusted Wald (Bonett-Price) with "
+        "where it is not drawn tells nothing about it; nor does a model whose images show it as often where their "
+        "prompt does not ask (the 'not asked' columns: the detector may be answering to the look of its images). "
+        "Interval: paired by prompt, adjusted Wald (Bonett-Price) with "
         "Student t (`lanskap/evaluate/traits.py`).\n\n"
         + markdown_table(header, [trait_cells(trait, metrics) for trait in traits])
     )

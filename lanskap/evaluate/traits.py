@@ -12,7 +12,10 @@ test caption is parsed back into the classes the heads predict. For every trait 
 - share_test, false_positive_test and detector_accuracy: the calibration, on the reference test images, whose
   classes are known: the share in which the detector finds the trait where it is drawn, the share in which it
   finds it where it is not (traits not every caption asks for), and its accuracy over all test images. A share
-  on generated images is worth reading only as far as the detector tells drawn from not drawn on real ones.
+  on generated images is worth reading only as far as the detector tells drawn from not drawn on real ones;
+- false_positive_base / false_positive_lora: the same on generated images, the share of images whose prompt does
+  not ask for the trait in which it is found. A model that shows a trait as often where it is not asked has not
+  learnt to draw it on request: the detector may be answering to the look of that model's images.
 
 Interval: each prompt gives d = (LoRA share - base share) of its images, in [-1, 1]. With one image per prompt
 this is a difference of paired proportions, where the plain t-interval fails (all-equal pairs give a zero-width
@@ -116,6 +119,10 @@ def trait_metrics(asked: AskedTraits, detected: dict[str, dict[str, np.ndarray]]
         out[f"traits_{trait}_detector_accuracy"] = float(test_found.mean())
         if not asking.all():  # found where the caption does not ask: the detector's false-positive rate
             out[f"traits_{trait}_false_positive_test"] = float(1 - test_found[~asking].mean())
+            unasked = ~asking[prompt]  # generated images whose prompt does not ask
+            for name in ("base", "lora"):
+                found = detected[name][trait] == wanted[prompt]
+                out[f"traits_{trait}_false_positive_{name}"] = float(1 - found[unasked].mean())
         if asking.sum() < 2:
             continue
         shares = {
