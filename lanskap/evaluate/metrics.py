@@ -89,6 +89,7 @@ class KernelSums:
     columns: np.ndarray  # [units] sum over every x-row a and y-rows b of unit i
     within: np.ndarray  # [units] sum over x-rows and y-rows both of unit i
     diagonal: np.ndarray  # [units] sum of K[a, a] over rows a of unit i (x is y); zeros otherwise
+    subsets: np.ndarray | None = None  # [k] sum of K[a, b] over the x-rows and y-rows of subset j (`indicators`)
 
     @property
     def total(self) -> float:
@@ -107,15 +108,20 @@ def kernel_sums(
     y_units: np.ndarray | None = None,
     same_set: bool = False,
     tile: int | None = None,
+    indicators: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> KernelSums:
     """KernelSums of kernel(x, y), built tile by tile: memory stays at a few tile x tile matrices whatever
     the number of rows (the dense n x n matrix of 30,000 images would take 7 GiB). Units default to one
-    unit for all rows. `same_set` (y is x, with the same units) also sums the diagonal, for U-statistics."""
+    unit for all rows. `same_set` (y is x, with the same units) also sums the diagonal, for U-statistics.
+    `indicators` ([m, k] and [n, k], 0/1: which rows subset j holds) also sums each subset's block, s_x^T K s_y,
+    at k / d of the kernel's own cost."""
     tile = tile or TILE_ROWS
     x_units = np.zeros(len(x), dtype=int) if x_units is None else np.asarray(x_units)
     y_units = np.zeros(len(y), dtype=int) if y_units is None else np.asarray(y_units)
     units = int(max(x_units.max(), y_units.max())) + 1
     sums = {name: np.zeros(units) for name in ("rows", "columns", "within", "diagonal")}
+    if indicators is not None:
+        sums["subsets"] = np.zeros(indicators[0].shape[1])
     for row in range(0, len(x), tile):
         row_units = x_units[row : row + tile]
         for column in range(0, len(y), tile):
@@ -127,6 +133,9 @@ def kernel_sums(
             sums["within"] += np.bincount(row_units, np.where(same_unit, block, 0.0).sum(axis=1), units)
             if same_set and row == column:
                 sums["diagonal"] += np.bincount(row_units, np.diagonal(block), units)
+            if indicators is not None:
+                rows, columns = indicators[0][row : row + tile], indicators[1][column : column + tile]
+                sums["subsets"] += np.sum(rows * (block @ columns), axis=0)
     return KernelSums(**sums)
 
 
@@ -258,9 +267,12 @@ def kid_jackknife(x: np.ndarray, y: np.ndarray, x_units: np.ndarray, y_units: np
     """(value, jackknife variance) of the unbiased MMD^2 of the whole sets under KID's kernel, leaving out
     one unit (prompt) at a time: all its rows in x and in y. Needs 2 rows per set without any one unit."""
     k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, u, u, same_set=True) for s, u in ((x, x_units), (y, y_units)))
-    k_xy = kernel_sums(polynomial_kernel, x, y, x_units, y_units)
-    units = len(k_xy.rows)
-    m, n = len(x), len(y)
+    return jackknife_from_sums(k_xx, k_yy, kernel_sums(polynomial_kernel, x, y, x_units, y_units), x_units, y_units)
+
+
+def jackknife_from_sums(k_xx: KernelSums, k_yy: KernelSums, k_xy: KernelSums, x_units, y_units) -> tuple[float, float]:
+    """kid_jackknife's (value, variance) from the whole sets' kernel sums by unit and each row's unit."""
+    units, m, n = len(k_xy.rows), len(x_units), len(y_units)
     m_out = m - np.bincount(x_units, minlength=units)
     n_out = n - np.bincount(y_units, minlength=units)
     if units < 2 or min(m_out.min(), n_out.min()) < 2:
@@ -329,7 +341,27 @@ def kid(
     if len(x) == len(y) == subset_size:  # every subset is the whole set: one pass gives the value and its error
         whole_sets, jackknife = kid_jackknife(x, y, *units)
         return whole_sets, float(np.sqrt(jackknife))
+    draws = _subset_draws(len(x), len(y), subset_size, num_subsets, seed)
     budget = KID_JACKKNIFE_SHARE * 3 * num_subsets * subset_size**2
+    whole = len(x) ** 2 + len(y) ** 2 + len(x) * len(y)  # the whole kernel matrices' entries
+    if whole <= 2 * num_subsets * subset_size**2 + min(whole, budget):  # no more than the subsets and jackknife
+        values, jackknife = _kid_by_whole_kernels(x, y, units, draws)
+        scale = 1.0
+    else:
+        values, jackknife, scale = _kid_by_subsets(x, y, units, draws, budget, seed)
+    monte_carlo = np.var(values, ddof=1) / num_subsets if num_subsets > 1 else 0.0
+    return float(np.mean(values)), float(np.sqrt(jackknife * scale + monte_carlo))
+
+
+def _subset_draws(m: int, n: int, size: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """KID's subsets: row indices into x and into y, drawn without replacement, x's then y's for each subset."""
+    rng = np.random.default_rng(seed)
+    return [(rng.choice(m, size, replace=False), rng.choice(n, size, replace=False)) for _ in range(count)]
+
+
+def _kid_by_subsets(x, y, units, draws, budget: float, seed: int) -> tuple[np.ndarray, float, float]:
+    """(each subset's MMD^2 from its own kernel matrices, the jackknife variance within `budget` pairs, the
+    factor that scales it to the whole sets'): for sets much larger than the subsets."""
     kept, scale = jackknife_units(units, (len(x), len(y)), budget, seed)
     jackknife_sets = (x, y, *units)
     if scale < 1:  # a sample of the units, renumbered 0..u-1 for the kernel sums (all of them: no copy of the sets)
@@ -337,15 +369,23 @@ def kid(
         renumbered = (np.searchsorted(kept, units[0][x_rows]), np.searchsorted(kept, units[1][y_rows]))
         jackknife_sets = (x[x_rows], y[y_rows], *renumbered)
     _, jackknife = kid_jackknife(*jackknife_sets)  # first: it refuses sets too small for a standard error
-    rng = np.random.default_rng(seed)
-    values = [
-        _kid_subset_mmd(
-            x[rng.choice(x.shape[0], subset_size, replace=False)], y[rng.choice(y.shape[0], subset_size, replace=False)]
-        )
-        for _ in range(num_subsets)
-    ]
-    monte_carlo = np.var(values, ddof=1) / num_subsets if num_subsets > 1 else 0.0
-    return float(np.mean(values)), float(np.sqrt(jackknife * scale + monte_carlo))
+    return np.array([_kid_subset_mmd(x[x_rows], y[y_rows]) for x_rows, y_rows in draws]), jackknife, scale
+
+
+def _kid_by_whole_kernels(x, y, units, draws) -> tuple[np.ndarray, float]:
+    """(each subset's MMD^2, the whole sets' jackknife variance over every unit) from one tiled pass over the whole
+    kernel matrices, each subset's sums as s^T K s with s its 0/1 column. Where subsets overlap (sets up to ~10k
+    rows at 1000 per subset) this is less kernel work than the subsets' own matrices, jackknife included."""
+    marks = [np.zeros((len(x), len(draws))), np.zeros((len(y), len(draws)))]
+    for subset, drawn in enumerate(draws):
+        marks[0][drawn[0], subset] = marks[1][drawn[1], subset] = 1.0
+    k_xx = kernel_sums(polynomial_kernel, x, x, units[0], units[0], same_set=True, indicators=(marks[0], marks[0]))
+    k_yy = kernel_sums(polynomial_kernel, y, y, units[1], units[1], same_set=True, indicators=(marks[1], marks[1]))
+    k_xy = kernel_sums(polynomial_kernel, x, y, *units, indicators=(marks[0], marks[1]))
+    _, jackknife = jackknife_from_sums(k_xx, k_yy, k_xy, *units)
+    diagonals = [mark.T @ (np.sum(s * s, axis=1) / s.shape[1] + 1) ** 3 for mark, s in zip(marks, (x, y))]
+    size = len(draws[0][0])
+    return _unbiased_mmd(k_xx.subsets - diagonals[0], k_yy.subsets - diagonals[1], k_xy.subsets, size, size), jackknife
 
 
 def clip_cosines(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
