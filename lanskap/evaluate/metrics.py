@@ -37,14 +37,19 @@ CLIP_SCORE_SCALE = 100.0
 # image-generation papers do, puts clip_s on clip_score's scale, so the two differ only in where the clamp acts
 # (clip_s >= clip_score always). Divide by 40 for the paper's w = 2.5.
 CLIP_S_WEIGHT = 100.0
+FID_CHUNK_ROWS = 8192  # FID's mean and covariance are summed by chunks of this many rows beyond it
 TILE_ROWS = 1024  # kernel matrices are summed in tiles of this many rows and columns (8 MiB of float64)
 # KID's jackknife costs at most this share of its subsets' kernel work; beyond, it runs on a sample of the units
 # (fewer units: a noisier standard error, whose normal intervals then cover less often at small n)
 KID_JACKKNIFE_SHARE = 1.0
 
 
-def _feature_matrix(features: np.ndarray, name: str, min_rows: int = 1) -> np.ndarray:
-    matrix = np.asarray(features, dtype=np.float64)
+def _feature_matrix(features: np.ndarray, name: str, min_rows: int = 1, keep_float32: bool = False) -> np.ndarray:
+    """The features as a 2-D float64 array; with `keep_float32`, float32 rows stay as they are (KID casts each
+    kernel tile and subset as it uses them, the same values without a float64 copy: 470 MiB at 30k x 2048)."""
+    matrix = np.asarray(features)
+    if not (keep_float32 and matrix.dtype == np.float32):
+        matrix = matrix.astype(np.float64, copy=False)
     if matrix.ndim != 2 or matrix.shape[0] < min_rows:
         raise ValueError(f"{name} must be a 2-D array [n, d] with n >= {min_rows}; got shape {matrix.shape}")
     return matrix
@@ -76,7 +81,8 @@ def rbf_kernel_minus_one(x: np.ndarray, y: np.ndarray, sigma: float = 10.0) -> n
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """KID's kernel, (x.y / d + 1)^3."""
+    """KID's kernel, (x.y / d + 1)^3, in float64 whatever the rows' float type."""
+    x, y = x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
     return (x @ y.T / x.shape[1] + 1) ** 3
 
 
@@ -237,9 +243,20 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _mean_and_covariance(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    # one set at a time: only one float64 copy of the features (and np.cov's centred one) is alive at once
-    matrix = _feature_matrix(features, name, 2)
-    return matrix.mean(axis=0), np.cov(matrix, rowvar=False)
+    """np.mean and np.cov (ddof = 1) in float64. Up to FID_CHUNK_ROWS rows, exactly those calls on a float64 copy;
+    beyond, the same sums by chunks of rows, so memory stays at a chunk (a whole float64 copy and np.cov's centred
+    one take 940 MiB at 30k x 2048), with the values equal to rounding."""
+    matrix = _feature_matrix(features, name, 2, keep_float32=True)
+    if len(matrix) <= FID_CHUNK_ROWS:
+        matrix = matrix.astype(np.float64, copy=False)
+        return matrix.mean(axis=0), np.cov(matrix, rowvar=False)
+    chunks = [slice(row, row + FID_CHUNK_ROWS) for row in range(0, len(matrix), FID_CHUNK_ROWS)]
+    mean = np.sum([matrix[rows].astype(np.float64).sum(axis=0) for rows in chunks], axis=0) / len(matrix)
+    covariance = np.zeros((matrix.shape[1], matrix.shape[1]))
+    for rows in chunks:
+        centred = matrix[rows].astype(np.float64) - mean
+        covariance += centred.T @ centred  # NumPy's syrk: one triangle
+    return mean, covariance / (len(matrix) - 1)
 
 
 def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
@@ -258,6 +275,7 @@ def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray) -> float:
 def _kid_subset_mmd(x: np.ndarray, y: np.ndarray) -> float:
     # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under the cubic kernel. A subset of
     # up to TILE_ROWS rows is summed as one dense block (8 MiB), larger ones in tiles.
+    x, y = x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
     if len(x) > TILE_ROWS:
         k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, same_set=True) for s in (x, y))
         within = (k_xx.total - k_xx.diagonal.sum(), k_yy.total - k_yy.diagonal.sum())
@@ -341,7 +359,7 @@ def kid(
     per set without any one unit (3 rows per set at one row per unit). It never costs more than KID_JACKKNIFE_SHARE
     of the subsets' kernel work: on large sets it runs on a sample of the units (`jackknife_units`), conservatively
     scaled."""
-    x, y = _feature_matrix(x, "x"), _feature_matrix(y, "y")
+    x, y = _feature_matrix(x, "x", keep_float32=True), _feature_matrix(y, "y", keep_float32=True)
     _matching_dims(x, y)
     if max_subset_size < 2:
         raise ValueError(f"KID needs subsets of at least 2 samples; got max_subset_size {max_subset_size}")
@@ -386,6 +404,12 @@ def _kid_by_subsets(x, y, units, draws, budget: float, seed: int) -> tuple[np.nd
     return np.array([_kid_subset_mmd(x[x_rows], y[y_rows]) for x_rows, y_rows in draws]), jackknife, scale
 
 
+def _cubic_self_kernel(x: np.ndarray) -> np.ndarray:
+    """[m] each row's (x.x / d + 1)^3, in float64, TILE_ROWS rows at a time (a row's sum is the same either way)."""
+    chunks = [x[row : row + TILE_ROWS].astype(np.float64) for row in range(0, len(x), TILE_ROWS)]
+    return np.concatenate([(np.sum(c * c, axis=1) / x.shape[1] + 1) ** 3 for c in chunks])
+
+
 def _kid_by_whole_kernels(x, y, units, draws) -> tuple[np.ndarray, float]:
     """(each subset's MMD^2, the whole sets' jackknife variance over every unit) from one tiled pass over the whole
     kernel matrices, each subset's sums as s^T K s with s its 0/1 column. Where subsets overlap (sets up to ~10k
@@ -399,7 +423,7 @@ def _kid_by_whole_kernels(x, y, units, draws) -> tuple[np.ndarray, float]:
     )
     k_xy = kernel_sums(polynomial_kernel, x, y, *units, indicators=(marks[0], marks[1]))
     _, jackknife = jackknife_from_sums(k_xx, k_yy, k_xy, *units)
-    diagonals = [mark.T @ (np.sum(s * s, axis=1) / s.shape[1] + 1) ** 3 for mark, s in zip(marks, (x, y))]
+    diagonals = [mark.T @ _cubic_self_kernel(s) for mark, s in zip(marks, (x, y))]
     size = len(draws[0][0])
     return _unbiased_mmd(k_xx.subsets - diagonals[0], k_yy.subsets - diagonals[1], k_xy.subsets, size, size), jackknife
 
