@@ -55,3 +55,15 @@ def test_fid_statistics_by_chunks_equal_the_whole_sets(sets, monkeypatch):
     wide = narrow.astype(np.float64)
     np.testing.assert_allclose(covariance, np.cov(wide, rowvar=False), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(mean, wide.mean(axis=0), rtol=1e-12, atol=1e-14)
+
+
+def test_symmetric_kernel_sums_by_upper_tiles_equal_the_full_square(sets, monkeypatch):
+    x, _, units = sets
+    monkeypatch.setattr(metrics, "TILE_ROWS", 64)
+    marks = (np.random.default_rng(0).random((len(x), 3)) < 0.5).astype(float)
+    square = metrics.kernel_sums(metrics.polynomial_kernel, x, x, units[0], units[0], True, indicators=(marks, marks))
+    upper = metrics.kernel_sums(
+        metrics.polynomial_kernel, x, x, units[0], units[0], True, indicators=(marks, marks), symmetric=True
+    )
+    for field in ("rows", "columns", "within", "diagonal", "subsets"):
+        np.testing.assert_allclose(getattr(upper, field), getattr(square, field), rtol=1e-12)
