@@ -357,9 +357,13 @@ def kid(
     Monte Carlo variance (their variance / num_subsets; 0 when every subset is the whole set). `units`
     gives each row's unit in x and in y (for generated images, their prompt: images of one prompt are
     not independent); None pairs row i of x with row i of y, which needs m == n. The jackknife needs 2 rows
-    per set without any one unit (3 rows per set at one row per unit). It never costs more than KID_JACKKNIFE_SHARE
-    of the subsets' kernel work: on large sets it runs on a sample of the units (`jackknife_units`), conservatively
-    scaled."""
+    per set without any one unit (3 rows per set at one row per unit).
+
+    Two routes to the same values (to rounding), whichever is less kernel work: where the subsets overlap (sets up
+    to ~13k rows at 1000 per subset), one tiled pass over the whole sets' kernel matrices gives every subset's sums
+    and the jackknife over every unit (`_kid_by_whole_kernels`); on larger sets each subset's own matrices, and a
+    jackknife that never costs more than KID_JACKKNIFE_SHARE of their kernel work: it runs on a sample of the units
+    (`jackknife_units`), conservatively scaled. float32 rows are cast to float64 tile by tile, not copied whole."""
     x, y = _feature_matrix(x, "x", keep_float32=True), _feature_matrix(y, "y", keep_float32=True)
     _matching_dims(x, y)
     if max_subset_size < 2:
