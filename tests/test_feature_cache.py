@@ -1,20 +1,25 @@
 """The feature cache (lanskap/evaluate/feature_cache.py): a hit gives the metrics' bytes a miss gives, a damaged or
-stale entry is never used, concurrent writers leave whole entries; and `evaluate_project`, a small project with
-everything evaluate reads, which tests/test_evaluate_distributed.py shares."""
+stale entry is never used, concurrent writers leave whole entries, each image is decoded once; and
+`evaluate_project`, a small project with everything evaluate reads, which tests/test_evaluate_distributed.py
+shares."""
 
 import json
 import multiprocessing
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from lanskap.data.procedural import generate
-from lanskap.evaluate import feature_cache
+from lanskap.evaluate import extraction, feature_cache
+from lanskap.evaluate.extraction import Extractor
 from lanskap.evaluate.feature_cache import FeatureCache, extractor_revision
+from lanskap.evaluate.features import read_rgb
 from stages import evaluate
 from tests.conftest import ROOT, shrink, write_params
 
@@ -169,3 +174,23 @@ def test_concurrent_writers_leave_one_whole_entry(tmp_path):
     assert np.array_equal(cache.read(images), expected)
     # no staging file left beside it
     assert [path.name for path in cache.entry_path(images).parent.iterdir()] == [cache.entry_path(images).name]
+
+
+class MeanColour:
+    """A stand-in extractor: each image's mean colour."""
+
+    def embed_images(self, images):
+        return torch.tensor(np.stack([np.asarray(image, dtype=np.float32).mean(axis=(0, 1)) for image in images]))
+
+
+def test_each_image_is_decoded_once_for_both_extractors_and_not_at_all_on_a_hit(tmp_path, monkeypatch):
+    paths = [tmp_path / path for path in write_images(tmp_path, "images", generate(40, 32, seed=0))]
+    decodes = []
+    monkeypatch.setattr(extraction, "read_rgb", lambda file: decodes.append(file) or read_rgb(file))
+    extractors = {kind: Extractor(MeanColour(), FeatureCache(tmp_path / "cache", kind, REVISION)) for kind in "ab"}
+    alone = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True)
+    first, counts = extraction.extract_sets({"set": paths}, extractors, alone)
+    assert len(decodes) == 40 and counts == {"hit": 0, "miss": 4}  # 2 batches x 2 extractors
+    again, counts = extraction.extract_sets({"set": paths}, extractors, alone)
+    assert len(decodes) == 40 and counts == {"hit": 4, "miss": 0}
+    assert all(np.array_equal(first[kind]["set"], again[kind]["set"]) for kind in "ab")
