@@ -194,3 +194,12 @@ def test_each_image_is_decoded_once_for_both_extractors_and_not_at_all_on_a_hit(
     again, counts = extraction.extract_sets({"set": paths}, extractors, alone)
     assert len(decodes) == 40 and counts == {"hit": 4, "miss": 0}
     assert all(np.array_equal(first[kind]["set"], again[kind]["set"]) for kind in "ab")
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_the_features_are_still_given(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    cache = FeatureCache(tmp_path / "a-file", "clip", REVISION)  # its folder cannot be made under a file
+    for images in (["a"], ["b"]):
+        cache.write(images, np.zeros((1, 2), dtype=np.float32))
+        assert cache.read(images) is None
+    assert capsys.readouterr().out.count("warning: feature cache") == 1

@@ -16,7 +16,8 @@ Location: .lanskap-cache/features/ under the project root (beside the training c
 LANSKAP_FEATURE_CACHE. Every entry can be deleted at any time (`rm -rf .lanskap-cache/features`); it is then
 recomputed. Entries are written atomically (lanskap.core.io), so concurrent writers of one entry, which write the
 same bytes, leave one whole file; a reader checks the key, the shape and the payload's sha256 before using an
-entry, and treats a stale or damaged one as absent (it is then recomputed and replaced).
+entry, and treats a stale or damaged one as absent (it is then recomputed and replaced). A cache folder that cannot
+be written (read-only, full) is warned about once and the evaluation goes on without it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lanskap.core.errors import UserError
 from lanskap.core.io import atomic_file
 
 FEATURE_CACHE_ROOT = Path(".lanskap-cache/features")  # relative to the project root, outside DVC's outputs
@@ -73,6 +75,7 @@ class FeatureCache:
     def __init__(self, root: Path, kind: str, revision: str):
         self.folder = root / kind
         self.revision = revision
+        self.write_failed = False  # warned once: a cache that cannot be written does not stop the evaluation
 
     def entry_path(self, images: list[str]) -> Path:
         key = hashlib.sha256(json.dumps([self.revision, images]).encode()).hexdigest()
@@ -98,8 +101,13 @@ class FeatureCache:
             "dtype": outputs.dtype.str,
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
-        with atomic_file(self.entry_path(images)) as staging:
-            staging.write_bytes(json.dumps(header).encode() + b"\n" + payload)
+        try:
+            with atomic_file(self.entry_path(images)) as staging:
+                staging.write_bytes(json.dumps(header).encode() + b"\n" + payload)
+        except (OSError, UserError) as error:  # a read-only or full cache folder: the features are still right
+            if not self.write_failed:
+                print(f"warning: feature cache {self.folder} not written ({error}); features are computed, not kept")
+            self.write_failed = True
 
 
 def verified(data: bytes, revision: str, images: list[str]) -> np.ndarray | None:
