@@ -15,6 +15,11 @@ CMMD is the reference's biased estimator x1000 (an `_unbiased` twin beside it); 
 "clean" mode; FID below 2048 images per set is flagged (`fid_comparable` = 0). Each LoRA-minus-base gap has a
 gap p (`_pvalue`, t-test of "gap = 0", agrees with its interval) and a changed p (`_changed_pvalue`, swap test of
 "the LoRA changed nothing").
+
+Image features are cached per batch in .lanskap-cache/features/ (LANSKAP_FEATURE_CACHE moves it), outside the
+outputs: the test set's serve every experiment (lanskap/evaluate/feature_cache.py). Several GPUs, machines or CPU
+processes: `accelerate launch --num_processes N -m stages.evaluate ...` shares the feature batches out; the main
+process computes the metrics and writes every output, byte-identical for any N (lanskap/evaluate/extraction.py).
 """
 
 from __future__ import annotations
@@ -32,22 +37,47 @@ if TYPE_CHECKING:  # the libraries load where the work starts, so that --help is
     from lanskap.core.provenance import Provenance
 
 
-def extract_features(test, generated, params):
+def extract_features(test, generated, params, processes):
+    """The sets' features through the feature cache, their batches shared out among the processes: (Features, CLIP
+    name, Inception name) on the main process, None on the others."""
     from lanskap.evaluate.comparisons import Features
+    from lanskap.evaluate.extraction import extract_sets
+
+    clip, inception, extractors = load_extractors(params, str(processes.device))
+    image_sets = {"test": [Path(p) for p in test["path"]]}
+    for model in ("base", "lora"):
+        rows = generated[generated["model"] == model].sort_values(["prompt_index", "sample"])
+        image_sets[model] = [Path(p) for p in rows["path"]]
+    features, counts = extract_sets(image_sets, extractors, processes)
+    if features is None:
+        return None
+    print(f"features: {counts['hit']} batch entries from the cache, {counts['miss']} computed (main process)")
+    clip_features = {**features["clip"], "text": clip.text_embeddings(test["caption"].tolist())}
+    prompt = generated[generated["model"] == "lora"].sort_values(["prompt_index", "sample"])["prompt_index"].to_numpy()
+    return Features(clip_features, features["inception"], prompt), clip.name, inception.name
+
+
+def load_extractors(params, device: str):
+    """The CLIP and Inception embedders on `device`, and each with the cache of its revision."""
+    from lanskap.evaluate.extraction import Extractor
+    from lanskap.evaluate.feature_cache import FeatureCache, cache_root, extractor_revision
     from lanskap.evaluate.features import load_clip, load_inception
 
-    clip = load_clip(params.clip_model, params.clip_revision)
-    inception = load_inception(params.inception_weights)
-    image_sets = {"test": test["path"].tolist()}
-    for model in ("base", "lora"):
-        image_sets[model] = (
-            generated[generated["model"] == model].sort_values(["prompt_index", "sample"])["path"].tolist()
-        )
-    clip_features = {name: clip.image_embeddings([Path(p) for p in paths]) for name, paths in image_sets.items()}
-    clip_features["text"] = clip.text_embeddings(test["caption"].tolist())
-    inception_features = {name: inception.features([Path(p) for p in paths]) for name, paths in image_sets.items()}
-    prompt = generated[generated["model"] == "lora"].sort_values(["prompt_index", "sample"])["prompt_index"].to_numpy()
-    return Features(clip_features, inception_features, prompt), clip.name, inception.name
+    clip = load_clip(params.clip_model, params.clip_revision, device)
+    inception = load_inception(params.inception_weights, device)
+    extractors = {
+        kind: Extractor(embedder, FeatureCache(cache_root(), kind, extractor_revision(kind, embedder.weights, device)))
+        for kind, embedder in (("clip", clip), ("inception", inception))
+    }
+    return clip, inception, extractors
+
+
+def process_state():
+    """This process's place among `accelerate launch`'s (a single process when run directly)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def read_loss_curves(training_log: Path) -> dict[str, pd.DataFrame]:
@@ -157,7 +187,10 @@ def main(argv=None):
     check_pairing(test, generated, str(args.generated / "index.csv"))
     scored = scored_weights(generated, str(args.generated / "index.csv"))
     report_sources = read_report_sources(args)
-    features, clip_name, inception_name = extract_features(test, generated, params)
+    extracted = extract_features(test, generated, params, process_state())
+    if extracted is None:  # another process of `accelerate launch`: its batches went to the main process
+        return
+    features, clip_name, inception_name = extracted
     results = {**set_comparisons(features, params), **lora_minus_base(features, params), **scored}
     if params.inception_weights == BUILTIN_TINY_INCEPTION:  # demo only: the stand-in's scene heads
         results |= run_traits(test["caption"].astype(str).tolist(), features.inception, features.prompt)

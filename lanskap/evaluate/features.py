@@ -34,6 +34,7 @@ from PIL import Image
 from lanskap.builtin import builtin_folder
 from lanskap.core.console import progress
 from lanskap.core.errors import UserError
+from lanskap.core.io import sha256_file
 from lanskap.models.folders import check_model_folder
 from lanskap.models.resolve import fetch_hub_snapshot, require_safetensors, weights_digest
 
@@ -116,14 +117,19 @@ class ClipEmbedder:
         self.tokenizer = CLIPTokenizer.from_pretrained(folder)
         self.image_size = self.model.config.vision_config.image_size
         self.dim = self.model.config.projection_dim
+        self.weights = weights_digest(folder)  # what the feature cache keys its entries by
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Projected image embeddings of decoded RGB images, [len(images), dim], before L2 normalisation."""
+        pixels = np.stack([clip_pixels(image, self.image_size) for image in images])
+        tower = self.model.vision_model(pixel_values=torch.from_numpy(pixels).to(self.device))
+        return self.model.visual_projection(tower.pooler_output)
 
     def image_embeddings(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
         """L2-normalised projected image embeddings, float64 [len(paths), dim], CMMD preprocessing."""
 
         def embed(batch_paths):
-            pixels = np.stack([clip_pixels(read_rgb(path), self.image_size) for path in batch_paths])
-            tower = self.model.vision_model(pixel_values=torch.from_numpy(pixels).to(self.device))
-            return self.model.visual_projection(tower.pooler_output)
+            return self.embed_images([read_rgb(path) for path in batch_paths])
 
         return l2_normalised(embed_in_batches(paths, batch_size, embed, self.dim, "CLIP images"))
 
@@ -250,18 +256,25 @@ def inception_pixels(image: Image.Image) -> np.ndarray:
 class InceptionEmbedder:
     """An extractor taking clean-fid's input ([N, 3, 299, 299] float in [0, 255]) to pool features."""
 
-    def __init__(self, network: torch.nn.Module, name: str, dim: int, device: str | None = None):
+    def __init__(
+        self, network: torch.nn.Module, name: str, dim: int, device: str | None = None, weights: str | None = None
+    ):
         self.name = name
         self.dim = dim
         self.device = device or default_device()
         self.network = network.to(self.device).eval()
+        self.weights = weights  # the weights' digest, what the feature cache keys its entries by
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Pool features of decoded RGB images, [len(images), dim], clean-fid "clean" preprocessing."""
+        pixels = np.stack([inception_pixels(image) for image in images])
+        return self.network(torch.from_numpy(pixels).to(self.device))
 
     def features(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
         """Pool features, float64 [len(paths), dim], with clean-fid "clean" preprocessing."""
 
         def embed(batch_paths):
-            pixels = np.stack([inception_pixels(read_rgb(path)) for path in batch_paths])
-            return self.network(torch.from_numpy(pixels).to(self.device))
+            return self.embed_images([read_rgb(path) for path in batch_paths])
 
         return embed_in_batches(paths, batch_size, embed, self.dim, "Inception")
 
@@ -275,7 +288,8 @@ def load_inception(spec: str, device: str | None = None) -> InceptionEmbedder:
                 f"the built-in model is {BUILTIN_TINY_INCEPTION!r}"
             )
         folder = builtin_folder(spec, "evaluate.inception_weights")
-        network = load_tiny_inception(folder)
-        return InceptionEmbedder(network, f"{spec}@{weights_digest(folder)}", network.dim, device)
+        network, digest = load_tiny_inception(folder), weights_digest(folder)
+        return InceptionEmbedder(network, f"{spec}@{digest}", network.dim, device, weights=digest)
     name = f"clean-fid {INCEPTION_FILE} ({spec})"
-    return InceptionEmbedder(load_cleanfid_inception(spec), name, 2048, device)
+    network = load_cleanfid_inception(spec)
+    return InceptionEmbedder(network, name, 2048, device, weights=sha256_file(Path(spec).expanduser())[:16])

@@ -37,14 +37,19 @@ CLIP_SCORE_SCALE = 100.0
 # image-generation papers do, puts clip_s on clip_score's scale, so the two differ only in where the clamp acts
 # (clip_s >= clip_score always). Divide by 40 for the paper's w = 2.5.
 CLIP_S_WEIGHT = 100.0
+FID_CHUNK_ROWS = 8192  # FID's mean and covariance are summed by chunks of this many rows beyond it
 TILE_ROWS = 1024  # kernel matrices are summed in tiles of this many rows and columns (8 MiB of float64)
 # KID's jackknife costs at most this share of its subsets' kernel work; beyond, it runs on a sample of the units
 # (fewer units: a noisier standard error, whose normal intervals then cover less often at small n)
 KID_JACKKNIFE_SHARE = 1.0
 
 
-def _feature_matrix(features: np.ndarray, name: str, min_rows: int = 1) -> np.ndarray:
-    matrix = np.asarray(features, dtype=np.float64)
+def _feature_matrix(features: np.ndarray, name: str, min_rows: int = 1, keep_float32: bool = False) -> np.ndarray:
+    """The features as a 2-D float64 array; with `keep_float32`, float32 rows stay as they are (KID casts each
+    kernel tile and subset as it uses them, the same values without a float64 copy: 470 MiB at 30k x 2048)."""
+    matrix = np.asarray(features)
+    if not (keep_float32 and matrix.dtype == np.float32):
+        matrix = matrix.astype(np.float64, copy=False)
     if matrix.ndim != 2 or matrix.shape[0] < min_rows:
         raise ValueError(f"{name} must be a 2-D array [n, d] with n >= {min_rows}; got shape {matrix.shape}")
     return matrix
@@ -76,7 +81,8 @@ def rbf_kernel_minus_one(x: np.ndarray, y: np.ndarray, sigma: float = 10.0) -> n
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """KID's kernel, (x.y / d + 1)^3."""
+    """KID's kernel, (x.y / d + 1)^3, in float64 whatever the rows' float type."""
+    x, y = x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
     return (x @ y.T / x.shape[1] + 1) ** 3
 
 
@@ -89,6 +95,7 @@ class KernelSums:
     columns: np.ndarray  # [units] sum over every x-row a and y-rows b of unit i
     within: np.ndarray  # [units] sum over x-rows and y-rows both of unit i
     diagonal: np.ndarray  # [units] sum of K[a, a] over rows a of unit i (x is y); zeros otherwise
+    subsets: np.ndarray | None = None  # [k] sum of K[a, b] over the x-rows and y-rows of subset j (`indicators`)
 
     @property
     def total(self) -> float:
@@ -107,27 +114,47 @@ def kernel_sums(
     y_units: np.ndarray | None = None,
     same_set: bool = False,
     tile: int | None = None,
+    indicators: tuple[np.ndarray, np.ndarray] | None = None,
+    symmetric: bool = False,
 ) -> KernelSums:
     """KernelSums of kernel(x, y), built tile by tile: memory stays at a few tile x tile matrices whatever
     the number of rows (the dense n x n matrix of 30,000 images would take 7 GiB). Units default to one
-    unit for all rows. `same_set` (y is x, with the same units) also sums the diagonal, for U-statistics."""
+    unit for all rows. `same_set` (y is x, with the same units) also sums the diagonal, for U-statistics.
+    `indicators` ([m, k] and [n, k], 0/1: which rows subset j holds) also sums each subset's block, s_x^T K s_y,
+    at k / d of the kernel's own cost. `symmetric` (same_set, a symmetric kernel, the same indicators on both
+    sides): only the tiles on and above the diagonal are computed, each one above it counted for its mirror too."""
     tile = tile or TILE_ROWS
     x_units = np.zeros(len(x), dtype=int) if x_units is None else np.asarray(x_units)
     y_units = np.zeros(len(y), dtype=int) if y_units is None else np.asarray(y_units)
     units = int(max(x_units.max(), y_units.max())) + 1
     sums = {name: np.zeros(units) for name in ("rows", "columns", "within", "diagonal")}
+    if indicators is not None:
+        sums["subsets"] = np.zeros(indicators[0].shape[1])
     for row in range(0, len(x), tile):
-        row_units = x_units[row : row + tile]
-        for column in range(0, len(y), tile):
-            column_units = y_units[column : column + tile]
+        for column in range(row if symmetric else 0, len(y), tile):
             block = kernel(x[row : row + tile], y[column : column + tile])
-            sums["rows"] += np.bincount(row_units, block.sum(axis=1), units)
-            sums["columns"] += np.bincount(column_units, block.sum(axis=0), units)
-            same_unit = row_units[:, None] == column_units[None, :]
-            sums["within"] += np.bincount(row_units, np.where(same_unit, block, 0.0).sum(axis=1), units)
+            units_of = (x_units[row : row + tile], y_units[column : column + tile])
+            add_tile(sums, block, units_of, units, mirror=symmetric and column > row)
             if same_set and row == column:
-                sums["diagonal"] += np.bincount(row_units, np.diagonal(block), units)
+                sums["diagonal"] += np.bincount(units_of[0], np.diagonal(block), units)
+            if indicators is not None:
+                rows, columns = indicators[0][row : row + tile], indicators[1][column : column + tile]
+                sums["subsets"] += np.sum(rows * (block @ columns), axis=0) * (2 if symmetric and column > row else 1)
     return KernelSums(**sums)
+
+
+def add_tile(sums: dict, block: np.ndarray, units_of: tuple[np.ndarray, np.ndarray], units: int, mirror: bool):
+    """Add one tile's sums by unit (its row and column units); with `mirror`, its transpose's too."""
+    row_units, column_units = units_of
+    by_row, by_column = block.sum(axis=1), block.sum(axis=0)
+    within = np.where(row_units[:, None] == column_units[None, :], block, 0.0)
+    sums["rows"] += np.bincount(row_units, by_row, units)
+    sums["columns"] += np.bincount(column_units, by_column, units)
+    sums["within"] += np.bincount(row_units, within.sum(axis=1), units)
+    if mirror:
+        sums["rows"] += np.bincount(column_units, by_column, units)
+        sums["columns"] += np.bincount(row_units, by_row, units)
+        sums["within"] += np.bincount(column_units, within.sum(axis=0), units)
 
 
 def rbf_self_sums(x: np.ndarray, sigma: float = 10.0) -> KernelSums:
@@ -216,9 +243,20 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _mean_and_covariance(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    # one set at a time: only one float64 copy of the features (and np.cov's centred one) is alive at once
-    matrix = _feature_matrix(features, name, 2)
-    return matrix.mean(axis=0), np.cov(matrix, rowvar=False)
+    """np.mean and np.cov (ddof = 1) in float64. Up to FID_CHUNK_ROWS rows, exactly those calls on a float64 copy;
+    beyond, the same sums by chunks of rows, so memory stays at a chunk (a whole float64 copy and np.cov's centred
+    one take 940 MiB at 30k x 2048), with the values equal to rounding."""
+    matrix = _feature_matrix(features, name, 2, keep_float32=True)
+    if len(matrix) <= FID_CHUNK_ROWS:
+        matrix = matrix.astype(np.float64, copy=False)
+        return matrix.mean(axis=0), np.cov(matrix, rowvar=False)
+    chunks = [slice(row, row + FID_CHUNK_ROWS) for row in range(0, len(matrix), FID_CHUNK_ROWS)]
+    mean = np.sum([matrix[rows].astype(np.float64).sum(axis=0) for rows in chunks], axis=0) / len(matrix)
+    covariance = np.zeros((matrix.shape[1], matrix.shape[1]))
+    for rows in chunks:
+        centred = matrix[rows].astype(np.float64) - mean
+        covariance += centred.T @ centred  # NumPy's syrk: one triangle
+    return mean, covariance / (len(matrix) - 1)
 
 
 def _unbiased_mmd(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, m, n):
@@ -237,6 +275,7 @@ def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray) -> float:
 def _kid_subset_mmd(x: np.ndarray, y: np.ndarray) -> float:
     # clean-fid's per-subset term, t / m: unbiased MMD^2 of equal-size subsets under the cubic kernel. A subset of
     # up to TILE_ROWS rows is summed as one dense block (8 MiB), larger ones in tiles.
+    x, y = x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
     if len(x) > TILE_ROWS:
         k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, same_set=True) for s in (x, y))
         within = (k_xx.total - k_xx.diagonal.sum(), k_yy.total - k_yy.diagonal.sum())
@@ -257,10 +296,14 @@ def jackknife_variance(leave_one_out: np.ndarray) -> float:
 def kid_jackknife(x: np.ndarray, y: np.ndarray, x_units: np.ndarray, y_units: np.ndarray) -> tuple[float, float]:
     """(value, jackknife variance) of the unbiased MMD^2 of the whole sets under KID's kernel, leaving out
     one unit (prompt) at a time: all its rows in x and in y. Needs 2 rows per set without any one unit."""
-    k_xx, k_yy = (kernel_sums(polynomial_kernel, s, s, u, u, same_set=True) for s, u in ((x, x_units), (y, y_units)))
-    k_xy = kernel_sums(polynomial_kernel, x, y, x_units, y_units)
-    units = len(k_xy.rows)
-    m, n = len(x), len(y)
+    self_sums = partial(kernel_sums, polynomial_kernel, same_set=True, symmetric=True)  # upper tiles: half the work
+    k_xx, k_yy = self_sums(x, x, x_units, x_units), self_sums(y, y, y_units, y_units)
+    return jackknife_from_sums(k_xx, k_yy, kernel_sums(polynomial_kernel, x, y, x_units, y_units), x_units, y_units)
+
+
+def jackknife_from_sums(k_xx: KernelSums, k_yy: KernelSums, k_xy: KernelSums, x_units, y_units) -> tuple[float, float]:
+    """kid_jackknife's (value, variance) from the whole sets' kernel sums by unit and each row's unit."""
+    units, m, n = len(k_xy.rows), len(x_units), len(y_units)
     m_out = m - np.bincount(x_units, minlength=units)
     n_out = n - np.bincount(y_units, minlength=units)
     if units < 2 or min(m_out.min(), n_out.min()) < 2:
@@ -314,10 +357,14 @@ def kid(
     Monte Carlo variance (their variance / num_subsets; 0 when every subset is the whole set). `units`
     gives each row's unit in x and in y (for generated images, their prompt: images of one prompt are
     not independent); None pairs row i of x with row i of y, which needs m == n. The jackknife needs 2 rows
-    per set without any one unit (3 rows per set at one row per unit). It never costs more than KID_JACKKNIFE_SHARE
-    of the subsets' kernel work: on large sets it runs on a sample of the units (`jackknife_units`), conservatively
-    scaled."""
-    x, y = _feature_matrix(x, "x"), _feature_matrix(y, "y")
+    per set without any one unit (3 rows per set at one row per unit).
+
+    Two routes to the same values (to rounding), whichever is less kernel work: where the subsets overlap (sets up
+    to ~13k rows at 1000 per subset), one tiled pass over the whole sets' kernel matrices gives every subset's sums
+    and the jackknife over every unit (`_kid_by_whole_kernels`); on larger sets each subset's own matrices, and a
+    jackknife that never costs more than KID_JACKKNIFE_SHARE of their kernel work: it runs on a sample of the units
+    (`jackknife_units`), conservatively scaled. float32 rows are cast to float64 tile by tile, not copied whole."""
+    x, y = _feature_matrix(x, "x", keep_float32=True), _feature_matrix(y, "y", keep_float32=True)
     _matching_dims(x, y)
     if max_subset_size < 2:
         raise ValueError(f"KID needs subsets of at least 2 samples; got max_subset_size {max_subset_size}")
@@ -329,7 +376,29 @@ def kid(
     if len(x) == len(y) == subset_size:  # every subset is the whole set: one pass gives the value and its error
         whole_sets, jackknife = kid_jackknife(x, y, *units)
         return whole_sets, float(np.sqrt(jackknife))
+    draws = _subset_draws(len(x), len(y), subset_size, num_subsets, seed)
     budget = KID_JACKKNIFE_SHARE * 3 * num_subsets * subset_size**2
+    # The whole route computes half of this (the self-kernels by their upper tiles); counted in full, it is taken
+    # only where it is cheaper whatever the tiling.
+    whole = len(x) ** 2 + len(y) ** 2 + len(x) * len(y)
+    if whole <= 2 * num_subsets * subset_size**2 + min(whole, budget):  # no more than the subsets and jackknife
+        values, jackknife = _kid_by_whole_kernels(x, y, units, draws)
+        scale = 1.0
+    else:
+        values, jackknife, scale = _kid_by_subsets(x, y, units, draws, budget, seed)
+    monte_carlo = np.var(values, ddof=1) / num_subsets if num_subsets > 1 else 0.0
+    return float(np.mean(values)), float(np.sqrt(jackknife * scale + monte_carlo))
+
+
+def _subset_draws(m: int, n: int, size: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """KID's subsets: row indices into x and into y, drawn without replacement, x's then y's for each subset."""
+    rng = np.random.default_rng(seed)
+    return [(rng.choice(m, size, replace=False), rng.choice(n, size, replace=False)) for _ in range(count)]
+
+
+def _kid_by_subsets(x, y, units, draws, budget: float, seed: int) -> tuple[np.ndarray, float, float]:
+    """(each subset's MMD^2 from its own kernel matrices, the jackknife variance within `budget` pairs, the
+    factor that scales it to the whole sets'): for sets much larger than the subsets."""
     kept, scale = jackknife_units(units, (len(x), len(y)), budget, seed)
     jackknife_sets = (x, y, *units)
     if scale < 1:  # a sample of the units, renumbered 0..u-1 for the kernel sums (all of them: no copy of the sets)
@@ -337,15 +406,31 @@ def kid(
         renumbered = (np.searchsorted(kept, units[0][x_rows]), np.searchsorted(kept, units[1][y_rows]))
         jackknife_sets = (x[x_rows], y[y_rows], *renumbered)
     _, jackknife = kid_jackknife(*jackknife_sets)  # first: it refuses sets too small for a standard error
-    rng = np.random.default_rng(seed)
-    values = [
-        _kid_subset_mmd(
-            x[rng.choice(x.shape[0], subset_size, replace=False)], y[rng.choice(y.shape[0], subset_size, replace=False)]
-        )
-        for _ in range(num_subsets)
-    ]
-    monte_carlo = np.var(values, ddof=1) / num_subsets if num_subsets > 1 else 0.0
-    return float(np.mean(values)), float(np.sqrt(jackknife * scale + monte_carlo))
+    return np.array([_kid_subset_mmd(x[x_rows], y[y_rows]) for x_rows, y_rows in draws]), jackknife, scale
+
+
+def _cubic_self_kernel(x: np.ndarray) -> np.ndarray:
+    """[m] each row's (x.x / d + 1)^3, in float64, TILE_ROWS rows at a time (a row's sum is the same either way)."""
+    chunks = [x[row : row + TILE_ROWS].astype(np.float64) for row in range(0, len(x), TILE_ROWS)]
+    return np.concatenate([(np.sum(c * c, axis=1) / x.shape[1] + 1) ** 3 for c in chunks])
+
+
+def _kid_by_whole_kernels(x, y, units, draws) -> tuple[np.ndarray, float]:
+    """(each subset's MMD^2, the whole sets' jackknife variance over every unit) from one tiled pass over the whole
+    kernel matrices, each subset's sums as s^T K s with s its 0/1 column. Where subsets overlap (sets up to ~10k
+    rows at 1000 per subset) this is less kernel work than the subsets' own matrices, jackknife included."""
+    marks = [np.zeros((len(x), len(draws))), np.zeros((len(y), len(draws)))]
+    for subset, drawn in enumerate(draws):
+        marks[0][drawn[0], subset] = marks[1][drawn[1], subset] = 1.0
+    k_xx, k_yy = (
+        kernel_sums(polynomial_kernel, s, s, u, u, same_set=True, indicators=(mark, mark), symmetric=True)
+        for s, u, mark in ((x, units[0], marks[0]), (y, units[1], marks[1]))
+    )
+    k_xy = kernel_sums(polynomial_kernel, x, y, *units, indicators=(marks[0], marks[1]))
+    _, jackknife = jackknife_from_sums(k_xx, k_yy, k_xy, *units)
+    diagonals = [mark.T @ _cubic_self_kernel(s) for mark, s in zip(marks, (x, y))]
+    size = len(draws[0][0])
+    return _unbiased_mmd(k_xx.subsets - diagonals[0], k_yy.subsets - diagonals[1], k_xy.subsets, size, size), jackknife
 
 
 def clip_cosines(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
