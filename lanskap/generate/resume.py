@@ -51,6 +51,10 @@ class ImageCache:
         data = image.read_bytes()
         return data if hashlib.sha256(data).hexdigest() == recorded.read_text() else None
 
+    def has(self, name: str) -> bool:
+        """Whether `name` was put, by this process or another (its sha256 is written last); not verified."""
+        return (self.folder / f"{name}.sha256").is_file()
+
     def put(self, name: str, data: bytes) -> None:
         """The image, then its sha256, each written under a temporary name and renamed: a reader sees a complete
         file or none, and an image without its sha256 yet is not reused."""
