@@ -10,6 +10,12 @@ splits its work by the thread count, and so rounds by it.
 The libraries read these settings once, when they load, so `stages/__init__.py` calls this before any stage
 imports NumPy or PyTorch. `LANSKAP_CPU_MATH=native` leaves them to choose (faster on big CPUs; the bytes then
 depend on the machine). GPU arithmetic is not affected: CUDA runs give their own, GPU-specific bytes.
+
+The thread count is then decided per device by the stages that pick one (`use_threads_for_device`): kept at one
+where the CPU computes, and raised to the machine's cores (shared among `accelerate launch`'s processes on it) where
+a CUDA device does, so that decoding, augmenting and encoding beside the GPU do not queue on one core. The code
+paths stay pinned either way: the libraries read them once, at load. `pin_cpu_math` itself is unchanged by this:
+it is part of every built-in model's source digest (lanskap/builtin/sources.py).
 """
 
 import os
