@@ -118,12 +118,11 @@ def check_resources(args, pipeline, jobs, test, params, model, device, processes
 def draw_both(pipeline, jobs, params, lora_dir: Path, caches: dict, staging: Path | None, processes) -> dict:
     """The base images, then the LoRA's, on every process; their paths in job order on the main process (which
     writes them under `staging`), [] elsewhere. One progress line for both, counting every process's images."""
-    from lanskap.core.console import progress
-    from lanskap.generate.sampling import generate_images
+    from lanskap.generate.sampling import generate_images, image_bar
     from lanskap.lora.files import load_lora_into_pipeline
 
     paths = {}
-    with progress(total=2 * len(jobs), desc="generate", unit="image", disable=not processes.main) as bar:
+    with image_bar(2 * len(jobs), "generate", processes.main) as bar:
         for label in ("base", "lora"):
             if label == "lora":
                 load_lora_into_pipeline(pipeline, lora_dir, params.lora_scale)

@@ -6,6 +6,7 @@ calls, on a barrier); tests/test_generate_processes_launch.py runs the real laun
 
 import hashlib
 import io
+import re
 import threading
 from dataclasses import dataclass
 
@@ -203,3 +204,19 @@ def test_using_the_cores_on_a_gpu_host_sets_torch_and_the_workers_threads(monkey
         assert determinism.use_threads_for_device("cpu") == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_reused_images_count_as_done_but_not_in_the_rate(monkeypatch):
+    """A resumed run: 6 of 10 images from the cache at once, then 2 drawn in 10 s: 5 s per image, so 10 s left
+    for the last 2 (counting the reused ones in the rate would say 1.25 s per image and 2.5 s left)."""
+    import tqdm.std
+
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    bar = sampling.image_bar(10, "generate", main=True)
+    sampling.count_reused(bar, 6)
+    clock[0] += 10
+    bar.update(2)
+    meter = bar.format_meter(**bar.format_dict)
+    bar.close()
+    assert re.search(r"8/10 \[00:10<00:10, +5\.00s/image\]", meter), meter

@@ -126,6 +126,20 @@ def cached_batch(batch: list[Job], cache: "ImageCache | None") -> list[bytes] | 
     return None if any(data is None for data in cached) else cached
 
 
+def image_bar(total: int, description: str, main: bool):
+    """The stage's progress line: images done of `total`, their rate and the time left, drawn by the main process
+    only. The rate is the run's average (smoothing=0): every batch costs the same, and it stays right after a jump
+    of reused images (count_reused)."""
+    return progress(total=total, desc=description, unit="image", smoothing=0, disable=not main)
+
+
+def count_reused(bar, count: int) -> None:
+    """Count `count` images taken from the resume cache as done, but not in the rate (tqdm's average rate counts
+    from `initial`): else a resumed run would show the rate of copying files and an ETA far too short."""
+    bar.initial += count
+    bar.update(count)
+
+
 def generate_images(
     pipeline,
     jobs: list[Job],
@@ -147,7 +161,7 @@ def generate_images(
     resolution = params.resolution or native_resolution(pipeline)
     own_bar = bar is None
     if own_bar:
-        bar = progress(total=len(jobs), desc=f"generate {label}", unit="image", disable=not processes.main)
+        bar = image_bar(len(jobs), f"generate {label}", processes.main)
     if processes.main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -164,6 +178,7 @@ def generate_images(
         write,
         processes,
         bar.update,
+        lambda count: count_reused(bar, count),
     )
     if own_bar:
         bar.close()

@@ -103,11 +103,12 @@ def run_batches(
     write: Callable[[list, list[bytes]], None],
     processes: Processes,
     advance: Callable[[int], None],
+    reuse: Callable[[int], None],
 ) -> int:
     """Draw the batches of `groups` not yet cached, spread over the processes, and `write` every batch's PNG bytes on
     the main process, cached ones included. `draw(batch)` returns a batch's PNG bytes (and caches them); `cached(
-    batch)` the verified cached bytes or None; `advance(n)` counts n images done on the main process's progress
-    line. Returns the number of images reused from the cache (main process; 0 elsewhere)."""
+    batch)` the verified cached bytes or None; on the main process's progress line, `advance(n)` counts n images
+    drawn and `reuse(n)` n taken from the cache. Returns the number reused (main process; 0 elsewhere)."""
     todo = processes.broadcast(
         [index for index, batch in enumerate(groups) if cached(batch) is None] if processes.main else None
     )
@@ -116,7 +117,7 @@ def run_batches(
         for index in sorted(set(range(len(groups))) - set(todo)):
             write(groups[index], cached(groups[index]))
             reused += len(groups[index])
-        advance(reused)
+        reuse(reused)
     for first in range(0, len(todo), processes.count):  # one round: at most one batch per process
         mine = first + processes.rank
         drawn = (todo[mine], draw(groups[todo[mine]])) if mine < len(todo) else None
