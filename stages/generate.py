@@ -149,7 +149,6 @@ def main(argv=None):
     import torch
 
     from lanskap.core.determinism import use_threads_for_device
-    from lanskap.core.io import remove_dir
     from lanskap.data.manifest import read_table
     from lanskap.generate.sampling import load_pipeline, plan_jobs
     from lanskap.generate.shards import batches, process_state, require_splittable
@@ -170,21 +169,30 @@ def main(argv=None):
     caches = image_caches(model, lora_dir, params, jobs, device, processes)
     if not processes.main:  # another of `accelerate launch`'s processes: draws its batches, writes only the cache
         draw_both(pipeline, jobs, params, lora_dir, caches, None, processes)
+    else:
+        publish(
+            args,
+            test,
+            jobs,
+            params,
+            lambda staging: draw_both(pipeline, jobs, params, lora_dir, caches, staging, processes),
+        )
+    processes.broadcast(None)  # a barrier: the caches go only once the outputs are published
+    remove_caches(caches)
+    if not processes.main:
         return
-    publish(
-        args,
-        test,
-        jobs,
-        params,
-        lambda staging: draw_both(pipeline, jobs, params, lora_dir, caches, staging, processes),
-    )
-    for cache in caches.values():  # the outputs are published: a forced rerun must draw again
-        remove_dir(cache.folder)
     print(
         f"generate: {len(jobs)} base + {len(jobs)} LoRA images ({params.lora_weights} LoRA weights, "
         f"{params.scheduler}, {params.steps} steps, guidance {params.guidance_scale}, LoRA scale {params.lora_scale}"
         f"; {processes.count} process{'es' if processes.count > 1 else ''}) -> {args.out}; grid -> {args.reports}"
     )
+
+
+def remove_caches(caches: dict) -> None:
+    """The outputs are published: a forced rerun must draw again. Every process removes the caches, as a machine
+    without a shared filesystem has its own (ImageCache.discard: where they share one, the first removal wins)."""
+    for cache in caches.values():
+        cache.discard()
 
 
 def resolve_model(model_params, processes):

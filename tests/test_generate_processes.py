@@ -220,3 +220,11 @@ def test_reused_images_count_as_done_but_not_in_the_rate(monkeypatch):
     meter = bar.format_meter(**bar.format_dict)
     bar.close()
     assert re.search(r"8/10 \[00:10<00:10, +5\.00s/image\]", meter), meter
+
+
+def test_every_process_discards_the_cache_and_on_a_shared_disk_the_first_wins(tmp_path):
+    mine, theirs = ImageCache(tmp_path / "key"), ImageCache(tmp_path / "key")  # two processes, one disk
+    mine.put("0000_00.png", b"png")
+    mine.discard()
+    theirs.discard()  # already gone: nothing to do, nothing left behind
+    assert list(tmp_path.iterdir()) == []

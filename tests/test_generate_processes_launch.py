@@ -116,6 +116,7 @@ def test_two_processes_write_the_bytes_of_one_with_one_progress_line(trained, tm
         assert counts and all(count.endswith(f"/{total}") for count in counts), run.stderr[-2000:]
         assert counts.count(f"{total}/{total}") == 1  # one line, closed once: no bar per process or per model
     assert "; 2 processes) -> data/generated" in double.stdout
+    assert not any((two / ".lanskap-cache/generate").iterdir())  # every process discarded its cache once published
 
 
 @pytest.mark.slow
