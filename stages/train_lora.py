@@ -121,6 +121,7 @@ def main(argv=None):
     parser.add_argument("--live", type=Path, required=True)
     args = parser.parse_args(argv)
     from lanskap.core.console import quiet_libraries  # here, not above: --help needs none of them
+    from lanskap.core.determinism import use_threads_for_device
     from lanskap.core.io import remove_dir
     from lanskap.core.params import load_params
     from lanskap.data.buckets import BUCKET_COLUMNS
@@ -133,6 +134,9 @@ def main(argv=None):
     from lanskap.train.loop import train_lora
 
     processes = process_state()
+    # CPU: the pinned thread (the demo's recorded bytes); a GPU host: its cores for decoding and augmenting beside
+    # the GPU (lanskap/core/determinism.py: threads_for_device)
+    use_threads_for_device(processes.device.type)
     with processes.main_process_first():  # one process downloads or builds the base model, the others then read it
         model = resolve_base_model(loaded["model"].base, loaded["model"].revision)
     train_table = read_table(args.data / "train.csv", ["path", "caption", *BUCKET_COLUMNS])

@@ -24,16 +24,25 @@ class Progress(tqdm):
         super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
 
 
-def progress(iterable, **kwargs):
-    """A progress bar over `iterable`, redrawn at most every 30 s when its stream is not a terminal: there every
-    redraw is appended to the log, and a per-step bar would bury the stage's own messages. The time is checked on
-    every item (miniters=1), so a redraw comes on schedule even when the items slow down; closing draws the final
-    count."""
+def progress(iterable=None, **kwargs):
+    """A progress bar over `iterable` (or a manual one, with `total` and `update`), redrawn at most every 30 s when
+    its stream is not a terminal: there every redraw is appended to the log, and a per-step bar would bury the
+    stage's own messages. The time is checked on every item (miniters=1), so a redraw comes on schedule even when
+    the items slow down; closing draws the final count. Under `accelerate launch` only the main process (RANK 0)
+    draws it: one line per stage, not one per process."""
     stream = kwargs.get("file") or sys.stderr
     if not stream.isatty():
         kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), LOG_REFRESH_SECONDS)
     kwargs.setdefault("miniters", 1)
+    if not main_process():
+        kwargs["disable"] = True
     return Progress(iterable, **kwargs)
+
+
+def main_process() -> bool:
+    """Whether this is the main one of `accelerate launch`'s (torchrun's) processes, or runs alone. RANK is set by
+    the launcher before the process starts, so this needs no process group."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def quiet_libraries() -> None:

@@ -10,6 +10,12 @@ splits its work by the thread count, and so rounds by it.
 The libraries read these settings once, when they load, so `stages/__init__.py` calls this before any stage
 imports NumPy or PyTorch. `LANSKAP_CPU_MATH=native` leaves them to choose (faster on big CPUs; the bytes then
 depend on the machine). GPU arithmetic is not affected: CUDA runs give their own, GPU-specific bytes.
+
+The thread count is then decided per device by the stages that pick one (`use_threads_for_device`): kept at one
+where the CPU computes, and raised to the machine's cores (shared among `accelerate launch`'s processes on it) where
+a CUDA device does, so that decoding, augmenting and encoding beside the GPU do not queue on one core. The code
+paths stay pinned either way: the libraries read them once, at load. `pin_cpu_math` itself is unchanged by this:
+it is part of every built-in model's source digest (lanskap/builtin/sources.py).
 """
 
 import os
@@ -81,3 +87,43 @@ def pin_cpu_math() -> None:
     os.environ.update(settings)
     if settings and "torch" in sys.modules:  # loaded already (an in-process caller): its thread pool can still change
         sys.modules["torch"].set_num_threads(CPU_THREADS)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one, e.g. under a job scheduler)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def threads_for_device(device_type: str) -> int:
+    """The CPU thread count a stage computing on `device_type` should run with, decided per device:
+
+    - on a CPU (the demo, CI), the pinned count (CPU_THREADS): there the CPU does the math whose bytes are
+      recorded, and a parallel sum rounds by its thread count;
+    - on a CUDA device, the cores shared among the processes `accelerate launch` started on this machine
+      (LOCAL_WORLD_SIZE): the GPU does that math, with its own bytes, and the CPU only loads, decodes and encodes
+      data, which a single thread would make the bottleneck;
+    - with LANSKAP_CPU_MATH=native, whatever the libraries chose (0: leave it).
+    Pure, for tests; `use_threads_for_device` applies it."""
+    if os.environ.get(SWITCH) == "native":
+        return 0
+    if device_type != "cuda":
+        return CPU_THREADS
+    return max(1, available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def use_threads_for_device(device_type: str) -> int:
+    """Set torch's thread pool and the math libraries' thread variables (read by the processes this one starts, e.g.
+    data-loading workers) to `threads_for_device(device_type)`; returns the count (0: left as it was). Leaves
+    the pinned code paths (pin_cpu_math) as they are: they are read once, when the libraries load."""
+    threads = threads_for_device(device_type)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ.update(
+            {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        )
+    return threads

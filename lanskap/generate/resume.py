@@ -13,6 +13,7 @@ stage removes its folder once its outputs are published, and the folders of othe
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from lanskap.core.io import remove_dir, sha256_file
@@ -50,6 +51,20 @@ class ImageCache:
             return None
         data = image.read_bytes()
         return data if hashlib.sha256(data).hexdigest() == recorded.read_text() else None
+
+    def discard(self) -> None:
+        """Remove the folder, renamed away first (no reader finds it half-deleted); a no-op where another process
+        sharing this disk renamed it first."""
+        trash = self.folder.with_name(f".{self.folder.name}.old-{os.getpid()}-")
+        try:
+            os.replace(self.folder, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def has(self, name: str) -> bool:
+        """Whether `name` was put, by this process or another (its sha256 is written last); not verified."""
+        return (self.folder / f"{name}.sha256").is_file()
 
     def put(self, name: str, data: bytes) -> None:
         """The image, then its sha256, each written under a temporary name and renamed: a reader sees a complete

@@ -4,12 +4,16 @@ so every difference between the two images is the LoRA's."""
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lanskap.core.console import progress
 from lanskap.core.params import GenerateParams
 from lanskap.generate.resume import ImageCache
+
+if TYPE_CHECKING:
+    from lanskap.generate.shards import Processes
 
 SCHEDULERS = {  # name -> (diffusers class name, extra config)
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -103,31 +107,84 @@ def png_bytes(image) -> bytes:
     return stream.getvalue()
 
 
+def image_name(job: Job) -> str:
+    return f"{job.prompt_index:04d}_{job.sample:02d}.png"
+
+
+def draw_batch(pipeline, batch: list[Job], params: GenerateParams, resolution: int, cache: "ImageCache | None"):
+    """One batch's PNG bytes, drawn, and kept in `cache` (when given) for a resumed run."""
+    captions, seeds = [job.caption for job in batch], [job.seed for job in batch]
+    drawn = [png_bytes(image) for image in sample(pipeline, captions, seeds, params, resolution, params.steps)]
+    for job, data in zip(batch, drawn) if cache else []:
+        cache.put(image_name(job), data)
+    return drawn
+
+
+def cached_batch(batch: list[Job], cache: "ImageCache | None") -> list[bytes] | None:
+    """The batch's cached PNG bytes when all are there and verified, else None (the batch is drawn whole again)."""
+    cached = [cache.get(image_name(job)) for job in batch] if cache else [None]
+    return None if any(data is None for data in cached) else cached
+
+
+def image_bar(total: int, description: str, main: bool):
+    """The stage's progress line: images done of `total`, their rate and the time left, drawn by the main process
+    only. The rate is the run's average (smoothing=0): every batch costs the same, and it stays right after a jump
+    of reused images (count_reused)."""
+    return progress(total=total, desc=description, unit="image", smoothing=0, disable=not main)
+
+
+def count_reused(bar, count: int) -> None:
+    """Count `count` images taken from the resume cache as done, but not in the rate (tqdm's average rate counts
+    from `initial`): else a resumed run would show the rate of copying files and an ETA far too short."""
+    bar.initial += count
+    bar.update(count)
+
+
 def generate_images(
-    pipeline, jobs: list[Job], params: GenerateParams, out_dir: Path, label: str, cache: "ImageCache | None" = None
+    pipeline,
+    jobs: list[Job],
+    params: GenerateParams,
+    out_dir: Path,
+    label: str,
+    cache: "ImageCache | None" = None,
+    processes: "Processes | None" = None,
+    bar=None,
 ) -> list[Path]:
-    """Run the jobs in batches of generate.batch_size and save one PNG per job. With a `cache` (lanskap.generate.
-    resume), a batch whose images are all cached and verified is copied from it, and each drawn batch is cached."""
+    """Run the jobs in batches of generate.batch_size and save one PNG per job into `out_dir`; returns the paths in
+    job order. With a `cache` (lanskap.generate.resume), a batch whose images are all cached and verified is copied
+    from it, and each drawn batch is cached. With `processes` (lanskap.generate.shards), the batches are shared
+    among `accelerate launch`'s processes: only the main one writes `out_dir` and returns the paths (the others
+    return []). `bar`: the stage's progress line, counting images (one is made here when not given)."""
+    from lanskap.generate.shards import Processes, batches, run_batches
+
+    processes = processes or Processes()
     resolution = params.resolution or native_resolution(pipeline)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths, reused = [], 0
-    for start in progress(range(0, len(jobs), params.batch_size), desc=f"generate {label}", unit="batch"):
-        batch = jobs[start : start + params.batch_size]
-        names = [f"{job.prompt_index:04d}_{job.sample:02d}.png" for job in batch]
-        cached = [cache.get(name) for name in names] if cache else [None]
-        if all(data is not None for data in cached):
-            reused += len(batch)
-        else:
-            captions, seeds = [job.caption for job in batch], [job.seed for job in batch]
-            cached = [png_bytes(image) for image in sample(pipeline, captions, seeds, params, resolution, params.steps)]
-            for name, data in zip(names, cached) if cache else []:
-                cache.put(name, data)
-        for name, data in zip(names, cached):
-            (out_dir / name).write_bytes(data)
-            paths.append(out_dir / name)
+    own_bar = bar is None
+    if own_bar:
+        bar = image_bar(len(jobs), f"generate {label}", processes.main)
+    if processes.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(batch: list[Job], data: list[bytes]) -> None:
+        for job, image in zip(batch, data):
+            (out_dir / image_name(job)).write_bytes(image)
+            if cache and not cache.has(image_name(job)):  # drawn on a machine whose disk this one does not see
+                cache.put(image_name(job), image)
+
+    reused = run_batches(
+        batches(jobs, params.batch_size),
+        lambda batch: draw_batch(pipeline, batch, params, resolution, cache),
+        lambda batch: cached_batch(batch, cache),
+        write,
+        processes,
+        bar.update,
+        lambda count: count_reused(bar, count),
+    )
+    if own_bar:
+        bar.close()
     if reused:
         print(f"generate {label}: {reused} of {len(jobs)} images reused from the interrupted run's cache")
-    return paths
+    return [out_dir / image_name(job) for job in jobs] if processes.main else []
 
 
 def batch_probe(pipeline, caption: str, params: GenerateParams):
