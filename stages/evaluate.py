@@ -43,6 +43,9 @@ def extract_features(test, generated, params, processes):
     from lanskap.evaluate.comparisons import Features
     from lanskap.evaluate.extraction import extract_sets
 
+    # The pinned CPU thread on every device (no use_threads_for_device, unlike generate and train_lora): evaluate's
+    # CPU work is PIL decoding, one thread per call whatever torch's setting, and the metrics' float64 sums, whose
+    # bytes must not depend on the host's core count.
     clip, inception, extractors = load_extractors(params, str(processes.device))
     image_sets = {"test": [Path(p) for p in test["path"]]}
     for model in ("base", "lora"):

@@ -28,6 +28,8 @@ def evaluate(workdir, launcher: list[str], cache: str, computed: int) -> dict[st
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert f"0 batch entries from the cache, {computed} computed (main process)" in finished.stdout
+    # One progress line, counting every process's batches (6: 2 per set), however many processes share them.
+    assert finished.stderr.count("features: 100%") == 1 and "| 6/6 [" in finished.stderr, finished.stderr[-2000:]
     return {output: (workdir / output).read_bytes() for output in OUTPUTS}
 
 

@@ -4,7 +4,8 @@ fixed batches shared out among any number of processes (`accelerate launch`), th
 The batches are cut from each set's own order (test, base, LoRA), BATCH_SIZE images from its start, whatever the
 number of processes: an image's features depend on the images beside it in its batch in their last bits, so fixed
 batches give the same bits, and the same metrics' bytes, on 1 or N processes. Process r computes batches r, r + N,
-r + 2N, ... (each set's batches spread over all processes) and sends them to the main process, which alone
+r + 2N, ... (each set's batches spread over all processes), one round of N at a time, so that the main process's
+single progress line counts every process's batches; it then sends them to the main process, which alone
 assembles the sets; the cache (lanskap.evaluate.feature_cache) is written by whichever process computed a batch.
 """
 
@@ -78,11 +79,17 @@ def extract_sets(
 ) -> tuple[dict[str, dict[str, np.ndarray]] | None, dict[str, int]]:
     """kind -> set name -> float64 features [n, d] (CLIP rows L2-normalised), on the main process; None on the
     others. `processes` is accelerate's PartialState. Also this process's cache hits and misses (in batch entries)."""
-    batches = plan(image_sets)
-    mine = range(processes.process_index, len(batches), processes.num_processes)
-    counts = {"hit": 0, "miss": 0}
-    shown = progress(mine, desc="features", unit="batch", disable=not processes.is_main_process or len(mine) <= 1)
-    done = {index: batch_outputs(batches[index], extractors, counts) for index in shown}
+    batches, size = plan(image_sets), processes.num_processes
+    counts, done = {"hit": 0, "miss": 0}, {}
+    shown = progress(total=len(batches), desc="features", unit="batch", disable=len(batches) <= 1)
+    for first in range(0, len(batches), size):  # round: batch first + r on process r
+        if first + processes.process_index < len(batches):
+            index = first + processes.process_index
+            done[index] = batch_outputs(batches[index], extractors, counts)
+        if size > 1:  # the round's batches are all done when the main process counts them
+            torch.distributed.barrier()
+        shown.update(min(size, len(batches) - first))
+    shown.close()
     parts = gathered(done, processes)
     if parts is None:
         return None, counts
