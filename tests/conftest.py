@@ -20,22 +20,36 @@ TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays a
     "evaluate": {"kid_subsets": 10, "permutations": 20},
 }
 
+# Each stage's arguments as dvc.yaml gives them, for `stages.NAME.main(...)` or `python -m stages.NAME ...`
+PREPROCESS_ARGS = [
+    "--split",
+    "data/split",
+    "--ingested",
+    "data/ingested",
+    "--out",
+    "data/processed",
+    "--reports",
+    "reports/preprocess",
+]
+TRAIN_ARGS = ["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"]
+GENERATE_ARGS = [
+    "--data",
+    "data/processed",
+    "--lora",
+    "models/lora",
+    "--out",
+    "data/generated",
+    "--reports",
+    "reports/generate",
+]
+EVALUATE_ARGS = ["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"]
+
 # `python -m` arguments of the stages before training, with dvc.yaml's paths
 DATA_STAGE_COMMANDS = [
     ("stages.ingest", "--out", "data/ingested"),
     ("stages.caption", "--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"),
     ("stages.split", "--captions", "data/captions.csv", "--out", "data/split"),
-    (
-        "stages.preprocess",
-        "--split",
-        "data/split",
-        "--ingested",
-        "data/ingested",
-        "--out",
-        "data/processed",
-        "--reports",
-        "reports/preprocess",
-    ),
+    ("stages.preprocess", *PREPROCESS_ARGS),
 ]
 
 
