@@ -55,27 +55,11 @@ TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays a
 }
 
 # Each stage's arguments as dvc.yaml gives them, for `stages.NAME.main(...)` or `python -m stages.NAME ...`
-PREPROCESS_ARGS = [
-    "--split",
-    "data/split",
-    "--ingested",
-    "data/ingested",
-    "--out",
-    "data/processed",
-    "--reports",
-    "reports/preprocess",
-]
+PREPROCESS_ARGS = ["--split", "data/split", "--ingested", "data/ingested"]
+PREPROCESS_ARGS += ["--out", "data/processed", "--reports", "reports/preprocess"]
 TRAIN_ARGS = ["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"]
-GENERATE_ARGS = [
-    "--data",
-    "data/processed",
-    "--lora",
-    "models/lora",
-    "--out",
-    "data/generated",
-    "--reports",
-    "reports/generate",
-]
+GENERATE_ARGS = ["--data", "data/processed", "--lora", "models/lora"]
+GENERATE_ARGS += ["--out", "data/generated", "--reports", "reports/generate"]
 EVALUATE_ARGS = ["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"]
 
 # `python -m` arguments of the stages before training, with dvc.yaml's paths
