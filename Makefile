@@ -43,13 +43,15 @@ format: install
 	$(RUN) ruff format .
 
 # Every test, the slow end-to-end ones included, over 2 worker processes (pytest-xdist), each test file on one
-# worker so that a module's shared pipeline run happens once; the 25 slowest are listed.
+# worker so that a module's shared pipeline run happens once, the longest files first (tests/conftest.py
+# LONGEST_FIRST; --no-loadscope-reorder keeps that order); the 25 slowest are listed.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test: lint
-	$(RUN) pytest -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(RUN) pytest $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 # The edit loop: the same suite without the tests marked slow.
 test-fast: install
-	$(RUN) pytest -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(RUN) pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # Retrain the built-in models into lanskap/assets/builtin/ (about an hour on 2 CPU cores): the base model in one
 # process, the CLIP and Inception stand-ins in another, one torch thread each.

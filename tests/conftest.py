@@ -1,4 +1,4 @@
-"""Shared fixtures: the real params.yaml, shrunk."""
+"""Shared fixtures: the real params.yaml, shrunk; the stages' arguments; the order test files run in."""
 
 import os
 import shutil
@@ -11,6 +11,40 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The test files that take longest, in an order that balances the two workers: CPU seconds measured per test
+# (stage and DVC processes included; the queue's detached workers estimated), an idle core runs them in about that
+# wall time: science ~490, readme_commands ~420, interruptions ~130, pipeline ~125, distributed ~85, train ~70,
+# hostile_inputs ~20 (the fast tier ~210 in all). Under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (the
+# Makefile) they start first and the short files fill in behind them; xdist's own order (files with the most tests
+# first) started test_science 25th and test_readme_commands 32nd of 47 files. xdist hands a worker its next file
+# while two of its tests are still to run, hence interruptions before readme_commands (simulated: the order below
+# leaves the workers within seconds of each other; longest-first left one with ~60 s more).
+LONGEST_FIRST = [
+    "test_science.py",
+    "test_interruptions.py",
+    "test_readme_commands.py",
+    "test_train.py",
+    "test_distributed.py",
+    "test_pipeline.py",
+    "test_hostile_inputs.py",
+    "test_builtin.py",
+    "test_optimizers.py",
+    "test_lycoris.py",
+    "test_cpu_determinism.py",
+    "test_ema.py",
+    "test_latent_cache.py",
+    "test_generate_evaluate.py",
+    "test_buckets.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    """LONGEST_FIRST's files first, in its order; the others after them, as collected. Within a file, the order
+    stays as written (test_science reads the demo's images before its experiments replace them)."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays as the project ships it
     "ingest": {"num_images": 20, "image_size": 64},
     "split": {"test_fraction": 0.5},  # evaluate needs 3 test prompts: 0.2 of 20 images can leave 2 (split refuses)
@@ -20,22 +54,20 @@ TINY_OVERRIDES = {  # the demo preset made faster still; everything else stays a
     "evaluate": {"kid_subsets": 10, "permutations": 20},
 }
 
+# Each stage's arguments as dvc.yaml gives them, for `stages.NAME.main(...)` or `python -m stages.NAME ...`
+PREPROCESS_ARGS = ["--split", "data/split", "--ingested", "data/ingested"]
+PREPROCESS_ARGS += ["--out", "data/processed", "--reports", "reports/preprocess"]
+TRAIN_ARGS = ["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"]
+GENERATE_ARGS = ["--data", "data/processed", "--lora", "models/lora"]
+GENERATE_ARGS += ["--out", "data/generated", "--reports", "reports/generate"]
+EVALUATE_ARGS = ["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"]
+
 # `python -m` arguments of the stages before training, with dvc.yaml's paths
 DATA_STAGE_COMMANDS = [
     ("stages.ingest", "--out", "data/ingested"),
     ("stages.caption", "--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"),
     ("stages.split", "--captions", "data/captions.csv", "--out", "data/split"),
-    (
-        "stages.preprocess",
-        "--split",
-        "data/split",
-        "--ingested",
-        "data/ingested",
-        "--out",
-        "data/processed",
-        "--reports",
-        "reports/preprocess",
-    ),
+    ("stages.preprocess", *PREPROCESS_ARGS),
 ]
 
 

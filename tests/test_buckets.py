@@ -25,7 +25,7 @@ from lanskap.train import loop, step
 from lanskap.train.batches import BatchShare, global_batches
 from lanskap.train.setup import check_training_sizes
 from stages import evaluate, generate
-from tests.conftest import write_params
+from tests.conftest import EVALUATE_ARGS, GENERATE_ARGS, write_params
 from tests.test_data_stages import photo, run_data_stages
 from tests.test_train import run_train_stage
 
@@ -234,19 +234,8 @@ def test_bucketed_training_trains_each_micro_batch_at_one_buckets_shape(workdir,
     card = (workdir / "models/lora/README.md").read_text()
     assert "aspect-ratio buckets (W x H: training images): 32x32: 2, 40x24: 2, 64x16: 2" in card
     assert "never trained on" not in capsys.readouterr().out
-    generate.main(
-        [
-            "--data",
-            "data/processed",
-            "--lora",
-            "models/lora",
-            "--out",
-            "data/generated",
-            "--reports",
-            "reports/generate",
-        ]
-    )  # downstream stages take the bucketed held-out images
-    evaluate.main(["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"])
+    generate.main(GENERATE_ARGS)  # downstream stages take the bucketed held-out images
+    evaluate.main(EVALUATE_ARGS)
     assert math.isfinite(json.loads((workdir / "metrics/eval.json").read_text())["fid_test_vs_lora"])
 
 

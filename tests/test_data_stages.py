@@ -11,7 +11,7 @@ from lanskap.core.errors import UserError
 from lanskap.data.procedural import generate_item
 from lanskap.data.split import split_table
 from stages import caption, ingest, preprocess, split
-from tests.conftest import write_params
+from tests.conftest import PREPROCESS_ARGS, write_params
 
 
 def photo(seed=0, size=(96, 80)) -> Image.Image:
@@ -50,18 +50,7 @@ def run_data_stages(workdir):
     ingest.main(["--out", "data/ingested"])
     caption.main(["--manifest", "data/ingested/manifest.csv", "--out", "data/captions.csv"])
     split.main(["--captions", "data/captions.csv", "--out", "data/split"])
-    preprocess.main(
-        [
-            "--split",
-            "data/split",
-            "--ingested",
-            "data/ingested",
-            "--out",
-            "data/processed",
-            "--reports",
-            "reports/preprocess",
-        ]
-    )
+    preprocess.main(PREPROCESS_ARGS)
 
 
 def test_data_stages_on_builtin_procedural(workdir, project_params):

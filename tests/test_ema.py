@@ -15,7 +15,7 @@ from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, EMA_SUBDIR
 from lanskap.lora.kohya import kohya_weight_name
 from lanskap.train.ema import LoraEMA
 from stages import evaluate, generate
-from tests.conftest import write_params
+from tests.conftest import EVALUATE_ARGS, GENERATE_ARGS, write_params
 from tests.test_data_stages import run_data_stages
 from tests.test_train import run_interrupted_then_resumed, run_train_stage, with_train
 
@@ -107,18 +107,7 @@ def distance_to_base(model: str) -> float:
 
 def run_generate(workdir, params: dict, lora_weights: str) -> None:
     write_params(workdir, {**params, "generate": {**params["generate"], "lora_weights": lora_weights}})
-    generate.main(
-        [
-            "--data",
-            "data/processed",
-            "--lora",
-            "models/lora",
-            "--out",
-            "data/generated",
-            "--reports",
-            "reports/generate",
-        ]
-    )
+    generate.main(GENERATE_ARGS)
 
 
 @pytest.mark.slow
@@ -137,7 +126,7 @@ def test_generate_scores_the_ema_weights_when_asked_and_evaluate_records_it(work
         ("lora", "ema"),
     }
     assert 0 < distance_to_base("lora") < raw_distance
-    evaluate.main(["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"])
+    evaluate.main(EVALUATE_ARGS)
     assert json.loads((workdir / "metrics/eval.json").read_text())["ema_weights_scored"] == 1.0
     assert "from the EMA weights" in (workdir / "reports/evaluate/report.md").read_text()
 

@@ -12,7 +12,7 @@ from lanskap.core.errors import UserError
 from lanskap.core.presets import compose_params
 from lanskap.models.resolve import PIPELINE_FILES, resolve_base_model
 from stages import evaluate, generate, ingest, train_lora
-from tests.conftest import ROOT, write_params
+from tests.conftest import EVALUATE_ARGS, GENERATE_ARGS, ROOT, TRAIN_ARGS, write_params
 from tests.test_data_stages import run_data_stages
 
 
@@ -28,20 +28,9 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         run_data_stages(root)
-        train_lora.main(["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"])
-        generate.main(
-            [
-                "--data",
-                "data/processed",
-                "--lora",
-                "models/lora",
-                "--out",
-                "data/generated",
-                "--reports",
-                "reports/generate",
-            ]
-        )
-        evaluate.main(["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"])
+        train_lora.main(TRAIN_ARGS)
+        generate.main(GENERATE_ARGS)
+        evaluate.main(EVALUATE_ARGS)
     return root, params
 
 

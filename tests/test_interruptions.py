@@ -47,7 +47,7 @@ import yaml
 from lanskap.core.io import atomic_dir, remove_dir
 from lanskap.core.presets import compose_params
 from stages import generate, ingest, train_lora
-from tests.conftest import ROOT, TINY_OVERRIDES, copy_project, write_params
+from tests.conftest import GENERATE_ARGS, ROOT, TINY_OVERRIDES, TRAIN_ARGS, copy_project, write_params
 from tests.test_data_stages import png_bytes, run_data_stages, tree_digest
 
 KILL_SEED = int(os.environ.get("LANSKAP_KILL_SEED", "0"))
@@ -160,19 +160,7 @@ def configure(repo: Path) -> None:
     compose_params([], repo / "params.yaml", repo / "conf")
 
 
-STAGE_ARGS = {  # as dvc.yaml gives them
-    "train_lora": ["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"],
-    "generate": [
-        "--data",
-        "data/processed",
-        "--lora",
-        "models/lora",
-        "--out",
-        "data/generated",
-        "--reports",
-        "reports/generate",
-    ],
-}
+STAGE_ARGS = {"train_lora": TRAIN_ARGS, "generate": GENERATE_ARGS}  # as dvc.yaml gives them
 OUTPUTS = {
     "ingest": ["data/ingested"],
     "train_lora": ["models/lora"],

@@ -19,22 +19,10 @@ from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, export_l
 from lanskap.lora.kohya import kohya_weight_name
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from stages import generate, train_lora
-from tests.conftest import write_params
+from tests.conftest import GENERATE_ARGS, TRAIN_ARGS, write_params
 from tests.test_data_stages import run_data_stages
-from tests.test_lora import unet_inputs, with_and_without_adapter
+from tests.test_lora import ATTENTION, BASE, TEXT_WITH_MLP, WIDE, unet_inputs, with_and_without_adapter
 
-BASE = {
-    "model": BUILTIN_TINY_SD2,
-    "revision": "n/a",
-    "prediction_type": "v_prediction",
-    "resolution": 64,
-    "steps": 10,
-    "train_images": 8,
-    "data_sha256": "0" * 64,
-}
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-WIDE = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]  # conf/config.yaml's wider set
-TEXT_WITH_MLP = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 FULL_FULL, FULL_LOW = ("lokr_w1", "lokr_w2"), ("lokr_w1", "lokr_w2_a", "lokr_w2_b")
 LOW_LOW = ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
@@ -342,7 +330,7 @@ def test_train_and_generate_end_to_end(workdir, project_params, adapter_type, ti
     }
     write_params(workdir, params)
     run_data_stages(workdir)
-    train_lora.main(["--data", "data/processed", "--out", "models/lora", "--live", "dvclive/train"])
+    train_lora.main(TRAIN_ARGS)
     out = workdir / "models/lora"
     assert sorted(path.name for path in out.iterdir()) == sorted(
         ["README.md", PEFT_WEIGHT_NAME, kohya_weight_name(adapter_type)]
@@ -351,18 +339,7 @@ def test_train_and_generate_end_to_end(workdir, project_params, adapter_type, ti
     with safetensors.safe_open(out / PEFT_WEIGHT_NAME, "pt") as file:
         counts = json.loads(file.metadata()["lanskap_lora_modules"])
     assert set(counts) == ({"unet", "text_encoder"} if train_values else {"unet"}) and all(counts.values())
-    generate.main(
-        [
-            "--data",
-            "data/processed",
-            "--lora",
-            "models/lora",
-            "--out",
-            "data/generated",
-            "--reports",
-            "reports/generate",
-        ]
-    )
+    generate.main(GENERATE_ARGS)
     index = pd.read_csv(workdir / "data/generated/index.csv")
     first = index[(index["prompt_index"] == 0) & (index["sample"] == 0)].set_index("model")["path"]
     base, adapted = (Image.open(workdir / first[model]).tobytes() for model in ("base", "lora"))

@@ -84,6 +84,23 @@ def test_metrics_and_plots_are_git_tracked_not_cached(repo):
     assert not any(path.startswith(("data/ingested", "models/lora")) for path in tracked)
 
 
+def test_a_queued_two_seed_sweep_aggregates(repo):
+    """`dvc exp run --queue -S 'train.seed=0,1'` (Hydra's comma list), `dvc exp run --run-all`, then the sweep
+    (`python -m lanskap.sweep`). Queued from the committed run, before the experiments below change the workspace:
+    seed 0 is that run (every stage up to date) and only seed 1 runs."""
+    assert "Queued experiment" in run(repo, "dvc", "exp", "run", "--queue", "-S", "train.seed=0,1")
+    run(repo, "dvc", "exp", "run", "--run-all")
+    run(repo, "python", "-m", "lanskap.sweep", "--metric", "validation_loss_final", "--metric", "fid_test_vs_lora")
+    summary = json.loads((repo / "reports/sweep/summary.json").read_text())
+    assert [experiment["seed"] for experiment in summary["settings"]["all"]] == [0, 1]
+    losses = {experiment["metrics"]["validation_loss_final"] for experiment in summary["settings"]["all"]}
+    assert len(losses) == 2  # the seed changes training: two draws, not one run counted twice
+    assert all(row["n"] == 2 and row["ci_low"] < row["mean"] < row["ci_high"] for row in summary["summary"])
+    changed = run(repo, "git", "status", "--porcelain", "--untracked-files=all").split("\n")
+    sweep_files = ("comparison.csv", "summary.csv", "summary.json", "summary.md")
+    assert sorted(filter(None, changed)) == [f"?? reports/sweep/{name}" for name in sweep_files]  # workspace untouched
+
+
 def test_experiment_reruns_only_the_stages_downstream_of_lora(repo):
     output = run(repo, "dvc", "exp", "run", "-S", "lora.rank=8")
     assert ran_stages(output) == ["train_lora", "generate", "evaluate"]

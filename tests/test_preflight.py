@@ -19,6 +19,7 @@ from lanskap.data.augment import canonical_image
 from lanskap.evaluate.features import INCEPTION_FILE, load_clip, load_inception
 from lanskap.models.resolve import BUILTIN_TINY_SD2, resolve_base_model
 from stages import generate, ingest, preprocess
+from tests.conftest import GENERATE_ARGS, PREPROCESS_ARGS
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 MiB = 2**20
@@ -104,31 +105,8 @@ def write_split(workdir: Path, count: int = 5) -> None:
 def test_preprocess_stops_before_writing_when_the_disk_is_too_small(workdir, small_disk):
     write_split(workdir)
     with pytest.raises(UserError, match="preprocess.resolution"):
-        preprocess.main(
-            [
-                "--split",
-                "data/split",
-                "--ingested",
-                "data/ingested",
-                "--out",
-                "data/processed-new",
-                "--reports",
-                "reports/preprocess",
-            ]
-        )
+        preprocess.main([*PREPROCESS_ARGS[:5], "data/processed-new", *PREPROCESS_ARGS[6:]])
     assert not (workdir / "data/processed-new").exists()
-
-
-GENERATE_ARGS = [
-    "--data",
-    "data/processed",
-    "--lora",
-    "models/lora",
-    "--out",
-    "data/generated",
-    "--reports",
-    "reports/generate",
-]
 
 
 def test_generate_stops_before_sampling_when_the_disk_is_too_small(workdir, small_disk):

@@ -1,5 +1,6 @@
 """`python -m lanskap.sweep`: experiments read from `dvc exp show --json`, grouped by the params that differ
-(the seed aside), summarised and compared; and a real 2-seed queued sweep, end to end."""
+(the seed aside), summarised and compared. The real 2-seed queued sweep, end to end, is in test_pipeline (on its
+committed run)."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 from lanskap.core.errors import UserError
 from lanskap.sweep import seed_stats
 from lanskap.sweep.aggregate import finished_experiments, group_by_setting, main
-from tests.conftest import ROOT, copy_project
+from tests.conftest import ROOT
 
 FID = {0: 160.0, 1: 230.0, 2: 120.0, 3: 150.0, 4: 200.0, 5: 170.0}  # by seed
 
@@ -181,35 +182,6 @@ def test_the_chart_template_draws_from_summary_csv(tmp_path):
     }
     assert used == {"mean", "ci_low", "ci_high"}, used  # toNumber(datum.FIELD)
     assert used | {"metric", "n"} <= set(rows[0])  # each field the chart reads is a column of summary.csv
-
-
-@pytest.mark.slow
-def test_a_queued_two_seed_sweep_aggregates(tmp_path):
-    """`dvc exp run --queue -S 'train.seed=0,1'` (Hydra's comma list), `dvc exp run --run-all`, then the sweep."""
-    from tests.test_pipeline import run, shrink_conf
-
-    repo = copy_project(tmp_path / "project")
-    shrink_conf(repo)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
-        run(repo, *command[:1], "-c", "user.name=t", "-c", "user.email=t@t", *command[1:])
-    assert "Queued experiment" in run(repo, "dvc", "exp", "run", "--queue", "-S", "train.seed=0,1")
-    run(repo, "dvc", "exp", "run", "--run-all")
-    run(repo, "python", "-m", "lanskap.sweep", "--metric", "validation_loss_final", "--metric", "fid_test_vs_lora")
-    summary = json.loads((repo / "reports/sweep/summary.json").read_text())
-    assert [experiment["seed"] for experiment in summary["settings"]["all"]] == [0, 1]
-    losses = {experiment["metrics"]["validation_loss_final"] for experiment in summary["settings"]["all"]}
-    assert len(losses) == 2  # the seed changes training: two draws, not one run counted twice
-    assert all(row["n"] == 2 and row["ci_low"] < row["mean"] < row["ci_high"] for row in summary["summary"])
-    changed = run(repo, "git", "status", "--porcelain", "--untracked-files=all").split("\n")
-    assert sorted(filter(None, changed)) == [
-        f"?? reports/sweep/{name}"
-        for name in (  # the queue left the workspace alone
-            "comparison.csv",
-            "summary.csv",
-            "summary.json",
-            "summary.md",
-        )
-    ]
 
 
 WRONG_SHAPES = {  # saved file content: what the error must name first
