@@ -18,7 +18,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,22 +27,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE = ["-m", "stages.generate", "--data", "data/processed", "--lora", "models/lora"]
-STAGE += ["--out", "data/generated", "--reports", "reports/generate"]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import GENERATE_ARGS, launcher  # noqa: E402
+
+STAGE = ["-m", "stages.generate", *GENERATE_ARGS]
 OUTPUTS = ("data/generated", "reports/generate")
-
-
-def launcher(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable]
-    with socket.socket() as probe:  # a free port for the process group's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [
-        sys.executable,
-        *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)),
-        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)),
-    ]
 
 
 def workdir_for(source: Path, root: Path, images_per_prompt: int) -> Path:

@@ -2,7 +2,9 @@
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,9 @@ LONGEST_FIRST = [
     "test_readme_commands.py",
     "test_train.py",
     "test_distributed.py",
+    "test_generate_processes_launch.py",
     "test_pipeline.py",
+    "test_evaluate_distributed.py",
     "test_hostile_inputs.py",
     "test_builtin.py",
     "test_optimizers.py",
@@ -61,6 +65,27 @@ TRAIN_ARGS = ["--data", "data/processed", "--out", "models/lora", "--live", "dvc
 GENERATE_ARGS = ["--data", "data/processed", "--lora", "models/lora"]
 GENERATE_ARGS += ["--out", "data/generated", "--reports", "reports/generate"]
 EVALUATE_ARGS = ["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous or a server the test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launcher(processes: int) -> list[str]:
+    """The command prefix that runs `-m MODULE ...` on `processes` CPU processes: Python itself for 1, else
+    `accelerate launch` (gloo on CPU, a free rendezvous port)."""
+    if processes == 1:
+        return [sys.executable]
+    return [
+        sys.executable,
+        *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)),
+        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(free_port())),
+    ]
+
 
 # `python -m` arguments of the stages before training, with dvc.yaml's paths
 DATA_STAGE_COMMANDS = [

@@ -7,9 +7,7 @@ one full-batch backward), so the weights agree to a stated tolerance rather than
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 import safetensors.torch
@@ -17,7 +15,7 @@ import torch
 import yaml
 
 from lanskap.lora.files import DIFFUSERS_WEIGHT_NAME
-from tests.conftest import ROOT, shrink, write_params
+from tests.conftest import ROOT, launcher, shrink, write_params
 from tests.test_data_stages import run_data_stages
 
 # Relative to the largest weight change (B moves up to steps x lr from zero). Measured: 7.9e-5 without accumulation
@@ -25,12 +23,6 @@ from tests.test_data_stages import run_data_stages
 # run on other data or noise would differ by the order of the change itself, so 1e-3 leaves room for other CPUs'
 # kernels and still catches any mismatch.
 TOLERANCE = 1e-3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def train(workdir, out: str, launcher: list[str]) -> dict[str, torch.Tensor]:
@@ -73,26 +65,11 @@ def test_two_processes_match_one_at_the_same_global_batch(
         "cached_latents": cached_latents,
     }
     write_params(workdir, {**project_params, "train": {**project_params["train"], **one_process}})
-    single = train(workdir, "models/one", [sys.executable])
+    single = train(workdir, "models/one", launcher(1))
 
     two_processes = {**one_process, "batch_size": batch_size // 2}
     write_params(workdir, {**project_params, "train": {**project_params["train"], **two_processes}})
-    accelerate = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
+    accelerate = launcher(2)
     double = train(workdir, "models/two", accelerate)
 
     assert double.keys() == single.keys()

@@ -3,13 +3,11 @@ process: the feature batches are the same whatever the number of processes (lans
 
 import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_distributed import free_port
-from tests.test_feature_cache import EVALUATE_ARGS, evaluate_project
+from tests.conftest import EVALUATE_ARGS, ROOT, launcher
+from tests.test_feature_cache import evaluate_project
 
 OUTPUTS = ["metrics/eval.json", "reports/evaluate/report.md", "reports/evaluate/report.html"]
 
@@ -36,23 +34,8 @@ def evaluate(workdir, launcher: list[str], cache: str, computed: int) -> dict[st
 @pytest.mark.slow
 def test_two_processes_write_the_bytes_of_one(tmp_path):
     workdir = evaluate_project(tmp_path, 40)  # 2 batches per set: each process computes some of every set
-    single = evaluate(workdir, [sys.executable], str(tmp_path / "cache-one"), computed=12)  # 6 batches x 2
-    accelerate = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
+    single = evaluate(workdir, launcher(1), str(tmp_path / "cache-one"), computed=12)  # 6 batches x 2
+    accelerate = launcher(2)
     double = evaluate(workdir, accelerate, str(tmp_path / "cache-two"), computed=6)  # the other process: the rest
     assert double == single
     one_entries = sorted(path.name for path in (tmp_path / "cache-one").rglob("*.features"))

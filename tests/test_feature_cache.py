@@ -21,9 +21,8 @@ from lanskap.evaluate.extraction import Extractor
 from lanskap.evaluate.feature_cache import FeatureCache, extractor_revision
 from lanskap.evaluate.features import read_rgb
 from stages import evaluate
-from tests.conftest import ROOT, shrink, write_params
+from tests.conftest import EVALUATE_ARGS, ROOT, shrink, write_params
 
-EVALUATE_ARGS = ["--data", "data/processed", "--generated", "data/generated", "--out", "metrics/eval.json"]
 REVISION = "0" * 64
 
 

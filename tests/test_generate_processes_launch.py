@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,25 +15,12 @@ import pytest
 import yaml
 
 from stages import train_lora
-from tests.conftest import ROOT, shrink, write_params
+from tests.conftest import GENERATE_ARGS, ROOT, launcher, shrink, write_params
 from tests.test_data_stages import run_data_stages
-from tests.test_distributed import free_port
 
 PROMPTS_IMAGES = 2  # images per prompt
-STAGE = ["-m", "stages.generate", "--data", "data/processed", "--lora", "models/lora"]
-STAGE += ["--out", "data/generated", "--reports", "reports/generate"]
+STAGE = ["-m", "stages.generate", *GENERATE_ARGS]
 OUTPUTS = ("data/generated", "reports/generate")
-
-
-def launcher(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable]
-    return [
-        sys.executable,
-        *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)),
-        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
-        *("--main_process_port", str(free_port())),
-    ]
 
 
 def environment() -> dict:

@@ -19,7 +19,8 @@ except ImportError:  # the dev group installs it; without it the `chromium` fixt
 
 from lanskap.rate.items import rater_plan, read_items
 from tests import test_rate_server
-from tests.test_rate_server import CRITERIA, N_ITEMS, free_port, rows, start_server, stop_server
+from tests.conftest import free_port
+from tests.test_rate_server import CRITERIA, N_ITEMS, rows, start_server, stop_server
 
 project = test_rate_server.project  # the fixture: a small generated index and its images
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from PIL import Image
 
 from lanskap.rate.items import item_id, rater_plan, read_items
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 N_ITEMS = 4
 CRITERIA = ["detail", "sharpness", "texture", "caption", "overall"]
@@ -50,12 +49,6 @@ def project(tmp_path) -> Path:
     shutil.copy(ROOT / "params.yaml", tmp_path)  # as it is: rate.criteria's order is the page's
     write_generated(tmp_path)
     return tmp_path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(root: Path, *args: str) -> tuple[subprocess.Popen, str]:
