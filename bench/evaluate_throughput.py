@@ -10,7 +10,7 @@ implementation, measured one after the other on the same features:
   `cleanfid.fid.frechet_distance`, scipy's sqrtm) and torchmetrics' `FrechetInceptionDistance` (its float64 sums
   of the features and their outer products, then its eigenvalue path), fed the features through an identity
   extractor;
-- KID: `metrics.kid` (100 subsets of 1000, its standard error included) against `cleanfid.fid.kernel_distance`
+- KID: `kid.kid` (100 subsets of 1000, its standard error included) against `cleanfid.fid.kernel_distance`
   (the same subsets' mean, no standard error) and torchmetrics' `KernelInceptionDistance` (100 subsets of 1000,
   mean and standard deviation over subsets), both computing in the features' float32;
 - CMMD: `metrics.cmmd_estimates` (the biased and the unbiased value, tiled) against a NumPy transcription of
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from cleanfid import fid as cleanfid
 
-from lanskap.evaluate import metrics
+from lanskap.evaluate import kid, metrics
 
 
 def features(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
@@ -119,7 +119,7 @@ def rows_for(n: int, a: dict, b: dict) -> list[tuple]:
     torchmetrics = torchmetrics_runs(x, y)
     pairs = [
         ("FID", lambda: metrics.frechet_distance(x, y), {"clean-fid": lambda: cleanfid_fid(x, y)}),
-        ("KID", lambda: metrics.kid(x, y), {"clean-fid": lambda: cleanfid.kernel_distance(x, y)}),
+        ("KID", lambda: kid.kid(x, y), {"clean-fid": lambda: cleanfid.kernel_distance(x, y)}),
         (
             "CMMD",
             lambda: metrics.cmmd_estimates(a["clip"], b["clip"]),

@@ -7,8 +7,10 @@ package here; imports run one way, from the stage packages down to the shared co
     split            split.py       data/split.py
     preprocess       preprocess.py  data/ (augment, buckets), core/figures.py
     train_lora       train_lora.py  train/ (the loop), lora/ (adapters and their files)
-    generate         generate.py    generate/ (paired sampling)
-    evaluate         evaluate.py    evaluate/ (features, metrics, paired gaps, comparisons, report)
+    generate         generate.py    generate/ (paired sampling, resume, shards across processes)
+    evaluate         evaluate.py    evaluate/ (extraction, feature cache, features, metrics, KID, paired gaps,
+                                    comparisons, traits, report)
+    qualitative      qualitative.py rate/ (the blind rating page `make rate`, its votes, their statistics)
 
 Beside the pipeline: models/ (resolving and checking a base model: hub id, folder, built-in), builtin/ (the
 built-in models' builder, `make builtins`), sweep/ (`python -m lanskap.sweep`, statistics across training seeds),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from cleanfid import fid as cleanfid
 
-from lanskap.evaluate import metrics
+from lanskap.evaluate import kid, metrics
 
 # clean-fid 0.1.35 calls scipy.linalg.sqrtm(..., disp=False), deprecated in scipy 1.17
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")
@@ -149,17 +149,17 @@ def test_frechet_distance_with_fewer_samples_than_dimensions(rng):
 def test_kid_matches_cleanfid_when_subsets_are_whole_sets(rng):
     # with m == n <= max_subset_size every subset is a permutation of the whole set: no randomness
     x, y = rng.normal(size=(40, 12)), rng.normal(size=(40, 12)) + 0.3
-    mean, _ = metrics.kid(x, y, num_subsets=5)
+    mean, _ = kid.kid(x, y, num_subsets=5)
     assert mean == pytest.approx(cleanfid.kernel_distance(x, y, num_subsets=5), abs=1e-6)
-    assert metrics.kid(rng.permutation(x), rng.permutation(y), num_subsets=5)[0] == pytest.approx(mean, abs=1e-9)
+    assert kid.kid(rng.permutation(x), rng.permutation(y), num_subsets=5)[0] == pytest.approx(mean, abs=1e-9)
 
 
 def test_kid_is_seeded_and_varies_with_the_subsets(rng):
     x, y = rng.normal(size=(50, 8)), rng.normal(size=(60, 8))
     units = (np.arange(50) % 25, np.arange(60) % 25)
-    first = metrics.kid(x, y, num_subsets=20, max_subset_size=10, seed=3, units=units)
-    assert metrics.kid(x, y, num_subsets=20, max_subset_size=10, seed=3, units=units) == first
-    assert first[0] != metrics.kid(x, y, num_subsets=20, max_subset_size=10, seed=4, units=units)[0]
+    first = kid.kid(x, y, num_subsets=20, max_subset_size=10, seed=3, units=units)
+    assert kid.kid(x, y, num_subsets=20, max_subset_size=10, seed=3, units=units) == first
+    assert first[0] != kid.kid(x, y, num_subsets=20, max_subset_size=10, seed=4, units=units)[0]
 
 
 @pytest.mark.parametrize("max_subset_size", [1000, 12])
@@ -171,7 +171,7 @@ def test_kid_standard_error_matches_the_spread_over_repeated_experiments(max_sub
     values, errors = [], []
     for _ in range(300):
         x, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 4)) + 0.5
-        value, error = metrics.kid(x, y, num_subsets=10, max_subset_size=max_subset_size, seed=int(rng.integers(1000)))
+        value, error = kid.kid(x, y, num_subsets=10, max_subset_size=max_subset_size, seed=int(rng.integers(1000)))
         values.append(value)
         errors.append(error)
     assert np.sqrt(np.mean(np.square(errors))) / np.std(values) == pytest.approx(1.0, abs=0.25)
@@ -181,8 +181,8 @@ def test_kid_jackknife_leaves_out_whole_units(rng):
     """Each unit (prompt) may hold several rows of y: leaving it out removes all of them."""
     x, y = rng.normal(size=(6, 3)), rng.normal(size=(12, 3))
     x_units, y_units = np.arange(6), np.repeat(np.arange(6), 2)
-    value, variance = metrics.kid_jackknife(x, y, x_units, y_units)
-    whole = metrics.kid(x, y, units=(x_units, y_units), max_subset_size=6, num_subsets=1)  # not the whole y
+    value, variance = kid.kid_jackknife(x, y, x_units, y_units)
+    whole = kid.kid(x, y, units=(x_units, y_units), max_subset_size=6, num_subsets=1)  # not the whole y
     assert value == pytest.approx(unbiased_polynomial_mmd(x, y), rel=1e-12) and whole[1] > 0
     leave_one_out = [unbiased_polynomial_mmd(np.delete(x, i, 0), y[y_units != i]) for i in range(6)]
     assert variance == pytest.approx(5 / 6 * np.sum((leave_one_out - np.mean(leave_one_out)) ** 2), rel=1e-10)
@@ -239,14 +239,14 @@ def test_clip_s_is_never_below_clip_score_and_both_read_0_where_the_mean_cosine_
 
 def test_kid_needs_three_rows_per_set_for_its_standard_error_and_says_so(rng):
     x, y = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)) + 0.5
-    value, error = metrics.kid(x, y)
+    value, error = kid.kid(x, y)
     assert np.isfinite(value) and np.isfinite(error) and error > 0
     with pytest.raises(ValueError, match="3 rows per set"):
-        metrics.kid(x[:2], y[:2])
+        kid.kid(x[:2], y[:2])
     with pytest.raises(ValueError, match="3 rows per set"):
-        metrics.kid(x[:2], y, units=(np.arange(2), np.arange(3)))
+        kid.kid(x[:2], y, units=(np.arange(2), np.arange(3)))
     with pytest.raises(ValueError, match="subsets of at least 2"):
-        metrics.kid(x, y, max_subset_size=1)
+        kid.kid(x, y, max_subset_size=1)
 
 
 def test_cmmd_estimates_give_both_cmmds_of_one_pass_and_reuse_self_sums_exactly(rng):
@@ -287,9 +287,9 @@ def test_kid_standard_error_on_a_sample_of_units_covers_and_costs_no_more_than_t
         - 2 * gaussian_cubic_kernel_mean(mean_x, mean_y)
     )
     jackknife_rows = []
-    real_jackknife = metrics.kid_jackknife
+    real_jackknife = kid.kid_jackknife
     monkeypatch.setattr(
-        metrics,
+        kid,
         "kid_jackknife",
         lambda x, y, *units: jackknife_rows.append((len(x), len(y))) or real_jackknife(x, y, *units),
     )
@@ -297,20 +297,20 @@ def test_kid_standard_error_on_a_sample_of_units_covers_and_costs_no_more_than_t
     for _ in range(400):
         x, y = rng.normal(size=(200, 4)) + mean_x, rng.normal(size=(200, 4)) + mean_y
         seed = int(rng.integers(1000))
-        value, error = metrics.kid(x, y, num_subsets=50, max_subset_size=20, seed=seed)
+        value, error = kid.kid(x, y, num_subsets=50, max_subset_size=20, seed=seed)
         covered.append(abs(value - truth) <= 1.96 * error)
         values.append(value)
         errors.append(error)
         subset_rng = np.random.default_rng(seed)  # the same subsets kid drew
         subsets = [
-            metrics._kid_subset_mmd(
+            kid._kid_subset_mmd(
                 x[subset_rng.choice(200, 20, replace=False)], y[subset_rng.choice(200, 20, replace=False)]
             )
             for _ in range(50)
         ]
         covered_subsets_only.append(abs(value - truth) <= 1.96 * np.std(subsets, ddof=1) / np.sqrt(50))
     m, n = jackknife_rows[0]
-    assert m < 200 and m * m + n * n + m * n <= metrics.KID_JACKKNIFE_SHARE * 3 * 50 * 20**2  # within the budget
+    assert m < 200 and m * m + n * n + m * n <= kid.KID_JACKKNIFE_SHARE * 3 * 50 * 20**2  # within the budget
     assert 1.0 <= np.sqrt(np.mean(np.square(errors))) / np.std(values) <= 1.3
     assert np.mean(covered) >= 0.93
     assert np.mean(covered_subsets_only) < 0.8

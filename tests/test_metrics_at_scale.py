@@ -5,7 +5,7 @@ subsets' own matrices), KID on float32 rows cast tile by tile, FID's statistics 
 import numpy as np
 import pytest
 
-from lanskap.evaluate import metrics
+from lanskap.evaluate import kid, metrics
 
 
 @pytest.fixture
@@ -18,31 +18,31 @@ def sets():
 def test_whole_kernel_route_gives_each_subsets_value_and_the_whole_jackknife(sets, monkeypatch):
     x, y, units = sets
     monkeypatch.setattr(metrics, "TILE_ROWS", 64)  # several tiles, a partial one at the end
-    draws = metrics._subset_draws(len(x), len(y), 40, 7, seed=3)
-    values, variance = metrics._kid_by_whole_kernels(x, y, units, draws)
-    own = [metrics._kid_subset_mmd(x[a], y[b]) for a, b in draws]
+    draws = kid._subset_draws(len(x), len(y), 40, 7, seed=3)
+    values, variance = kid._kid_by_whole_kernels(x, y, units, draws)
+    own = [kid._kid_subset_mmd(x[a], y[b]) for a, b in draws]
     np.testing.assert_allclose(values, own, rtol=1e-12, atol=1e-12)
-    assert variance == pytest.approx(metrics.kid_jackknife(x, y, *units)[1], rel=1e-12)
+    assert variance == pytest.approx(kid.kid_jackknife(x, y, *units)[1], rel=1e-12)
 
 
 def test_kid_takes_the_cheaper_route_and_both_give_one_value(sets, monkeypatch):
     x, y, units = sets
-    whole = metrics.kid(x, y, num_subsets=50, max_subset_size=200, seed=1, units=units)  # subsets overlap: whole
-    monkeypatch.setattr(metrics, "_kid_by_whole_kernels", lambda *args: pytest.fail("not the cheaper route"))
-    metrics.kid(x, y, num_subsets=5, max_subset_size=20, seed=1, units=units)  # small subsets: their own matrices
-    draws = metrics._subset_draws(len(x), len(y), 200, 50, seed=1)
-    own = [metrics._kid_subset_mmd(x[a], y[b]) for a, b in draws]
+    whole = kid.kid(x, y, num_subsets=50, max_subset_size=200, seed=1, units=units)  # subsets overlap: whole
+    monkeypatch.setattr(kid, "_kid_by_whole_kernels", lambda *args: pytest.fail("not the cheaper route"))
+    kid.kid(x, y, num_subsets=5, max_subset_size=20, seed=1, units=units)  # small subsets: their own matrices
+    draws = kid._subset_draws(len(x), len(y), 200, 50, seed=1)
+    own = [kid._kid_subset_mmd(x[a], y[b]) for a, b in draws]
     assert whole[0] == pytest.approx(np.mean(own), rel=1e-12)
 
 
 def test_float32_features_give_the_values_of_their_float64_copy(sets):
     x, y, units = sets
     for subsets, size in ((50, 200), (5, 20)):  # the whole-kernel route, then the subsets' own matrices
-        wide = metrics.kid(x, y, num_subsets=subsets, max_subset_size=size, units=units)
+        wide = kid.kid(x, y, num_subsets=subsets, max_subset_size=size, units=units)
         narrow = [a.astype(np.float32) for a in (x, y)]
         settings = {"num_subsets": subsets, "max_subset_size": size, "units": units}
-        assert metrics.kid(*narrow, **settings) == metrics.kid(*(a.astype(np.float64) for a in narrow), **settings)
-        assert metrics.kid(*narrow, **settings) == pytest.approx(wide, rel=1e-5)
+        assert kid.kid(*narrow, **settings) == kid.kid(*(a.astype(np.float64) for a in narrow), **settings)
+        assert kid.kid(*narrow, **settings) == pytest.approx(wide, rel=1e-5)
 
 
 def test_fid_statistics_by_chunks_equal_the_whole_sets(sets, monkeypatch):

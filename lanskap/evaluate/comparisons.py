@@ -14,7 +14,7 @@ import pandas as pd
 
 from lanskap.core.errors import UserError
 from lanskap.core.params import FID_STABLE_N, EvaluateParams
-from lanskap.evaluate import metrics, paired
+from lanskap.evaluate import kid, metrics, paired
 
 
 @dataclass
@@ -43,7 +43,7 @@ def set_comparisons(f: Features, params: EvaluateParams) -> dict[str, float]:
         )
         if b != "text":
             out[f"fid_{a}_vs_{b}"] = metrics.frechet_distance(f.inception[a], f.inception[b])
-            kid_mean, kid_se = metrics.kid(
+            kid_mean, kid_se = kid.kid(
                 f.inception[a],
                 f.inception[b],
                 num_subsets=params.kid_subsets,
