@@ -40,10 +40,8 @@ def round_trip(vae, pixels: np.ndarray) -> tuple[np.ndarray, float]:
     return ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), psnr
 
 
-def islands_found(images: WorldImages) -> np.ndarray:
-    """The islands head's verdict per image [n] (bool)."""
-    folder = builtin_folder(BUILTIN_TINY_INCEPTION, "--inception")
-    network, heads = load_tiny_inception(folder).eval(), load_scene_heads(folder)
+def islands_found(network, heads, images: WorldImages) -> np.ndarray:
+    """The islands head's verdict per image [n] (bool), from tiny-inception's `network` and `heads`."""
     features = pool_features(network, images, list(range(len(images))))
     with torch.no_grad():
         return heads(features)["islands"].argmax(dim=1).numpy().astype(bool)
@@ -60,9 +58,11 @@ def main() -> None:
     held_out = render_world("fantasy", args.images, HELD_OUT_SEED, FULL.render_size, FULL.resolution)
     drawn = np.array([scene.has_islands for scene in held_out.scenes])
     round_trips, psnr = round_trip(AutoencoderKL.from_pretrained(args.vae).eval(), held_out.pixels)
+    folder = builtin_folder(BUILTIN_TINY_INCEPTION, "evaluate.inception_weights")
+    network, heads = load_tiny_inception(folder).eval(), load_scene_heads(folder)
     print(f"VAE {args.vae}: round-trip PSNR {psnr:.2f} dB on {len(drawn)} fantasy images, {drawn.sum()} with islands")
     for name, pixels in (("originals", held_out.pixels), ("round trips", round_trips)):
-        found = islands_found(WorldImages(pixels, held_out.captions, held_out.scenes))
+        found = islands_found(network, heads, WorldImages(pixels, held_out.captions, held_out.scenes))
         print(
             f"islands head on the {name}: accuracy {np.mean(found == drawn):.3f}, "
             f"found where drawn {found[drawn].mean():.3f}, where not drawn {found[~drawn].mean():.3f}"
