@@ -19,10 +19,10 @@ change does. If you change that code:
 
 1. commit the change (the card then says "builder sources as committed" and names the commit);
 2. rebuild what the test names, one torch thread each, on an idle machine (minutes on 2 CPU cores, as last
-   measured): `python -m lanskap.builtin tiny-inception` (~3), `python -m lanskap.builtin tiny-clip` (~11),
-   `python -m lanskap.builtin tiny-sd2` (~45: the VAE 22, the UNet 23), or all three with `make builtins` (about
-   47 min wall-clock: it runs tiny-sd2 beside the other two). Builds are deterministic (same bytes from the same
-   code, tests/test_builtin.py checks a miniature build) and write atomically into lanskap/assets/builtin/<model>/;
+   measured): `python -m lanskap.builtin tiny-inception` (~4), `python -m lanskap.builtin tiny-clip` (~24),
+   `python -m lanskap.builtin tiny-sd2` (~51), or all three with `make builtins` (about 55 min wall-clock: it runs
+   tiny-sd2 beside the other two). Builds are deterministic (same bytes from the same code, tests/test_builtin.py
+   checks a miniature build) and write atomically into lanskap/assets/builtin/<model>/;
 3. commit the rebuilt folders (weights, README.md, config, training_log.tsv, loss.png) with the build times;
 4. if the builder imports a new project module or function, list it in `sources.py`, under the models whose
    weights it decides or in NOT_WEIGHTS (the test refuses an undeclared one).

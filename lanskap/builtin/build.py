@@ -128,8 +128,8 @@ def build_tiny_sd2(config: BuildConfig, data: Data, out: Path, work: Path, threa
         "tokenizer, SD 2.1-768's v-prediction schedule), pretrained on the procedural base world at "
         f"{config.resolution} px. `samples.png`: held-out captions of both worlds, drawn image beside generated.",
         [
-            f"VAE: {config.vae_images_per_world} images of each world (seed {TRAIN_SEED}), whole, with random "
-            "horizontal flips",
+            f"VAE: {config.vae_images_per_world} images of each world (seed {TRAIN_SEED}), random "
+            f"{config.vae_crop} px crops with horizontal flips",
             f"UNet and text encoder: {config.base_images} base-world images and captions (seed {TRAIN_SEED}), "
             f"latents cached; {config.caption_dropout:.0%} of captions dropped for classifier-free guidance; never "
             "a fantasy-world image or caption",

@@ -99,6 +99,7 @@ class BuildConfig:
     fantasy_images: int  # fantasy-world images: for the VAE, CLIP and Inception stand-ins, never the UNet
     held_out_images: int  # per world, for held-out losses, retrieval and classification accuracy
     vae_images_per_world: int
+    vae_crop: int  # the VAE trains on random crops: it is convolutional, and a crop costs a quarter
     vae_kl_weight: float
     vae: Training
     unet: Training
@@ -120,6 +121,7 @@ FULL = BuildConfig(
     fantasy_images=2000,
     held_out_images=150,
     vae_images_per_world=2000,
+    vae_crop=32,
     vae_kl_weight=1e-6,
     vae=Training(steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=50, log_every=100),
     unet=Training(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=100, log_every=100),

@@ -1,9 +1,7 @@
 """The built-in VAE: an `AutoencoderKL` trained on both worlds, as SD's VAE was trained on far more than the
-UNet's data. Loss: L1 reconstruction plus a small KL term (SD's VAE used a KL weight of 1e-6 too). It trains on
-whole images at the demo's resolution, flipped at random: trained on 32 px crops, it reconstructed whole 64 px
-images at twice the crop error (L1 0.111 against 0.043-0.055), because its mid-block attention and group norms
-had only seen the smaller size, and floating islands came back unrecognisable (bench/vae_round_trip.py). Its
-`scaling_factor` is set afterwards so that scaled latents have unit standard deviation, as SD's 0.18215 was chosen."""
+UNet's data. Loss: L1 reconstruction plus a small KL term (SD's VAE used a KL weight of 1e-6 too); trained on
+random crops, which a convolutional autoencoder generalises from to the whole image. Its `scaling_factor` is set
+afterwards so that scaled latents have unit standard deviation, as SD's 0.18215 was chosen."""
 
 import torch
 
@@ -12,10 +10,14 @@ from lanskap.builtin.training import LossLog, batch_indices, optimizer_and_sched
 from lanskap.builtin.worlds import WorldImages, to_unit_range
 
 
-def random_flips(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image [n, 3, H, W] horizontally flipped with probability 1/2."""
-    flips = torch.rand(len(images), generator=generator) < 0.5
-    return torch.where(flips[:, None, None, None], images.flip(-1), images)
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random `size` x `size` crop per image, horizontally flipped with probability 1/2."""
+    count, _, height, width = images.shape
+    tops = torch.randint(0, height - size + 1, (count,), generator=generator)
+    lefts = torch.randint(0, width - size + 1, (count,), generator=generator)
+    flips = torch.rand(count, generator=generator) < 0.5
+    crops = [image[:, top : top + size, left : left + size] for image, top, left in zip(images, tops, lefts)]
+    return torch.stack([crop.flip(-1) if flip else crop for crop, flip in zip(crops, flips)])
 
 
 def reconstruction_loss(vae, pixels: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
@@ -37,8 +39,8 @@ def train_vae(config: BuildConfig, images: WorldImages, held_out: WorldImages, l
     optimizer, schedule = optimizer_and_schedule(vae.parameters(), config.vae)
 
     def step_loss(step: int) -> torch.Tensor:
-        batch = random_flips(pixels[next(batches)], generator)  # [B, 3, H, W]
-        return reconstruction_loss(vae, batch, config.vae_kl_weight, generator)
+        crops = random_crops(pixels[next(batches)], config.vae_crop, generator)  # [B, 3, crop, crop]
+        return reconstruction_loss(vae, crops, config.vae_kl_weight, generator)
 
     def held_out_loss() -> float:  # whole images, the posterior mean: what generate's decoder sees
         return (vae.decode(vae.encode(held_out_pixels).latent_dist.mean).sample - held_out_pixels).abs().mean().item()

@@ -265,11 +265,10 @@ def _draw_islands(canvas: np.ndarray, haze: np.ndarray, rng: np.random.Generator
     for slot in range(count):
         cx = (slot + rng.uniform(0.25, 0.75)) / count
         top = rng.uniform(0.21, 0.27)  # below the moons, above most crests
-        # 10-16 px wide at the demo's 64 px: at 5-10 px the built-in VAE's round trip erased them.
-        half_width = rng.uniform(0.08, 0.125)
+        half_width = rng.uniform(0.04, 0.08)
         depth = half_width * rng.uniform(1.1, 1.6)
         # Nearer (lower, larger) islands get less haze.
-        haze_amount = 0.4 - 3.0 * (half_width - 0.08)
+        haze_amount = 0.55 - 3.0 * (half_width - 0.04)
         _draw_island(canvas, n, (cx, top, half_width, depth), haze, haze_amount, rng)
 
 
