@@ -1,7 +1,12 @@
 """The built-in VAE: an `AutoencoderKL` trained on both worlds, as SD's VAE was trained on far more than the
 UNet's data. Loss: L1 reconstruction plus a small KL term (SD's VAE used a KL weight of 1e-6 too); trained on
-random crops, which a convolutional autoencoder generalises from to the whole image. Its `scaling_factor` is set
-afterwards so that scaled latents have unit standard deviation, as SD's 0.18215 was chosen."""
+random 32 px crops, a quarter of a whole image's cost. Its `scaling_factor` is set afterwards so that scaled latents
+have unit standard deviation, as SD's 0.18215 was chosen.
+
+Known limit of the shipped VAE: it does not generalise from crops to the whole 64 px images the pipeline feeds
+it. On held-out fantasy images it reconstructs 32 px crops at L1 0.043-0.055 but whole images at 0.111, because
+its mid-block attention and group norms only saw the smaller size. Trained on whole images (branch islands-vae),
+it reaches 29.5 dB against 22.8, at 4x the training time (22 min on one core)."""
 
 import torch
 
