@@ -131,9 +131,11 @@ def main() -> None:
     vae = AutoencoderKL.from_pretrained(SHIPPED / "vae", torch_dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(SHIPPED / "tokenizer")
     unet, text_encoder = starting_models(args.init, channels)
-    fantasy = render_world("fantasy", FULL.fantasy_images, TRAIN_SEED, FULL.render_size, FULL.resolution)
     held_out = render_world("fantasy", FULL.held_out_images, HELD_OUT_SEED, FULL.render_size, FULL.resolution)
-    seconds = train_all_parameters(unet, text_encoder, vae, tokenizer, fantasy, args.steps) if args.steps else 0.0
+    seconds = 0.0
+    if args.steps:  # the training pool is drawn only when there is training to do
+        fantasy = render_world("fantasy", FULL.fantasy_images, TRAIN_SEED, FULL.render_size, FULL.resolution)
+        seconds = train_all_parameters(unet, text_encoder, vae, tokenizer, fantasy, args.steps)
     generated = generated_images(unet, text_encoder, vae, tokenizer, held_out.captions)
 
     asked = np.array([scene.has_islands for scene in held_out.scenes])
@@ -142,7 +144,7 @@ def main() -> None:
     unet_parameters = sum(parameter.numel() for parameter in unet.parameters()) / 1e6
     print(
         f"{args.init} UNet ({unet_parameters:.2f} M parameters, channels {channels}), {args.steps} steps of "
-        f"{FULL.unet.batch_size} on {len(fantasy)} fantasy images: {seconds / 60:.1f} min"
+        f"{FULL.unet.batch_size} on {FULL.fantasy_images} fantasy images: {seconds / 60:.1f} min"
     )
     print(f"islands head, {asked.sum()} of {len(asked)} held-out captions asking for islands:")
     for name, pixels in (
